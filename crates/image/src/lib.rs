@@ -1,0 +1,21 @@
+//! fleetboot-image: what the appliance and the agent share about an image.
+//!
+//! - [`manifest`]: an image's descriptive data — metadata, the offset table and the map from image
+//!   offsets to table entries — and its versioned binary encoding (docs/store-format.md).
+//! - [`restore`]: creating an image on a destination from its manifest: fetch each frame the
+//!   manifest names, verify every chunk against its id, then write it. `fleetboot image export`
+//!   and the agent both run this one code path, with different frame sources and targets.
+//!
+//! Architecture invariant: this crate knows nothing of the store's directory layout, networks or
+//! the appliance; it only depends on hashing, compression and serde, so the agent stays small.
+
+pub mod id;
+pub mod manifest;
+pub mod restore;
+
+pub use id::{ChunkId, PackId};
+pub use manifest::{Entry, Extent, Manifest, ManifestError, Metadata};
+pub use restore::{restore, FrameSource, RestoreError, RestoreOptions, RestoreReport, Target};
+
+/// The store's block size: zero detection and the default chunker work on these boundaries.
+pub const BLOCK_BYTES: usize = 4096;

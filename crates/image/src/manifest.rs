@@ -1,0 +1,401 @@
+//! An image's descriptive data (its manifest) and its binary encoding, format version 1.
+//!
+//! A manifest holds everything needed to recreate the image from pack files by range reads, with
+//! no other lookup: the metadata, the pack list, the offset table (one [`Entry`] per distinct chunk
+//! the image uses: its id and where its bytes lie) and the map ([`Extent`]s) from image offsets to
+//! entries or zero runs. The exact layout is documented in docs/store-format.md; keep them in step.
+//!
+//! Decoding checks everything it can before anything trusts the data: magic, version, the body's
+//! BLAKE3, every length, every index, and that the map covers the image exactly once.
+
+use crate::id::{ChunkId, PackId};
+use serde::{Deserialize, Serialize};
+
+/// First bytes of every manifest file.
+pub const MAGIC: [u8; 8] = *b"FBMANIFS";
+/// The manifest format version this code writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Size of the fixed header before the compressed body.
+pub const HEADER_BYTES: usize = 64;
+/// Entry flag: the frame holding the chunk is one zstd frame (else stored raw).
+pub const FLAG_ZSTD: u32 = 1;
+/// Extent entry index marking a run of zero bytes.
+const ZERO_RUN: u32 = u32::MAX;
+const ENTRY_BYTES: usize = 64;
+const EXTENT_BYTES: usize = 12;
+/// Upper bound on a decoded body, so a hostile header cannot make us allocate without limit.
+const BODY_RAW_BYTES_MAX: u64 = 2 << 30;
+
+/// The metadata part of the descriptive data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metadata {
+    /// Image name (`[A-Za-z0-9._-]`, see the store's naming rules).
+    pub name: String,
+    /// Version number, 1, 2, ... per name.
+    pub version: u32,
+    /// Logical size of the image in bytes.
+    pub size: u64,
+    /// BLAKE3 of the whole image, hex.
+    pub digest: String,
+    /// When the image was imported, RFC 3339 UTC.
+    pub created: String,
+    /// Where it came from (the imported file's path).
+    pub source: String,
+    /// How the image was cut into chunks, e.g. `blocks` or `fastcdc`.
+    pub chunking: String,
+}
+
+/// One row of the offset table: a distinct chunk of the image and where its bytes are stored.
+///
+/// Chunks are stored in frames (a group of chunks compressed together); a frame is fetched whole
+/// by the range `frame_offset .. frame_offset + frame_stored` of the pack, decompressed, and the
+/// chunk is the slice `chunk_offset .. chunk_offset + size` of the result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// BLAKE3 of the chunk's raw bytes.
+    pub id: ChunkId,
+    /// Index into [`Manifest::packs`].
+    pub pack: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Byte offset of the frame in the pack file.
+    pub frame_offset: u64,
+    /// Stored (compressed) length of the frame.
+    pub frame_stored: u32,
+    /// Raw (decompressed) length of the frame.
+    pub frame_raw: u32,
+    /// Offset of the chunk within the decompressed frame.
+    pub chunk_offset: u32,
+    /// Raw length of the chunk.
+    pub size: u32,
+}
+
+impl Entry {
+    /// Whether the frame is zstd-compressed.
+    pub fn is_zstd(&self) -> bool {
+        self.flags & FLAG_ZSTD != 0
+    }
+}
+
+/// One piece of the map from image offsets to content.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Offset in the image.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Index into [`Manifest::entries`], or `None` for a run of zeros (recorded, not stored).
+    pub entry: Option<u32>,
+}
+
+/// The descriptive data of one image version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Manifest {
+    pub meta: Metadata,
+    /// Pack files the entries point into.
+    pub packs: Vec<PackId>,
+    /// The offset table.
+    pub entries: Vec<Entry>,
+    /// The map: contiguous, in order, covering `0 .. meta.size`.
+    pub extents: Vec<Extent>,
+}
+
+/// Why bytes are not a usable manifest.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("not a fleetboot manifest (bad magic)")]
+    NotAManifest,
+    #[error("manifest format version {0} is not supported (this build reads version {FORMAT_VERSION})")]
+    UnsupportedVersion(u32),
+    #[error("manifest is truncated")]
+    Truncated,
+    #[error("manifest checksum mismatch: the file is damaged")]
+    Checksum,
+    #[error("manifest is corrupt: {0}")]
+    Corrupt(String),
+}
+
+fn corrupt(msg: impl Into<String>) -> ManifestError {
+    ManifestError::Corrupt(msg.into())
+}
+
+impl Manifest {
+    /// Bytes of the image that are not zero runs.
+    pub fn data_bytes(&self) -> u64 {
+        self.extents
+            .iter()
+            .filter(|e| e.entry.is_some())
+            .map(|e| e.len)
+            .sum()
+    }
+
+    /// Encodes the manifest (header + zstd-compressed body).
+    pub fn encode(&self) -> Vec<u8> {
+        let meta = serde_json::to_vec(&self.meta).expect("metadata serializes");
+        let mut body = Vec::with_capacity(
+            16 + meta.len()
+                + self.packs.len() * 16
+                + self.entries.len() * ENTRY_BYTES
+                + self.extents.len() * EXTENT_BYTES,
+        );
+        body.extend_from_slice(&len_u32(meta.len()).to_le_bytes());
+        body.extend_from_slice(&meta);
+        body.extend_from_slice(&len_u32(self.packs.len()).to_le_bytes());
+        for p in &self.packs {
+            body.extend_from_slice(&p.0);
+        }
+        body.extend_from_slice(&len_u32(self.entries.len()).to_le_bytes());
+        for e in &self.entries {
+            body.extend_from_slice(&e.id.0);
+            body.extend_from_slice(&e.pack.to_le_bytes());
+            body.extend_from_slice(&e.flags.to_le_bytes());
+            body.extend_from_slice(&e.frame_offset.to_le_bytes());
+            body.extend_from_slice(&e.frame_stored.to_le_bytes());
+            body.extend_from_slice(&e.frame_raw.to_le_bytes());
+            body.extend_from_slice(&e.chunk_offset.to_le_bytes());
+            body.extend_from_slice(&e.size.to_le_bytes());
+        }
+        body.extend_from_slice(&(self.extents.len() as u64).to_le_bytes());
+        for x in &self.extents {
+            body.extend_from_slice(&x.entry.unwrap_or(ZERO_RUN).to_le_bytes());
+            body.extend_from_slice(&x.len.to_le_bytes());
+        }
+        let stored = zstd::bulk::compress(&body, 9).expect("in-memory zstd compression");
+        let mut out = Vec::with_capacity(HEADER_BYTES + stored.len());
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&(stored.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        out.extend_from_slice(blake3::hash(&stored).as_bytes());
+        out.extend_from_slice(&stored);
+        out
+    }
+
+    /// Decodes and validates a manifest.
+    pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
+            return Err(ManifestError::NotAManifest);
+        }
+        if bytes.len() < HEADER_BYTES {
+            return Err(ManifestError::Truncated);
+        }
+        let mut h = Reader::new(&bytes[8..HEADER_BYTES]);
+        let version = h.u32()?;
+        if version != FORMAT_VERSION {
+            return Err(ManifestError::UnsupportedVersion(version));
+        }
+        let _flags = h.u32()?;
+        let stored_len = h.u64()?;
+        let raw_len = h.u64()?;
+        let digest = h.take(32)?;
+        let stored = &bytes[HEADER_BYTES..];
+        if (stored.len() as u64) < stored_len {
+            return Err(ManifestError::Truncated);
+        }
+        if stored.len() as u64 != stored_len {
+            return Err(corrupt("trailing bytes after the body"));
+        }
+        if blake3::hash(stored).as_bytes() != digest {
+            return Err(ManifestError::Checksum);
+        }
+        if raw_len > BODY_RAW_BYTES_MAX {
+            return Err(corrupt(format!("body of {raw_len} bytes is over the limit")));
+        }
+        let body = zstd::bulk::decompress(stored, raw_len as usize)
+            .map_err(|e| corrupt(format!("body does not decompress: {e}")))?;
+        if body.len() as u64 != raw_len {
+            return Err(corrupt("body length differs from the header"));
+        }
+        Self::decode_body(&body)
+    }
+
+    fn decode_body(body: &[u8]) -> Result<Manifest, ManifestError> {
+        let mut r = Reader::new(body);
+        let meta_len = r.u32()? as usize;
+        let meta: Metadata = serde_json::from_slice(r.take(meta_len)?)
+            .map_err(|e| corrupt(format!("metadata: {e}")))?;
+
+        let pack_count = r.u32()? as usize;
+        let mut packs = Vec::with_capacity(pack_count.min(r.remaining() / 16));
+        for _ in 0..pack_count {
+            let mut id = [0u8; 16];
+            id.copy_from_slice(r.take(16)?);
+            packs.push(PackId(id));
+        }
+
+        let entry_count = r.u32()? as usize;
+        let mut entries = Vec::with_capacity(entry_count.min(r.remaining() / ENTRY_BYTES));
+        for i in 0..entry_count {
+            let mut id = [0u8; 32];
+            id.copy_from_slice(r.take(32)?);
+            let e = Entry {
+                id: ChunkId(id),
+                pack: r.u32()?,
+                flags: r.u32()?,
+                frame_offset: r.u64()?,
+                frame_stored: r.u32()?,
+                frame_raw: r.u32()?,
+                chunk_offset: r.u32()?,
+                size: r.u32()?,
+            };
+            if e.pack as usize >= packs.len() {
+                return Err(corrupt(format!("entry {i} names pack {} of {}", e.pack, packs.len())));
+            }
+            if e.size == 0 || u64::from(e.chunk_offset) + u64::from(e.size) > u64::from(e.frame_raw) {
+                return Err(corrupt(format!("entry {i} lies outside its frame")));
+            }
+            entries.push(e);
+        }
+
+        let extent_count = r.u64()?;
+        if extent_count > (r.remaining() / EXTENT_BYTES) as u64 {
+            return Err(ManifestError::Truncated);
+        }
+        let mut extents = Vec::with_capacity(extent_count as usize);
+        let mut offset = 0u64;
+        for i in 0..extent_count {
+            let entry = r.u32()?;
+            let len = r.u64()?;
+            let entry = (entry != ZERO_RUN).then_some(entry);
+            if len == 0 {
+                return Err(corrupt(format!("extent {i} is empty")));
+            }
+            if let Some(e) = entry {
+                let Some(row) = entries.get(e as usize) else {
+                    return Err(corrupt(format!("extent {i} names entry {e} of {}", entries.len())));
+                };
+                if u64::from(row.size) != len {
+                    return Err(corrupt(format!("extent {i} length differs from its chunk")));
+                }
+            }
+            extents.push(Extent { offset, len, entry });
+            offset = offset
+                .checked_add(len)
+                .ok_or_else(|| corrupt("extents overflow"))?;
+        }
+        if r.remaining() != 0 {
+            return Err(corrupt("trailing bytes in the body"));
+        }
+        if offset != meta.size {
+            return Err(corrupt(format!(
+                "the map covers {offset} bytes but the image is {} bytes",
+                meta.size
+            )));
+        }
+        Ok(Manifest {
+            meta,
+            packs,
+            entries,
+            extents,
+        })
+    }
+}
+
+fn len_u32(n: usize) -> u32 {
+    u32::try_from(n).expect("manifest table larger than u32::MAX rows")
+}
+
+/// A bounds-checked little-endian cursor.
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Reader { buf }
+    }
+    fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ManifestError> {
+        if self.buf.len() < n {
+            return Err(ManifestError::Truncated);
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+    fn u32(&mut self) -> Result<u32, ManifestError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, ManifestError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        let entry = |n: u8, off: u32| Entry {
+            id: ChunkId::of(&[n]),
+            pack: 0,
+            flags: FLAG_ZSTD,
+            frame_offset: 16,
+            frame_stored: 100,
+            frame_raw: 8192,
+            chunk_offset: off,
+            size: 4096,
+        };
+        Manifest {
+            meta: Metadata {
+                name: "demo".into(),
+                version: 3,
+                size: 4096 * 4,
+                digest: "00".repeat(32),
+                created: "2026-11-25T00:00:00Z".into(),
+                source: "/tmp/demo.img".into(),
+                chunking: "blocks".into(),
+            },
+            packs: vec![PackId([7; 16])],
+            entries: vec![entry(1, 0), entry(2, 4096)],
+            extents: vec![
+                Extent { offset: 0, len: 4096, entry: Some(0) },
+                Extent { offset: 4096, len: 4096, entry: None },
+                Extent { offset: 8192, len: 4096, entry: Some(1) },
+                Extent { offset: 12288, len: 4096, entry: Some(0) },
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let m = sample();
+        let back = Manifest::decode(&m.encode()).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(back.data_bytes(), 3 * 4096);
+    }
+
+    #[test]
+    fn rejects_foreign_truncated_and_damaged_bytes() {
+        let bytes = sample().encode();
+        assert!(matches!(Manifest::decode(b"#!/bin/sh\n"), Err(ManifestError::NotAManifest)));
+        assert!(matches!(Manifest::decode(&bytes[..40]), Err(ManifestError::Truncated)));
+        assert!(matches!(
+            Manifest::decode(&bytes[..bytes.len() - 1]),
+            Err(ManifestError::Truncated)
+        ));
+        let mut flipped = bytes.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert!(matches!(Manifest::decode(&flipped), Err(ManifestError::Checksum)));
+        let mut newer = bytes;
+        newer[8] = 2;
+        assert!(matches!(Manifest::decode(&newer), Err(ManifestError::UnsupportedVersion(2))));
+    }
+
+    #[test]
+    fn rejects_a_map_that_does_not_cover_the_image() {
+        let mut m = sample();
+        m.meta.size += 1;
+        assert!(matches!(Manifest::decode(&m.encode()), Err(ManifestError::Corrupt(_))));
+        let mut m = sample();
+        m.extents[0].entry = Some(9);
+        assert!(matches!(Manifest::decode(&m.encode()), Err(ManifestError::Corrupt(_))));
+    }
+}

@@ -1,0 +1,453 @@
+//! The command line: the only place that reads flags and the environment, prints, and picks exit
+//! codes. Every command is a thin shell over a [`Store`] method.
+
+use crate::store::{self, Chunking, ExportOptions, ImageRef, ImportOptions, Store};
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use fleetboot_image::Manifest;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "fleetboot", version, about = "Bare-metal provisioning appliance and combined image store")]
+struct Cli {
+    /// The image store folder.
+    #[arg(long, global = true, env = "FLEETBOOT_STORE", default_value = "/var/lib/fleetboot/store")]
+    store: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Disk images in the store.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// The store as a whole.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Import a raw disk image as the next version NAME@N; prints NAME@N.
+    Import {
+        name: String,
+        file: PathBuf,
+        #[command(flatten)]
+        tuning: ImportTuning,
+    },
+    /// Recreate an image byte for byte (the latest version if no @N is given).
+    Export {
+        image: String,
+        out: PathBuf,
+        /// Overwrite OUT if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Read the result back and check it against the image's BLAKE3.
+        #[arg(long)]
+        check_digest: bool,
+    },
+    /// Images: versions, size, bytes stored only for each and bytes shared.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// An image's descriptive data: metadata, offset table and map.
+    Show {
+        image: String,
+        #[arg(long)]
+        json: bool,
+        /// Also print the offset table and the map.
+        #[arg(long)]
+        table: bool,
+    },
+    /// Remove an image version, or every version of NAME. `store gc` frees the space.
+    Rm { image: String },
+    /// What reimaging a machine from FROM to TO fetches.
+    Diff {
+        from: String,
+        to: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct ImportTuning {
+    /// How data is cut into chunks.
+    #[arg(long, value_enum, default_value = "blocks")]
+    chunker: ChunkerArg,
+    /// Average chunk size in bytes (blocks: a multiple of 4096).
+    #[arg(long)]
+    chunk_size: Option<u32>,
+    /// Raw bytes of chunks compressed together (the unit fetched).
+    #[arg(long)]
+    frame_size: Option<usize>,
+    /// zstd level.
+    #[arg(long, allow_hyphen_values = true)]
+    level: Option<i32>,
+    /// Compression threads.
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ChunkerArg {
+    Blocks,
+    Fastcdc,
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Re-hash every chunk and check every manifest; exits non-zero on damage.
+    Verify {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove data no image uses.
+    Gc,
+    /// Logical and stored bytes, dedup and compression ratios.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs the command line.
+pub fn run() -> Result<()> {
+    let cli = Cli::parse();
+    let store = Store::new(&cli.store);
+    match cli.command {
+        Command::Image(c) => image(&store, c),
+        Command::Store(c) => store_cmd(&store, c),
+    }
+}
+
+fn parse_ref(s: &str) -> Result<ImageRef> {
+    s.parse::<ImageRef>().map_err(Into::into)
+}
+
+fn image(store: &Store, command: ImageCommand) -> Result<()> {
+    match command {
+        ImageCommand::Import { name, file, tuning } => {
+            let options = tuning.options()?;
+            let bar = bytes_bar(&format!("importing {name}"));
+            let report = store::import::import(store, &name, &file, &options, &|done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })
+            .with_context(|| format!("cannot import {}", file.display()))?;
+            bar.finish_and_clear();
+            eprintln!(
+                "imported {} in {:.1} s: {} logical, {} data, {} new ({} of {} chunks) stored in {}",
+                report.image,
+                report.elapsed.as_secs_f64(),
+                human(report.size),
+                human(report.data_bytes),
+                human(report.new_raw_bytes),
+                report.new_chunks,
+                report.chunks,
+                human(report.new_stored_bytes),
+            );
+            println!("{}", report.image);
+        }
+        ImageCommand::Export {
+            image,
+            out,
+            force,
+            check_digest,
+        } => {
+            let r = parse_ref(&image)?;
+            let bar = bytes_bar(&format!("exporting {r}"));
+            let report = store
+                .export(&r, &out, ExportOptions { force, check_digest }, &|done, total| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                })
+                .with_context(|| format!("cannot export {r} to {}", out.display()))?;
+            bar.finish_and_clear();
+            eprintln!(
+                "exported {} to {} in {:.1} s: {}, {} fetched from packs{}",
+                report.image,
+                out.display(),
+                report.elapsed.as_secs_f64(),
+                human(report.size),
+                human(report.restore.bytes_fetched),
+                if report.digest_checked { ", digest checked" } else { "" },
+            );
+        }
+        ImageCommand::List { json } => {
+            let list = store.list()?;
+            if json {
+                return print_json(&list);
+            }
+            if list.is_empty() {
+                eprintln!("no images in {}", store.root().display());
+                return Ok(());
+            }
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{:<24} {:<12} {:>10} {:>10} {:>10}", "NAME", "VERSIONS", "SIZE", "ONLY", "SHARED")?;
+            for s in list {
+                let versions = s.versions.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+                writeln!(
+                    out,
+                    "{:<24} {:<12} {:>10} {:>10} {:>10}",
+                    s.name,
+                    versions,
+                    human(s.size),
+                    human(s.only_bytes),
+                    human(s.shared_bytes)
+                )?;
+            }
+        }
+        ImageCommand::Show { image, json, table } => {
+            let (_, m) = store.manifest(&parse_ref(&image)?)?;
+            if json {
+                return print_json(&manifest_json(&m));
+            }
+            show(&m, table)?;
+        }
+        ImageCommand::Rm { image } => {
+            for r in store.remove(&parse_ref(&image)?)? {
+                println!("removed {r}");
+            }
+            eprintln!("run `fleetboot store gc` to free the space no image uses any more");
+        }
+        ImageCommand::Diff { from, to, json } => {
+            let d = store.diff(&parse_ref(&from)?, &parse_ref(&to)?)?;
+            if json {
+                return print_json(&d);
+            }
+            println!(
+                "{} -> {}: {} changed, {} reused in place; fetch {} in {} frames",
+                d.from,
+                d.to,
+                human(d.changed_bytes),
+                human(d.reused_bytes),
+                human(d.fetch_bytes),
+                d.fetch_frames
+            );
+        }
+    }
+    Ok(())
+}
+
+fn store_cmd(store: &Store, command: StoreCommand) -> Result<()> {
+    match command {
+        StoreCommand::Verify { json } => {
+            let r = store.verify()?;
+            if json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "checked {} images, {} frames, {} chunks ({})",
+                    r.images_checked,
+                    r.frames_checked,
+                    r.chunks_checked,
+                    human(r.bytes_checked)
+                );
+                for (image, reasons) in &r.damaged_images {
+                    println!("DAMAGED image {image}:");
+                    for why in reasons.iter().take(10) {
+                        println!("  {why}");
+                    }
+                    if reasons.len() > 10 {
+                        println!("  ... and {} more", reasons.len() - 10);
+                    }
+                }
+                for (id, why) in &r.damaged_chunks {
+                    println!("DAMAGED chunk {id}: {why}");
+                }
+                if !r.unreferenced_packs.is_empty() {
+                    println!(
+                        "{} pack(s) no image uses (left by an interrupted import; `store gc` removes them)",
+                        r.unreferenced_packs.len()
+                    );
+                }
+            }
+            if !r.ok() {
+                bail!(
+                    "the store is damaged: {} image(s), {} chunk(s) affected",
+                    r.damaged_images.len(),
+                    r.damaged_chunks.len()
+                );
+            }
+            if !json {
+                println!("store is intact");
+            }
+        }
+        StoreCommand::Gc => {
+            let r = store.gc()?;
+            println!(
+                "removed {} pack(s), rewrote {} pack(s) and {} manifest(s), freed {}",
+                r.packs_removed,
+                r.packs_rewritten,
+                r.manifests_rewritten,
+                human(r.bytes_freed)
+            );
+        }
+        StoreCommand::Stats { json } => {
+            let s = store.stats()?;
+            if json {
+                return print_json(&s);
+            }
+            println!("images          {} ({} versions)", s.images, s.versions);
+            println!("logical bytes   {} ({} data)", human(s.logical_bytes), human(s.data_bytes));
+            println!("unique chunks   {} ({})", s.unique_chunks, human(s.unique_bytes));
+            println!("stored bytes    {} ({} in {} packs, {} manifests)", human(s.stored_bytes), human(s.pack_bytes), s.pack_files, human(s.manifest_bytes));
+            println!("dedup ratio     {:.2}", s.dedup_ratio);
+            println!("compression     {:.2}", s.compression_ratio);
+            println!("overall ratio   {:.2}", s.total_ratio);
+        }
+    }
+    Ok(())
+}
+
+impl ImportTuning {
+    fn options(&self) -> Result<ImportOptions> {
+        let chunking = match (self.chunker, self.chunk_size) {
+            (ChunkerArg::Blocks, None) => Chunking::default(),
+            (ChunkerArg::Blocks, Some(n)) => {
+                if n == 0 || n % 4096 != 0 {
+                    bail!("--chunk-size for the blocks chunker must be a multiple of 4096");
+                }
+                Chunking::Blocks { avg_bytes: n }
+            }
+            (ChunkerArg::Fastcdc, n) => {
+                let avg = n.unwrap_or(16384);
+                if !(256..=(16 << 20)).contains(&avg) {
+                    bail!("--chunk-size for fastcdc must be between 256 and 16 MiB");
+                }
+                Chunking::fastcdc(avg)
+            }
+        };
+        let mut o = ImportOptions {
+            chunking,
+            ..ImportOptions::default()
+        };
+        if let Some(f) = self.frame_size {
+            if !(4096..=(64 << 20)).contains(&f) {
+                bail!("--frame-size must be between 4096 and 64 MiB");
+            }
+            o.frame_bytes = f;
+        }
+        if let Some(l) = self.level {
+            if !(-7..=22).contains(&l) {
+                bail!("--level must be a zstd level, -7 to 22");
+            }
+            o.zstd_level = l;
+        }
+        if let Some(t) = self.threads {
+            o.threads = t.clamp(1, 64);
+        }
+        Ok(o)
+    }
+}
+
+/// A byte progress bar on stderr; draws nothing when stderr is not a terminal.
+fn bytes_bar(message: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(message.to_string());
+    bar
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn manifest_json(m: &Manifest) -> serde_json::Value {
+    let packs: Vec<String> = m.packs.iter().map(|p| p.to_string()).collect();
+    serde_json::json!({
+        "metadata": m.meta,
+        "data_bytes": m.data_bytes(),
+        "packs": packs,
+        "entries": m.entries.iter().map(|e| serde_json::json!({
+            "id": e.id.to_string(),
+            "pack": packs[e.pack as usize],
+            "frame_offset": e.frame_offset,
+            "frame_stored": e.frame_stored,
+            "frame_raw": e.frame_raw,
+            "chunk_offset": e.chunk_offset,
+            "size": e.size,
+            "flags": e.flags,
+        })).collect::<Vec<_>>(),
+        "extents": m.extents.iter().map(|x| serde_json::json!({
+            "offset": x.offset,
+            "len": x.len,
+            "entry": x.entry,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn show(m: &Manifest, table: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let meta = &m.meta;
+    writeln!(out, "image     {}@{}", meta.name, meta.version)?;
+    writeln!(out, "size      {} ({} bytes)", human(meta.size), meta.size)?;
+    writeln!(out, "data      {}", human(m.data_bytes()))?;
+    writeln!(out, "digest    blake3:{}", meta.digest)?;
+    writeln!(out, "created   {}", meta.created)?;
+    writeln!(out, "source    {}", meta.source)?;
+    writeln!(out, "chunking  {}", meta.chunking)?;
+    let frames: std::collections::HashSet<(u32, u64)> =
+        m.entries.iter().map(|e| (e.pack, e.frame_offset)).collect();
+    writeln!(
+        out,
+        "table     {} chunks in {} frames of {} pack(s); map of {} extents",
+        m.entries.len(),
+        frames.len(),
+        m.packs.len(),
+        m.extents.len()
+    )?;
+    if table {
+        writeln!(out, "\noffset table: # id pack frame_offset frame_stored frame_raw chunk_offset size flags")?;
+        for (i, e) in m.entries.iter().enumerate() {
+            writeln!(
+                out,
+                "{i} {} {} {} {} {} {} {} {}",
+                e.id,
+                m.packs[e.pack as usize],
+                e.frame_offset,
+                e.frame_stored,
+                e.frame_raw,
+                e.chunk_offset,
+                e.size,
+                if e.is_zstd() { "zstd" } else { "raw" }
+            )?;
+        }
+        writeln!(out, "\nmap: offset len entry")?;
+        for x in &m.extents {
+            match x.entry {
+                Some(e) => writeln!(out, "{} {} {e}", x.offset, x.len)?,
+                None => writeln!(out, "{} {} zero", x.offset, x.len)?,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Bytes in binary units, for people.
+pub fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}

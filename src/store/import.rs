@@ -1,0 +1,561 @@
+//! Importing a raw disk image: read → cut → hash → dedup → compress → pack → manifest.
+//!
+//! The pipeline, with bounded channels between stages so memory stays bounded whatever the size:
+//! ```text
+//!  main thread: read segments (holes skipped by SEEK_DATA/SEEK_HOLE) → cut into zero runs and
+//!               chunks → BLAKE3 each chunk → look it up (store index, then this image) → new
+//!               chunks appended to the current frame
+//!      ├──> digest thread: BLAKE3 of the whole image, zero runs included
+//!      └──> compression workers (one per core): zstd each frame
+//!              └──> writer thread: frames in order → pack file(s) in tmp/
+//! ```
+//! Then, still under the store lock: the packs are synced and renamed into `packs/`, and the
+//! manifest is written and renamed last, which is the moment the image becomes visible. An error
+//! or a crash before that leaves only temp files, which the next writer removes.
+
+use super::chunker::{Chunking, Piece};
+use super::fsutil::write_atomic;
+use super::pack::PackWriter;
+use super::{validate_name, ImageRef, IoContext, Store, StoreError};
+use fleetboot_image::manifest::FLAG_ZSTD;
+use fleetboot_image::{ChunkId, Entry, Extent, Manifest, Metadata, PackId, BLOCK_BYTES};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Tuning of an import. The defaults were chosen by `cargo xtask bench store` (docs/benchmarks.md).
+#[derive(Clone, Copy, Debug)]
+pub struct ImportOptions {
+    pub chunking: Chunking,
+    /// Raw bytes of chunks compressed together in one zstd frame (the unit a machine fetches).
+    pub frame_bytes: usize,
+    pub zstd_level: i32,
+    /// Compression worker threads.
+    pub threads: usize,
+    /// Bytes read at a time; also the span no chunk crosses.
+    pub segment_bytes: usize,
+    /// A pack is closed and another started past this size.
+    pub pack_bytes_max: u64,
+}
+
+impl Default for ImportOptions {
+    fn default() -> Self {
+        ImportOptions {
+            chunking: Chunking::default(),
+            frame_bytes: 256 << 10,
+            zstd_level: 6,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            segment_bytes: 4 << 20,
+            pack_bytes_max: 1 << 30,
+        }
+    }
+}
+
+/// What an import did.
+#[derive(Clone, Debug)]
+pub struct ImportReport {
+    pub image: ImageRef,
+    pub size: u64,
+    pub data_bytes: u64,
+    /// Chunks in the image (each distinct chunk counted once).
+    pub chunks: u64,
+    /// Chunks the store did not have before.
+    pub new_chunks: u64,
+    pub new_raw_bytes: u64,
+    /// Bytes added to pack files.
+    pub new_stored_bytes: u64,
+    pub digest: String,
+    pub elapsed: Duration,
+}
+
+/// Where a chunk's bytes lie in the store.
+#[derive(Clone, Copy, Debug)]
+struct Loc {
+    pack: PackId,
+    flags: u32,
+    frame_offset: u64,
+    frame_stored: u32,
+    frame_raw: u32,
+    chunk_offset: u32,
+    size: u32,
+}
+
+/// An offset-table row of the image being imported.
+enum Row {
+    Stored(ChunkId, Loc),
+    /// In frame number `frame` of this import, not yet written.
+    New {
+        id: ChunkId,
+        frame: u32,
+        chunk_offset: u32,
+        size: u32,
+    },
+}
+
+/// A compressed frame on its way to the writer.
+struct Compressed {
+    seq: u32,
+    raw: u32,
+    flags: u32,
+    bytes: Vec<u8>,
+}
+
+/// Where the writer put a frame.
+#[derive(Clone, Copy)]
+struct FrameLoc {
+    pack: PackId,
+    offset: u64,
+    stored: u32,
+    raw: u32,
+    flags: u32,
+}
+
+/// Imports the raw image at `path` as the next version of `name`.
+pub fn import(
+    store: &Store,
+    name: &str,
+    path: &Path,
+    options: &ImportOptions,
+    progress: &dyn Fn(u64, u64),
+) -> Result<ImportReport, StoreError> {
+    validate_name(name)?;
+    let started = Instant::now();
+    let (file, size) = open_image(path)?;
+    let _lock = store.lock_for_write()?;
+    let index = load_index(store)?;
+
+    let failed = AtomicBool::new(false);
+    let (work_tx, work_rx) = mpsc::sync_channel::<(u32, Vec<u8>)>(options.threads * 2);
+    let work_rx = Mutex::new(work_rx);
+    let (done_tx, done_rx) = mpsc::sync_channel::<Compressed>(options.threads * 2);
+    let (digest_tx, digest_rx) = mpsc::sync_channel::<DigestInput>(4);
+
+    let (scan, written, digest) = std::thread::scope(|s| {
+        let digest = s.spawn(move || digest_thread(digest_rx));
+        for _ in 0..options.threads.max(1) {
+            let (work_rx, done_tx, failed) = (&work_rx, done_tx.clone(), &failed);
+            s.spawn(move || compress_worker(work_rx, done_tx, failed, options.zstd_level));
+        }
+        drop(done_tx);
+        let writer = s.spawn(|| write_frames(store, done_rx, options.pack_bytes_max, &failed));
+        let scan = scan_image(
+            &file, path, size, options, &index, &work_tx, &digest_tx, &failed, progress,
+        );
+        drop(work_tx);
+        drop(digest_tx);
+        let written = writer.join().expect("writer thread panicked");
+        let digest = digest.join().expect("digest thread panicked");
+        (scan, written, digest)
+    });
+    let (frames, packs) = written?;
+    let scan = scan?;
+
+    // Commit: packs first, the manifest last — the manifest's rename is the moment of visibility.
+    let mut new_stored_bytes = 0;
+    for pack in packs {
+        new_stored_bytes += pack.len();
+        pack.finish(store)?;
+    }
+    let version = store
+        .versions_of(name)?
+        .last()
+        .map_or(1, |v| v.version + 1);
+    let manifest = scan.to_manifest(
+        &frames,
+        Metadata {
+            name: name.to_string(),
+            version,
+            size,
+            digest: digest.clone(),
+            created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            source: fs::canonicalize(path)
+                .unwrap_or_else(|_| path.to_path_buf())
+                .display()
+                .to_string(),
+            chunking: options.chunking.describe(),
+        },
+    );
+    let dir = store.manifests_dir().join(name);
+    if !dir.is_dir() {
+        fs::create_dir(&dir).at(&dir)?;
+        super::fsutil::sync_dir(&store.manifests_dir()).at(&store.manifests_dir())?;
+    }
+    let dest = store.manifest_path(name, version);
+    write_atomic(&store.tmp_dir(), &dest, &manifest.encode()).at(&dest)?;
+
+    let new: Vec<&Row> = manifest_rows_new(&scan.rows);
+    Ok(ImportReport {
+        image: ImageRef {
+            name: name.to_string(),
+            version: Some(version),
+        },
+        size,
+        data_bytes: manifest.data_bytes(),
+        chunks: scan.rows.len() as u64,
+        new_chunks: new.len() as u64,
+        new_raw_bytes: new
+            .iter()
+            .map(|r| match r {
+                Row::New { size, .. } => u64::from(*size),
+                Row::Stored(..) => 0,
+            })
+            .sum(),
+        new_stored_bytes,
+        digest,
+        elapsed: started.elapsed(),
+    })
+}
+
+fn manifest_rows_new(rows: &[Row]) -> Vec<&Row> {
+    rows.iter().filter(|r| matches!(r, Row::New { .. })).collect()
+}
+
+/// Opens the image and finds its size; refuses what is not a non-empty file or block device.
+fn open_image(path: &Path) -> Result<(File, u64), StoreError> {
+    let bad = |what: &str| StoreError::BadInput {
+        path: path.to_path_buf(),
+        what: what.to_string(),
+    };
+    let meta = fs::metadata(path).at(path)?;
+    if meta.is_dir() {
+        return Err(bad("is a directory, not a disk image"));
+    }
+    let is_block = meta.file_type().is_block_device();
+    if !meta.is_file() && !is_block {
+        return Err(bad("is not a regular file or block device"));
+    }
+    let mut file = File::open(path).at(path)?;
+    let size = if is_block {
+        file.seek(SeekFrom::End(0)).at(path)?
+    } else {
+        meta.len()
+    };
+    if size == 0 {
+        return Err(bad("is empty"));
+    }
+    Ok((file, size))
+}
+
+/// Every chunk the store's visible images use, and where it lies.
+fn load_index(store: &Store) -> Result<HashMap<ChunkId, Loc>, StoreError> {
+    let mut index = HashMap::new();
+    for (_, m) in store.all_manifests()? {
+        for e in &m.entries {
+            index.entry(e.id).or_insert(Loc {
+                pack: m.packs[e.pack as usize],
+                flags: e.flags,
+                frame_offset: e.frame_offset,
+                frame_stored: e.frame_stored,
+                frame_raw: e.frame_raw,
+                chunk_offset: e.chunk_offset,
+                size: e.size,
+            });
+        }
+    }
+    Ok(index)
+}
+
+/// What the scan of the image produced: the offset table and map, with new chunks pointing at
+/// frame numbers that the writer resolves.
+struct Scan {
+    rows: Vec<Row>,
+    /// (length, row) pieces; `None` is a zero run.
+    map: Vec<(u64, Option<u32>)>,
+}
+
+impl Scan {
+    fn push_zero(&mut self, len: u64) {
+        match self.map.last_mut() {
+            Some((n, None)) => *n += len,
+            _ => self.map.push((len, None)),
+        }
+    }
+
+    fn to_manifest(&self, frames: &[FrameLoc], meta: Metadata) -> Manifest {
+        let mut packs: Vec<PackId> = Vec::new();
+        let mut pack_index: HashMap<PackId, u32> = HashMap::new();
+        let mut pack_no = |p: PackId| {
+            *pack_index.entry(p).or_insert_with(|| {
+                packs.push(p);
+                (packs.len() - 1) as u32
+            })
+        };
+        let entries = self
+            .rows
+            .iter()
+            .map(|row| match *row {
+                Row::Stored(id, l) => Entry {
+                    id,
+                    pack: pack_no(l.pack),
+                    flags: l.flags,
+                    frame_offset: l.frame_offset,
+                    frame_stored: l.frame_stored,
+                    frame_raw: l.frame_raw,
+                    chunk_offset: l.chunk_offset,
+                    size: l.size,
+                },
+                Row::New {
+                    id,
+                    frame,
+                    chunk_offset,
+                    size,
+                } => {
+                    let f = frames[frame as usize];
+                    Entry {
+                        id,
+                        pack: pack_no(f.pack),
+                        flags: f.flags,
+                        frame_offset: f.offset,
+                        frame_stored: f.stored,
+                        frame_raw: f.raw,
+                        chunk_offset,
+                        size,
+                    }
+                }
+            })
+            .collect();
+        let mut offset = 0;
+        let extents = self
+            .map
+            .iter()
+            .map(|&(len, entry)| {
+                let x = Extent { offset, len, entry };
+                offset += len;
+                x
+            })
+            .collect();
+        Manifest {
+            meta,
+            packs,
+            entries,
+            extents,
+        }
+    }
+}
+
+enum DigestInput {
+    Data(Arc<Vec<u8>>),
+    Zeros(u64),
+}
+
+fn digest_thread(rx: mpsc::Receiver<DigestInput>) -> String {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    let mut hasher = blake3::Hasher::new();
+    for input in rx {
+        match input {
+            DigestInput::Data(buf) => {
+                hasher.update(&buf);
+            }
+            DigestInput::Zeros(mut n) => {
+                while n > 0 {
+                    let k = n.min(ZEROS.len() as u64) as usize;
+                    hasher.update(&ZEROS[..k]);
+                    n -= k as u64;
+                }
+            }
+        }
+    }
+    hasher.finalize().to_hex().to_string()
+}
+
+/// Reads the image, cuts and dedups it, and hands new frames to the compressors.
+#[allow(clippy::too_many_arguments)]
+fn scan_image(
+    file: &File,
+    path: &Path,
+    size: u64,
+    options: &ImportOptions,
+    index: &HashMap<ChunkId, Loc>,
+    work_tx: &mpsc::SyncSender<(u32, Vec<u8>)>,
+    digest_tx: &mpsc::SyncSender<DigestInput>,
+    failed: &AtomicBool,
+    progress: &dyn Fn(u64, u64),
+) -> Result<Scan, StoreError> {
+    let mut scan = Scan {
+        rows: Vec::new(),
+        map: Vec::new(),
+    };
+    let mut row_of: HashMap<ChunkId, u32> = HashMap::new();
+    let mut frame: Vec<u8> = Vec::with_capacity(options.frame_bytes);
+    let mut frame_seq: u32 = 0;
+    let mut pieces = Vec::new();
+    let aborted = || StoreError::Io {
+        path: path.to_path_buf(),
+        error: io::Error::other("import aborted: writing the pack failed"),
+    };
+    let seg = options.segment_bytes as u64;
+    let block = BLOCK_BYTES as u64;
+    let mut pos = 0u64;
+    while pos < size {
+        let data_start = match seek(file, pos, libc::SEEK_DATA).at(path)? {
+            Some(d) => (d / block * block).clamp(pos, size),
+            None => size,
+        };
+        if data_start > pos {
+            scan.push_zero(data_start - pos);
+            let _ = digest_tx.send(DigestInput::Zeros(data_start - pos));
+            pos = data_start;
+            progress(pos, size);
+            continue;
+        }
+        let data_end = match seek(file, pos, libc::SEEK_HOLE).at(path)? {
+            Some(h) => h.div_ceil(block).saturating_mul(block).clamp(pos + 1, size),
+            None => size,
+        };
+        while pos < data_end {
+            if failed.load(Ordering::Relaxed) {
+                return Err(aborted());
+            }
+            let end = data_end.min((pos / seg + 1) * seg);
+            let mut buf = vec![0u8; (end - pos) as usize];
+            file.read_exact_at(&mut buf, pos).at(path)?;
+            pieces.clear();
+            options.chunking.cut(&buf, &mut pieces);
+            for piece in &pieces {
+                let range = match piece {
+                    Piece::Zero(n) => {
+                        scan.push_zero(*n as u64);
+                        continue;
+                    }
+                    Piece::Data(r) => r.clone(),
+                };
+                let chunk = &buf[range];
+                let id = ChunkId::of(chunk);
+                let row = match row_of.get(&id) {
+                    Some(&row) => row,
+                    None => {
+                        let row = scan.rows.len() as u32;
+                        if let Some(loc) = index.get(&id) {
+                            scan.rows.push(Row::Stored(id, *loc));
+                        } else {
+                            if !frame.is_empty() && frame.len() + chunk.len() > options.frame_bytes
+                            {
+                                let full = std::mem::replace(
+                                    &mut frame,
+                                    Vec::with_capacity(options.frame_bytes),
+                                );
+                                work_tx.send((frame_seq, full)).map_err(|_| aborted())?;
+                                frame_seq += 1;
+                            }
+                            scan.rows.push(Row::New {
+                                id,
+                                frame: frame_seq,
+                                chunk_offset: frame.len() as u32,
+                                size: chunk.len() as u32,
+                            });
+                            frame.extend_from_slice(chunk);
+                        }
+                        row_of.insert(id, row);
+                        row
+                    }
+                };
+                scan.map.push((chunk.len() as u64, Some(row)));
+            }
+            let _ = digest_tx.send(DigestInput::Data(Arc::new(buf)));
+            pos = end;
+            progress(pos, size);
+        }
+    }
+    if !frame.is_empty() {
+        work_tx.send((frame_seq, frame)).map_err(|_| aborted())?;
+    }
+    Ok(scan)
+}
+
+/// `lseek` with SEEK_DATA / SEEK_HOLE. `None` when there is no data after `pos` (ENXIO); where
+/// the filesystem or device cannot tell, everything is data.
+fn seek(file: &File, pos: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let offset = libc::off_t::try_from(pos).map_err(io::Error::other)?;
+    // SAFETY: lseek on a file descriptor we own; it does not touch memory.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENXIO) if whence == libc::SEEK_DATA => Ok(None),
+        Some(libc::ENXIO) => Ok(None),
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) if whence == libc::SEEK_DATA => Ok(Some(pos)),
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(None),
+        _ => Err(err),
+    }
+}
+
+/// Compresses frames until the work channel closes. After a failure it keeps draining (without
+/// compressing) so the scanner never blocks on a full channel.
+fn compress_worker(
+    work: &Mutex<mpsc::Receiver<(u32, Vec<u8>)>>,
+    done: mpsc::SyncSender<Compressed>,
+    failed: &AtomicBool,
+    level: i32,
+) {
+    loop {
+        let next = work.lock().unwrap_or_else(|p| p.into_inner()).recv();
+        let Ok((seq, raw)) = next else { return };
+        if failed.load(Ordering::Relaxed) {
+            continue;
+        }
+        let compressed = match zstd::bulk::compress(&raw, level) {
+            Ok(c) if c.len() < raw.len() => Compressed {
+                seq,
+                raw: raw.len() as u32,
+                flags: FLAG_ZSTD,
+                bytes: c,
+            },
+            _ => Compressed {
+                seq,
+                raw: raw.len() as u32,
+                flags: 0,
+                bytes: raw,
+            },
+        };
+        if done.send(compressed).is_err() {
+            failed.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Appends frames to packs in sequence order; returns where each frame went and the packs.
+fn write_frames(
+    store: &Store,
+    done: mpsc::Receiver<Compressed>,
+    pack_bytes_max: u64,
+    failed: &AtomicBool,
+) -> Result<(Vec<FrameLoc>, Vec<PackWriter>), StoreError> {
+    let result = (|| {
+        let mut locs: Vec<FrameLoc> = Vec::new();
+        let mut packs: Vec<PackWriter> = Vec::new();
+        let mut waiting: BTreeMap<u32, Compressed> = BTreeMap::new();
+        for c in done {
+            waiting.insert(c.seq, c);
+            while let Some(c) = waiting.remove(&(locs.len() as u32)) {
+                let need_new = packs
+                    .last()
+                    .is_none_or(|p| p.len() + c.bytes.len() as u64 > pack_bytes_max && p.len() > 16);
+                if need_new {
+                    packs.push(PackWriter::create(store)?);
+                }
+                let pack = packs.last_mut().expect("a pack was just ensured");
+                let offset = pack.append(&c.bytes).at(&store.tmp_dir())?;
+                locs.push(FrameLoc {
+                    pack: pack.id(),
+                    offset,
+                    stored: c.bytes.len() as u32,
+                    raw: c.raw,
+                    flags: c.flags,
+                });
+            }
+        }
+        Ok((locs, packs))
+    })();
+    if result.is_err() {
+        failed.store(true, Ordering::Relaxed);
+    }
+    result
+}

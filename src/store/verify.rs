@@ -1,0 +1,221 @@
+//! `store verify`: re-hash every chunk every visible image uses, and check every manifest.
+//!
+//! Each frame is read once, decompressed, and every chunk any manifest places in it is hashed and
+//! compared with its id. Damage is reported by chunk and by the images it affects; pack files no
+//! manifest refers to (left by an interrupted writer before gc) are listed but are not damage.
+
+use super::pack::{PACK_HEADER_BYTES, PACK_MAGIC};
+use super::{Store, StoreError};
+use fleetboot_image::{ChunkId, PackId};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// What verify found.
+#[derive(Debug, Default, Serialize)]
+pub struct VerifyReport {
+    pub images_checked: usize,
+    pub frames_checked: u64,
+    pub chunks_checked: u64,
+    pub bytes_checked: u64,
+    /// `NAME@N` and why it cannot be exported intact.
+    pub damaged_images: BTreeMap<String, Vec<String>>,
+    /// Damaged chunk ids and what is wrong with each.
+    pub damaged_chunks: BTreeMap<String, String>,
+    pub unreferenced_packs: Vec<String>,
+}
+
+impl VerifyReport {
+    /// True when every image can be exported intact.
+    pub fn ok(&self) -> bool {
+        self.damaged_images.is_empty() && self.damaged_chunks.is_empty()
+    }
+}
+
+/// A frame as the manifests describe it.
+struct FrameCheck {
+    pack: PackId,
+    offset: u64,
+    stored: u32,
+    raw: u32,
+    zstd: bool,
+    /// chunk offset -> (id, size)
+    chunks: BTreeMap<u32, (ChunkId, u32)>,
+    /// Images using the frame.
+    users: BTreeSet<String>,
+}
+
+impl Store {
+    /// Checks the whole store; the report says what is damaged.
+    pub fn verify(&self) -> Result<VerifyReport, StoreError> {
+        let mut report = VerifyReport::default();
+        let mut frames: HashMap<(PackId, u64), FrameCheck> = HashMap::new();
+        for v in self.versions()? {
+            let label = format!("{}@{}", v.name, v.version);
+            report.images_checked += 1;
+            let m = match self.load_manifest(&v.path) {
+                Ok(m) => m,
+                Err(e) => {
+                    report.damaged_images.entry(label).or_default().push(e.to_string());
+                    continue;
+                }
+            };
+            if m.meta.name != v.name || m.meta.version != v.version {
+                report.damaged_images.entry(label.clone()).or_default().push(format!(
+                    "manifest describes {}@{}",
+                    m.meta.name, m.meta.version
+                ));
+            }
+            for e in &m.entries {
+                let pack = m.packs[e.pack as usize];
+                let f = frames.entry((pack, e.frame_offset)).or_insert_with(|| FrameCheck {
+                    pack,
+                    offset: e.frame_offset,
+                    stored: e.frame_stored,
+                    raw: e.frame_raw,
+                    zstd: e.is_zstd(),
+                    chunks: BTreeMap::new(),
+                    users: BTreeSet::new(),
+                });
+                if (f.stored, f.raw, f.zstd) != (e.frame_stored, e.frame_raw, e.is_zstd()) {
+                    report.damaged_images.entry(label.clone()).or_default().push(format!(
+                        "frame at {} of pack {pack} is described differently by another image",
+                        e.frame_offset
+                    ));
+                }
+                f.chunks.insert(e.chunk_offset, (e.id, e.size));
+                f.users.insert(label.clone());
+            }
+        }
+
+        let packs: HashMap<PackId, u64> = self.packs()?.into_iter().collect();
+        let referenced: BTreeSet<PackId> = frames.keys().map(|(p, _)| *p).collect();
+        report.unreferenced_packs = packs
+            .keys()
+            .filter(|p| !referenced.contains(p))
+            .map(|p| p.to_string())
+            .collect();
+        report.unreferenced_packs.sort();
+
+        let mut bad_headers = BTreeSet::new();
+        for p in &referenced {
+            if packs.contains_key(p) && !header_ok(&self.pack_path(p)) {
+                bad_headers.insert(*p);
+            }
+        }
+
+        let frames: Vec<FrameCheck> = frames.into_values().collect();
+        let next = AtomicUsize::new(0);
+        let damage: Mutex<Vec<(usize, ChunkId, String)>> = Mutex::new(Vec::new());
+        let counts: Mutex<(u64, u64, u64)> = Mutex::new((0, 0, 0));
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| {
+                    let mut open: HashMap<PackId, File> = HashMap::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(f) = frames.get(i) else { break };
+                        let bad = |why: String| {
+                            let mut d = damage.lock().unwrap_or_else(|p| p.into_inner());
+                            for (id, _) in f.chunks.values() {
+                                d.push((i, *id, why.clone()));
+                            }
+                        };
+                        let Some(&pack_len) = packs.get(&f.pack) else {
+                            bad(format!("pack {} is missing", f.pack));
+                            continue;
+                        };
+                        if bad_headers.contains(&f.pack) {
+                            bad(format!("pack {} has a damaged header", f.pack));
+                            continue;
+                        }
+                        if f.offset + u64::from(f.stored) > pack_len {
+                            bad(format!("pack {} ends before the frame at {} (truncated)", f.pack, f.offset));
+                            continue;
+                        }
+                        let file = match open.get(&f.pack) {
+                            Some(file) => file,
+                            None => match File::open(self.pack_path(&f.pack)) {
+                                Ok(file) => open.entry(f.pack).or_insert(file),
+                                Err(e) => {
+                                    bad(format!("pack {}: {e}", f.pack));
+                                    continue;
+                                }
+                            },
+                        };
+                        let mut stored = vec![0u8; f.stored as usize];
+                        if let Err(e) = file.read_exact_at(&mut stored, f.offset) {
+                            bad(format!("pack {} at {}: {e}", f.pack, f.offset));
+                            continue;
+                        }
+                        let data = if f.zstd {
+                            match zstd::bulk::decompress(&stored, f.raw as usize) {
+                                Ok(d) if d.len() == f.raw as usize => d,
+                                Ok(_) | Err(_) => {
+                                    bad(format!(
+                                        "frame at {} of pack {} does not decompress",
+                                        f.offset, f.pack
+                                    ));
+                                    continue;
+                                }
+                            }
+                        } else {
+                            stored
+                        };
+                        let mut chunks = 0;
+                        for (&at, &(id, size)) in &f.chunks {
+                            let actual = ChunkId::of(&data[at as usize..(at + size) as usize]);
+                            chunks += 1;
+                            if actual != id {
+                                damage.lock().unwrap_or_else(|p| p.into_inner()).push((
+                                    i,
+                                    id,
+                                    format!(
+                                        "hashes to {actual} (frame at {} of pack {})",
+                                        f.offset, f.pack
+                                    ),
+                                ));
+                            }
+                        }
+                        let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
+                        c.0 += 1;
+                        c.1 += chunks;
+                        c.2 += u64::from(f.raw);
+                    }
+                });
+            }
+        });
+        let (frames_checked, chunks_checked, bytes_checked) =
+            counts.into_inner().unwrap_or_else(|p| p.into_inner());
+        report.frames_checked = frames_checked;
+        report.chunks_checked = chunks_checked;
+        report.bytes_checked = bytes_checked;
+        for (i, id, why) in damage.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            for user in &frames[i].users {
+                report
+                    .damaged_images
+                    .entry(user.clone())
+                    .or_default()
+                    .push(format!("chunk {id} is damaged"));
+            }
+            report.damaged_chunks.insert(id.to_string(), why);
+        }
+        for reasons in report.damaged_images.values_mut() {
+            reasons.sort();
+            reasons.dedup();
+        }
+        Ok(report)
+    }
+}
+
+fn header_ok(path: &std::path::Path) -> bool {
+    let mut header = [0u8; PACK_HEADER_BYTES as usize];
+    File::open(path)
+        .and_then(|f| f.read_exact_at(&mut header, 0))
+        .is_ok()
+        && header[..8] == PACK_MAGIC
+}

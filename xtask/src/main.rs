@@ -1,0 +1,46 @@
+//! `cargo xtask`: the project's automation, in Rust (one file per task).
+//!
+//! Everything a fresh Debian machine needs is installed from here, so no step lives in someone's memory.
+
+mod bench_store;
+mod demo;
+mod os_images;
+mod setup;
+mod test;
+mod util;
+
+use anyhow::{bail, Result};
+
+const USAGE: &str = "usage: cargo xtask <task>
+
+tasks:
+  test          fmt, clippy, unit and integration tests (what CI runs)
+  demo          the main job: import a demo image, show the store, export it back
+  setup         install the Debian packages and Rust targets the project needs
+  bench store   build three related Debian disk images and compare fleetboot's store
+                with casync, WIM (wimlib) and zstd on them
+";
+
+fn main() {
+    if let Err(err) = run() {
+        eprintln!("xtask: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["test", rest @ ..] => test::run(rest),
+        ["demo"] => demo::run(),
+        ["setup"] => setup::run(),
+        ["bench", "store", rest @ ..] => bench_store::run(rest),
+        ["bench"] => bench_store::run(&[]),
+        ["help" | "--help" | "-h"] | [] => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        _ => bail!("unknown task {:?}\n\n{USAGE}", args.join(" ")),
+    }
+}

@@ -1,0 +1,52 @@
+//! `cargo xtask setup`: installs the Debian packages the tests and benchmarks use.
+//!
+//! Idempotent: packages already present are skipped, so every task can call it cheaply.
+
+use crate::util::{self, have};
+use anyhow::Result;
+use std::process::Command;
+
+/// Debian packages, each with the command that shows it is installed.
+const PACKAGES: &[(&str, &str)] = &[
+    ("e2fsprogs", "mkfs.ext4"),
+    ("zstd", "zstd"),
+    ("util-linux", "mount"),
+];
+
+/// Packages only the store benchmark needs (the anchors and the image builder).
+pub const BENCH_PACKAGES: &[(&str, &str)] = &[
+    ("debootstrap", "debootstrap"),
+    ("casync", "casync"),
+    ("wimtools", "wimlib-imagex"),
+    ("zstd", "zstd"),
+    ("e2fsprogs", "mkfs.ext4"),
+];
+
+pub fn run() -> Result<()> {
+    apt_install(PACKAGES)?;
+    rustup_components()
+}
+
+/// Installs the packages in `wanted` whose command is missing.
+pub fn apt_install(wanted: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(_, cmd)| !have(cmd))
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    util::run(Command::new("apt-get").arg("update").arg("-q"))?;
+    util::run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn rustup_components() -> Result<()> {
+    if !have("rustup") {
+        return Ok(());
+    }
+    util::run(Command::new("rustup").args(["component", "add", "rustfmt", "clippy"]))
+}
