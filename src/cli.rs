@@ -10,10 +10,19 @@ use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "fleetboot", version, about = "Bare-metal provisioning appliance and combined image store")]
+#[command(
+    name = "fleetboot",
+    version,
+    about = "Bare-metal provisioning appliance and combined image store"
+)]
 struct Cli {
     /// The image store folder.
-    #[arg(long, global = true, env = "FLEETBOOT_STORE", default_value = "/var/lib/fleetboot/store")]
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETBOOT_STORE",
+        default_value = "/var/lib/fleetboot/store"
+    )]
     store: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -162,10 +171,18 @@ fn image(store: &Store, command: ImageCommand) -> Result<()> {
             let r = parse_ref(&image)?;
             let bar = bytes_bar(&format!("exporting {r}"));
             let report = store
-                .export(&r, &out, ExportOptions { force, check_digest }, &|done, total| {
-                    bar.set_length(total);
-                    bar.set_position(done);
-                })
+                .export(
+                    &r,
+                    &out,
+                    ExportOptions {
+                        force,
+                        check_digest,
+                    },
+                    &|done, total| {
+                        bar.set_length(total);
+                        bar.set_position(done);
+                    },
+                )
                 .with_context(|| format!("cannot export {r} to {}", out.display()))?;
             bar.finish_and_clear();
             eprintln!(
@@ -175,7 +192,11 @@ fn image(store: &Store, command: ImageCommand) -> Result<()> {
                 report.elapsed.as_secs_f64(),
                 human(report.size),
                 human(report.restore.bytes_fetched),
-                if report.digest_checked { ", digest checked" } else { "" },
+                if report.digest_checked {
+                    ", digest checked"
+                } else {
+                    ""
+                },
             );
         }
         ImageCommand::List { json } => {
@@ -188,9 +209,18 @@ fn image(store: &Store, command: ImageCommand) -> Result<()> {
                 return Ok(());
             }
             let mut out = std::io::stdout().lock();
-            writeln!(out, "{:<24} {:<12} {:>10} {:>10} {:>10}", "NAME", "VERSIONS", "SIZE", "ONLY", "SHARED")?;
+            writeln!(
+                out,
+                "{:<24} {:<12} {:>10} {:>10} {:>10}",
+                "NAME", "VERSIONS", "SIZE", "ONLY", "SHARED"
+            )?;
             for s in list {
-                let versions = s.versions.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+                let versions = s
+                    .versions
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",");
                 writeln!(
                     out,
                     "{:<24} {:<12} {:>10} {:>10} {:>10}",
@@ -294,9 +324,23 @@ fn store_cmd(store: &Store, command: StoreCommand) -> Result<()> {
                 return print_json(&s);
             }
             println!("images          {} ({} versions)", s.images, s.versions);
-            println!("logical bytes   {} ({} data)", human(s.logical_bytes), human(s.data_bytes));
-            println!("unique chunks   {} ({})", s.unique_chunks, human(s.unique_bytes));
-            println!("stored bytes    {} ({} in {} packs, {} manifests)", human(s.stored_bytes), human(s.pack_bytes), s.pack_files, human(s.manifest_bytes));
+            println!(
+                "logical bytes   {} ({} data)",
+                human(s.logical_bytes),
+                human(s.data_bytes)
+            );
+            println!(
+                "unique chunks   {} ({})",
+                s.unique_chunks,
+                human(s.unique_bytes)
+            );
+            println!(
+                "stored bytes    {} ({} in {} packs, {} manifests)",
+                human(s.stored_bytes),
+                human(s.pack_bytes),
+                s.pack_files,
+                human(s.manifest_bytes)
+            );
             println!("dedup ratio     {:.2}", s.dedup_ratio);
             println!("compression     {:.2}", s.compression_ratio);
             println!("overall ratio   {:.2}", s.total_ratio);
@@ -350,9 +394,11 @@ impl ImportTuning {
 fn bytes_bar(message: &str) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
     bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     bar.set_message(message.to_string());
     bar
@@ -410,7 +456,10 @@ fn show(m: &Manifest, table: bool) -> Result<()> {
         m.extents.len()
     )?;
     if table {
-        writeln!(out, "\noffset table: # id pack frame_offset frame_stored frame_raw chunk_offset size flags")?;
+        writeln!(
+            out,
+            "\noffset table: # id pack frame_offset frame_stored frame_raw chunk_offset size flags"
+        )?;
         for (i, e) in m.entries.iter().enumerate() {
             writeln!(
                 out,

@@ -161,8 +161,14 @@ mod tests {
 
     #[test]
     fn cuts_cover_data_exactly_for_every_rule() {
-        let data: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-        for c in [Chunking::default(), Chunking::Blocks { avg_bytes: 16384 }, Chunking::fastcdc(8192)] {
+        let data: Vec<u8> = (0..300_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        for c in [
+            Chunking::default(),
+            Chunking::Blocks { avg_bytes: 16384 },
+            Chunking::fastcdc(8192),
+        ] {
             let mut at = 0;
             for p in pieces(c, &data) {
                 match p {

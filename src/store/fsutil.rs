@@ -44,7 +44,9 @@ impl TempFile {
 
     /// The open file.
     pub fn file(&mut self) -> &mut File {
-        self.file.as_mut().expect("temp file is open until persisted")
+        self.file
+            .as_mut()
+            .expect("temp file is open until persisted")
     }
 
     /// Flushes the data to stable storage, then renames the file to `dest` and syncs its folder.

@@ -6,8 +6,8 @@
 //! at any step leaves every visible image whole. gc refuses to run while any manifest is unreadable,
 //! since it could not know what that image uses.
 
-use super::pack::{PackWriter, PACK_HEADER_BYTES};
 use super::fsutil::{sync_dir, write_atomic};
+use super::pack::{PackWriter, PACK_HEADER_BYTES};
 use super::{IoContext, Store, StoreError};
 use fleetboot_image::PackId;
 use serde::Serialize;

@@ -162,10 +162,7 @@ pub fn import(
         new_stored_bytes += pack.len();
         pack.finish(store)?;
     }
-    let version = store
-        .versions_of(name)?
-        .last()
-        .map_or(1, |v| v.version + 1);
+    let version = store.versions_of(name)?.last().map_or(1, |v| v.version + 1);
     let manifest = scan.to_manifest(
         &frames,
         Metadata {
@@ -213,7 +210,9 @@ pub fn import(
 }
 
 fn manifest_rows_new(rows: &[Row]) -> Vec<&Row> {
-    rows.iter().filter(|r| matches!(r, Row::New { .. })).collect()
+    rows.iter()
+        .filter(|r| matches!(r, Row::New { .. }))
+        .collect()
 }
 
 /// Opens the image and finds its size; refuses what is not a non-empty file or block device.
@@ -535,9 +534,9 @@ fn write_frames(
         for c in done {
             waiting.insert(c.seq, c);
             while let Some(c) = waiting.remove(&(locs.len() as u32)) {
-                let need_new = packs
-                    .last()
-                    .is_none_or(|p| p.len() + c.bytes.len() as u64 > pack_bytes_max && p.len() > 16);
+                let need_new = packs.last().is_none_or(|p| {
+                    p.len() + c.bytes.len() as u64 > pack_bytes_max && p.len() > 16
+                });
                 if need_new {
                     packs.push(PackWriter::create(store)?);
                 }

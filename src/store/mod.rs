@@ -141,20 +141,16 @@ impl Store {
     }
 
     /// Creates the store if the folder is missing or empty, then takes the writers' lock and
-    /// removes temp files that a crashed writer left behind.
+    /// removes temp files that a crashed writer left behind. Creation happens under the lock, so
+    /// two first imports at once cannot trip over each other.
     pub fn lock_for_write(&self) -> Result<WriteLock, StoreError> {
-        if !self.root.join(MARKER_FILE).is_file() {
-            if self.root.is_dir() && !is_empty_dir(&self.root)? {
-                return Err(StoreError::NotAStore(self.root.clone()));
-            }
-            fs::create_dir_all(&self.root).at(&self.root)?;
-            for dir in [self.packs_dir(), self.manifests_dir(), self.tmp_dir()] {
-                fs::create_dir_all(&dir).at(&dir)?;
-            }
-            let marker = self.root.join(MARKER_FILE);
-            // The marker goes last and atomically: a store is complete once it is there.
-            fsutil::write_atomic(&self.tmp_dir(), &marker, MARKER.as_bytes()).at(&marker)?;
+        if !self.root.join(MARKER_FILE).is_file()
+            && self.root.is_dir()
+            && !is_empty_dir(&self.root)?
+        {
+            return Err(StoreError::NotAStore(self.root.clone()));
         }
+        fs::create_dir_all(&self.root).at(&self.root)?;
         let path = self.root.join("lock");
         let file = OpenOptions::new()
             .create(true)
@@ -163,8 +159,15 @@ impl Store {
             .open(&path)
             .at(&path)?;
         file.lock().at(&path)?;
+        for dir in [self.packs_dir(), self.manifests_dir(), self.tmp_dir()] {
+            fs::create_dir_all(&dir).at(&dir)?;
+        }
+        let marker = self.root.join(MARKER_FILE);
+        if !marker.is_file() {
+            // The marker goes last and atomically: a store is complete once it is there.
+            fsutil::write_atomic(&self.tmp_dir(), &marker, MARKER.as_bytes()).at(&marker)?;
+        }
         let tmp = self.tmp_dir();
-        fs::create_dir_all(&tmp).at(&tmp)?;
         for entry in fs::read_dir(&tmp).at(&tmp)? {
             let entry = entry.at(&tmp)?;
             let _ = fs::remove_file(entry.path());
@@ -300,13 +303,21 @@ impl Store {
         }
         let dir = self.manifests_dir().join(&r.name);
         fsutil::sync_dir(&dir).at(&dir)?;
-        if is_empty_dir(&dir)? {
+        if fs::read_dir(&dir).at(&dir)?.next().is_none() {
             fs::remove_dir(&dir).at(&dir)?;
         }
         Ok(removed)
     }
 }
 
+/// Whether `dir` holds nothing but what a store's creation makes before its marker (a store
+/// being created by another process, or whose creation was interrupted).
 fn is_empty_dir(dir: &Path) -> Result<bool, StoreError> {
-    Ok(fs::read_dir(dir).at(dir)?.next().is_none())
+    for entry in fs::read_dir(dir).at(dir)? {
+        let name = entry.at(dir)?.file_name();
+        if !matches!(name.to_str(), Some("lock" | "packs" | "manifests" | "tmp")) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }

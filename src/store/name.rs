@@ -104,7 +104,9 @@ mod tests {
 
     #[test]
     fn rejects_bad_names() {
-        for bad in ["", "a/b", "a b", "a@b@c", ".hidden", "-x", "../x", "a@0", "a@", "a@-1", "a@01"] {
+        for bad in [
+            "", "a/b", "a b", "a@b@c", ".hidden", "-x", "../x", "a@0", "a@", "a@-1", "a@01",
+        ] {
             assert!(bad.parse::<ImageRef>().is_err(), "{bad:?} was accepted");
         }
         assert!(validate_name("a@1").is_err());

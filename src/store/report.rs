@@ -65,7 +65,10 @@ type ChunkKey = (PackId, u64, u32);
 fn chunk_keys(m: &Manifest) -> impl Iterator<Item = (ChunkKey, u64)> + '_ {
     m.entries.iter().map(|e| {
         let share = u64::from(e.frame_stored) * u64::from(e.size) / u64::from(e.frame_raw.max(1));
-        ((m.packs[e.pack as usize], e.frame_offset, e.chunk_offset), share)
+        (
+            (m.packs[e.pack as usize], e.frame_offset, e.chunk_offset),
+            share,
+        )
     })
 }
 
@@ -76,7 +79,11 @@ impl Store {
         let mut users: HashMap<ChunkKey, (u64, HashSet<&str>)> = HashMap::new();
         for (v, m) in &all {
             for (key, share) in chunk_keys(m) {
-                users.entry(key).or_insert((share, HashSet::new())).1.insert(&v.name);
+                users
+                    .entry(key)
+                    .or_insert((share, HashSet::new()))
+                    .1
+                    .insert(&v.name);
             }
         }
         let mut out: BTreeMap<&str, ImageSummary> = BTreeMap::new();

@@ -82,7 +82,11 @@ impl Store {
         let show = |done| progress(done, size);
         let is_device = fs::metadata(out).is_ok_and(|m| m.file_type().is_block_device());
         let report = if is_device {
-            let dev = OpenOptions::new().write(true).read(true).open(out).at(out)?;
+            let dev = OpenOptions::new()
+                .write(true)
+                .read(true)
+                .open(out)
+                .at(out)?;
             let capacity = (&dev).seek_end().at(out)?;
             if capacity < size {
                 return Err(StoreError::BadInput {
@@ -90,7 +94,13 @@ impl Store {
                     what: format!("device holds {capacity} bytes; the image needs {size}"),
                 });
             }
-            let report = restore(&manifest, &source, &mut Device(&dev), RestoreOptions::default(), &show)?;
+            let report = restore(
+                &manifest,
+                &source,
+                &mut Device(&dev),
+                RestoreOptions::default(),
+                &show,
+            )?;
             dev.sync_all().at(out)?;
             report
         } else {

@@ -59,32 +59,46 @@ impl Store {
             let m = match self.load_manifest(&v.path) {
                 Ok(m) => m,
                 Err(e) => {
-                    report.damaged_images.entry(label).or_default().push(e.to_string());
+                    report
+                        .damaged_images
+                        .entry(label)
+                        .or_default()
+                        .push(e.to_string());
                     continue;
                 }
             };
             if m.meta.name != v.name || m.meta.version != v.version {
-                report.damaged_images.entry(label.clone()).or_default().push(format!(
-                    "manifest describes {}@{}",
-                    m.meta.name, m.meta.version
-                ));
+                report
+                    .damaged_images
+                    .entry(label.clone())
+                    .or_default()
+                    .push(format!(
+                        "manifest describes {}@{}",
+                        m.meta.name, m.meta.version
+                    ));
             }
             for e in &m.entries {
                 let pack = m.packs[e.pack as usize];
-                let f = frames.entry((pack, e.frame_offset)).or_insert_with(|| FrameCheck {
-                    pack,
-                    offset: e.frame_offset,
-                    stored: e.frame_stored,
-                    raw: e.frame_raw,
-                    zstd: e.is_zstd(),
-                    chunks: BTreeMap::new(),
-                    users: BTreeSet::new(),
-                });
+                let f = frames
+                    .entry((pack, e.frame_offset))
+                    .or_insert_with(|| FrameCheck {
+                        pack,
+                        offset: e.frame_offset,
+                        stored: e.frame_stored,
+                        raw: e.frame_raw,
+                        zstd: e.is_zstd(),
+                        chunks: BTreeMap::new(),
+                        users: BTreeSet::new(),
+                    });
                 if (f.stored, f.raw, f.zstd) != (e.frame_stored, e.frame_raw, e.is_zstd()) {
-                    report.damaged_images.entry(label.clone()).or_default().push(format!(
-                        "frame at {} of pack {pack} is described differently by another image",
-                        e.frame_offset
-                    ));
+                    report
+                        .damaged_images
+                        .entry(label.clone())
+                        .or_default()
+                        .push(format!(
+                            "frame at {} of pack {pack} is described differently by another image",
+                            e.frame_offset
+                        ));
                 }
                 f.chunks.insert(e.chunk_offset, (e.id, e.size));
                 f.users.insert(label.clone());
@@ -134,7 +148,10 @@ impl Store {
                             continue;
                         }
                         if f.offset + u64::from(f.stored) > pack_len {
-                            bad(format!("pack {} ends before the frame at {} (truncated)", f.pack, f.offset));
+                            bad(format!(
+                                "pack {} ends before the frame at {} (truncated)",
+                                f.pack, f.offset
+                            ));
                             continue;
                         }
                         let file = match open.get(&f.pack) {

@@ -38,10 +38,12 @@ pub fn apt_install(wanted: &[(&str, &str)]) -> Result<()> {
         return Ok(());
     }
     util::run(Command::new("apt-get").arg("update").arg("-q"))?;
-    util::run(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    util::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
 
 fn rustup_components() -> Result<()> {

@@ -8,9 +8,11 @@ pub fn run(extra: &[&str]) -> Result<()> {
     crate::setup::run()?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let root = root();
-    util::run(Command::new(&cargo)
-        .current_dir(&root)
-        .args(["fmt", "--all", "--check"]))?;
+    util::run(
+        Command::new(&cargo)
+            .current_dir(&root)
+            .args(["fmt", "--all", "--check"]),
+    )?;
     util::run(Command::new(&cargo).current_dir(&root).args([
         "clippy",
         "--workspace",
@@ -19,8 +21,10 @@ pub fn run(extra: &[&str]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    util::run(Command::new(&cargo)
-        .current_dir(&root)
-        .args(["test", "--workspace"])
-        .args(extra))
+    util::run(
+        Command::new(&cargo)
+            .current_dir(&root)
+            .args(["test", "--workspace"])
+            .args(extra),
+    )
 }

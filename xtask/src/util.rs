@@ -7,7 +7,10 @@ use std::process::Command;
 /// The workspace root (the parent of `xtask/`).
 pub fn root() -> PathBuf {
     let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir.parent().map(PathBuf::from).unwrap_or(manifest_dir)
+    manifest_dir
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or(manifest_dir)
 }
 
 /// Runs `cmd`, echoing it first; fails with the command line if it exits non-zero.

@@ -105,7 +105,9 @@ pub struct Manifest {
 pub enum ManifestError {
     #[error("not a fleetboot manifest (bad magic)")]
     NotAManifest,
-    #[error("manifest format version {0} is not supported (this build reads version {FORMAT_VERSION})")]
+    #[error(
+        "manifest format version {0} is not supported (this build reads version {FORMAT_VERSION})"
+    )]
     UnsupportedVersion(u32),
     #[error("manifest is truncated")]
     Truncated,
@@ -200,7 +202,9 @@ impl Manifest {
             return Err(ManifestError::Checksum);
         }
         if raw_len > BODY_RAW_BYTES_MAX {
-            return Err(corrupt(format!("body of {raw_len} bytes is over the limit")));
+            return Err(corrupt(format!(
+                "body of {raw_len} bytes is over the limit"
+            )));
         }
         let body = zstd::bulk::decompress(stored, raw_len as usize)
             .map_err(|e| corrupt(format!("body does not decompress: {e}")))?;
@@ -240,9 +244,14 @@ impl Manifest {
                 size: r.u32()?,
             };
             if e.pack as usize >= packs.len() {
-                return Err(corrupt(format!("entry {i} names pack {} of {}", e.pack, packs.len())));
+                return Err(corrupt(format!(
+                    "entry {i} names pack {} of {}",
+                    e.pack,
+                    packs.len()
+                )));
             }
-            if e.size == 0 || u64::from(e.chunk_offset) + u64::from(e.size) > u64::from(e.frame_raw) {
+            if e.size == 0 || u64::from(e.chunk_offset) + u64::from(e.size) > u64::from(e.frame_raw)
+            {
                 return Err(corrupt(format!("entry {i} lies outside its frame")));
             }
             entries.push(e);
@@ -263,7 +272,10 @@ impl Manifest {
             }
             if let Some(e) = entry {
                 let Some(row) = entries.get(e as usize) else {
-                    return Err(corrupt(format!("extent {i} names entry {e} of {}", entries.len())));
+                    return Err(corrupt(format!(
+                        "extent {i} names entry {e} of {}",
+                        entries.len()
+                    )));
                 };
                 if u64::from(row.size) != len {
                     return Err(corrupt(format!("extent {i} length differs from its chunk")));
@@ -355,10 +367,26 @@ mod tests {
             packs: vec![PackId([7; 16])],
             entries: vec![entry(1, 0), entry(2, 4096)],
             extents: vec![
-                Extent { offset: 0, len: 4096, entry: Some(0) },
-                Extent { offset: 4096, len: 4096, entry: None },
-                Extent { offset: 8192, len: 4096, entry: Some(1) },
-                Extent { offset: 12288, len: 4096, entry: Some(0) },
+                Extent {
+                    offset: 0,
+                    len: 4096,
+                    entry: Some(0),
+                },
+                Extent {
+                    offset: 4096,
+                    len: 4096,
+                    entry: None,
+                },
+                Extent {
+                    offset: 8192,
+                    len: 4096,
+                    entry: Some(1),
+                },
+                Extent {
+                    offset: 12288,
+                    len: 4096,
+                    entry: Some(0),
+                },
             ],
         }
     }
@@ -374,8 +402,14 @@ mod tests {
     #[test]
     fn rejects_foreign_truncated_and_damaged_bytes() {
         let bytes = sample().encode();
-        assert!(matches!(Manifest::decode(b"#!/bin/sh\n"), Err(ManifestError::NotAManifest)));
-        assert!(matches!(Manifest::decode(&bytes[..40]), Err(ManifestError::Truncated)));
+        assert!(matches!(
+            Manifest::decode(b"#!/bin/sh\n"),
+            Err(ManifestError::NotAManifest)
+        ));
+        assert!(matches!(
+            Manifest::decode(&bytes[..40]),
+            Err(ManifestError::Truncated)
+        ));
         assert!(matches!(
             Manifest::decode(&bytes[..bytes.len() - 1]),
             Err(ManifestError::Truncated)
@@ -383,19 +417,31 @@ mod tests {
         let mut flipped = bytes.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 1;
-        assert!(matches!(Manifest::decode(&flipped), Err(ManifestError::Checksum)));
+        assert!(matches!(
+            Manifest::decode(&flipped),
+            Err(ManifestError::Checksum)
+        ));
         let mut newer = bytes;
         newer[8] = 2;
-        assert!(matches!(Manifest::decode(&newer), Err(ManifestError::UnsupportedVersion(2))));
+        assert!(matches!(
+            Manifest::decode(&newer),
+            Err(ManifestError::UnsupportedVersion(2))
+        ));
     }
 
     #[test]
     fn rejects_a_map_that_does_not_cover_the_image() {
         let mut m = sample();
         m.meta.size += 1;
-        assert!(matches!(Manifest::decode(&m.encode()), Err(ManifestError::Corrupt(_))));
+        assert!(matches!(
+            Manifest::decode(&m.encode()),
+            Err(ManifestError::Corrupt(_))
+        ));
         let mut m = sample();
         m.extents[0].entry = Some(9);
-        assert!(matches!(Manifest::decode(&m.encode()), Err(ManifestError::Corrupt(_))));
+        assert!(matches!(
+            Manifest::decode(&m.encode()),
+            Err(ManifestError::Corrupt(_))
+        ));
     }
 }

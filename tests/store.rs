@@ -1,0 +1,658 @@
+//! Black-box tests of the store through the `fleetboot` binary: round trips, bad input, damage,
+//! concurrent writers, kill -9 at random moments, and a disk that fills up.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+const BLOCK: usize = 4096;
+
+/// A tiny deterministic generator (xorshift64*), so failures reproduce from the printed seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+/// A disk-like image: zero runs, random blocks, text-like (compressible) blocks and blocks
+/// repeated inside the image; `tail` extra bytes make the size not a multiple of 4096.
+fn synthetic_image(seed: u64, blocks: usize, tail: usize) -> Vec<u8> {
+    let mut rng = Rng(seed | 1);
+    let mut img = vec![0u8; blocks * BLOCK + tail];
+    for b in 0..blocks {
+        let block = &mut img[b * BLOCK..(b + 1) * BLOCK];
+        match rng.below(10) {
+            0..=3 => {} // zero
+            4..=5 => rng.fill(block),
+            6..=7 => {
+                let line = format!(
+                    "line {} of a config file with key=value{}\n",
+                    rng.below(50),
+                    b % 7
+                );
+                for (i, byte) in block.iter_mut().enumerate() {
+                    *byte = line.as_bytes()[i % line.len()];
+                }
+            }
+            _ if b > 0 => {
+                let from = rng.below(b as u64) as usize;
+                let src = img[from * BLOCK..(from + 1) * BLOCK].to_vec();
+                img[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&src);
+            }
+            _ => {}
+        }
+    }
+    for byte in img[blocks * BLOCK..].iter_mut() {
+        *byte = rng.below(256) as u8;
+    }
+    img
+}
+
+/// `base` with a few blocks changed, as a next version of an OS image would be.
+fn next_version(base: &[u8], seed: u64, changes: usize) -> Vec<u8> {
+    let mut rng = Rng(seed | 1);
+    let mut img = base.to_vec();
+    let blocks = img.len() / BLOCK;
+    for _ in 0..changes {
+        let b = rng.below(blocks as u64) as usize;
+        rng.fill(&mut img[b * BLOCK..(b + 1) * BLOCK]);
+    }
+    img
+}
+
+struct Env {
+    dir: TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn store(&self) -> PathBuf {
+        self.path("store")
+    }
+    fn write(&self, name: &str, data: &[u8]) -> PathBuf {
+        let p = self.path(name);
+        fs::write(&p, data).expect("write test file");
+        p
+    }
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_fleetboot"));
+        c.env("FLEETBOOT_STORE", self.store());
+        c.stdin(Stdio::null());
+        c
+    }
+    /// Runs fleetboot with `args`, returning its output.
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("run fleetboot")
+    }
+    /// Runs fleetboot and fails the test unless it succeeds; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "fleetboot {args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+    /// Runs fleetboot and fails the test unless it fails; returns stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "fleetboot {args:?} succeeded but should fail"
+        );
+        String::from_utf8(out.stderr).expect("utf-8 stderr")
+    }
+    fn import(&self, name: &str, file: &Path) -> String {
+        self.ok(&["image", "import", name, file.to_str().unwrap()])
+            .trim()
+            .to_string()
+    }
+    /// Exports `image` and returns its bytes.
+    fn export(&self, image: &str) -> Vec<u8> {
+        let out = self.path(&format!("export-{}", image.replace('@', "-")));
+        let _ = fs::remove_file(&out);
+        self.ok(&["image", "export", image, out.to_str().unwrap()]);
+        let data = fs::read(&out).expect("read export");
+        fs::remove_file(&out).expect("remove export");
+        data
+    }
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(args)).expect("valid JSON")
+    }
+}
+
+#[test]
+fn import_export_round_trip_with_dedup() {
+    let env = Env::new();
+    let a = synthetic_image(1, 600, 123);
+    let b = next_version(&a, 2, 20);
+    let pa = env.write("a.img", &a);
+    let pb = env.write("b.img", &b);
+    assert_eq!(env.import("os", &pa), "os@1");
+    assert_eq!(env.import("os", &pb), "os@2");
+    assert_eq!(env.import("other", &pb), "other@1");
+    assert_eq!(env.export("os@1"), a);
+    assert_eq!(env.export("os@2"), b);
+    assert_eq!(env.export("os"), b, "no version means the latest");
+    assert_eq!(env.export("other@1"), b);
+
+    let stats = env.json(&["store", "stats", "--json"]);
+    let data = stats["data_bytes"].as_u64().unwrap();
+    let unique = stats["unique_bytes"].as_u64().unwrap();
+    assert!(
+        unique * 2 < data,
+        "three images, two identical: unique {unique} vs data {data}"
+    );
+    assert!(
+        stats["pack_bytes"].as_u64().unwrap() < unique,
+        "compression pays on text blocks"
+    );
+    assert_eq!(stats["versions"], 3);
+
+    let list = env.json(&["image", "list", "--json"]);
+    let os = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "os")
+        .unwrap();
+    assert_eq!(os["versions"], serde_json::json!([1, 2]));
+    assert_eq!(os["size"].as_u64().unwrap(), b.len() as u64);
+    assert!(os["shared_bytes"].as_u64().unwrap() > 0);
+
+    let show = env.json(&["image", "show", "os@2", "--json"]);
+    assert_eq!(show["metadata"]["name"], "os");
+    assert_eq!(show["metadata"]["version"], 2);
+    assert_eq!(show["metadata"]["size"].as_u64().unwrap(), b.len() as u64);
+    assert_eq!(
+        show["metadata"]["digest"],
+        blake3::hash(&b).to_hex().as_str()
+    );
+    let covered: u64 = show["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["len"].as_u64().unwrap())
+        .sum();
+    assert_eq!(covered, b.len() as u64);
+
+    let diff = env.json(&["image", "diff", "os@1", "os@2", "--json"]);
+    let changed = diff["changed_bytes"].as_u64().unwrap();
+    assert!(
+        changed > 0 && changed <= 20 * BLOCK as u64,
+        "changed {changed}"
+    );
+    assert!(diff["reused_bytes"].as_u64().unwrap() > 10 * changed);
+
+    env.ok(&["store", "verify"]);
+}
+
+#[test]
+fn every_chunker_round_trips() {
+    let env = Env::new();
+    let a = synthetic_image(7, 300, 1000);
+    let pa = env.write("a.img", &a);
+    for (i, args) in [
+        vec!["--chunker", "fastcdc"],
+        vec!["--chunker", "fastcdc", "--chunk-size", "4096"],
+        vec!["--chunker", "blocks", "--chunk-size", "16384"],
+        vec!["--frame-size", "4096", "--level", "1"],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let name = format!("img{i}");
+        let mut cmd = vec!["image", "import", name.as_str(), pa.to_str().unwrap()];
+        cmd.extend(args);
+        env.ok(&cmd);
+        assert_eq!(env.export(&name), a, "{args:?}");
+    }
+    env.ok(&["store", "verify"]);
+}
+
+#[test]
+fn a_real_ext4_image_round_trips_sparse() {
+    if Command::new("mkfs.ext4").arg("-V").output().is_err() {
+        panic!("mkfs.ext4 is missing: run `cargo xtask setup`");
+    }
+    let env = Env::new();
+    let tree = env.path("tree");
+    fs::create_dir_all(tree.join("etc")).unwrap();
+    fs::write(tree.join("etc/hostname"), "web-01\n").unwrap();
+    fs::write(tree.join("data.bin"), synthetic_image(3, 100, 0)).unwrap();
+    let img = env.path("fs.img");
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&img)
+        .arg("32M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    env.import("fs", &img);
+    let out = env.path("out.img");
+    env.ok(&[
+        "image",
+        "export",
+        "fs",
+        out.to_str().unwrap(),
+        "--check-digest",
+    ]);
+    assert_eq!(fs::read(&out).unwrap(), fs::read(&img).unwrap());
+    // Zero runs are holes in the exported file, not written zeros.
+    use std::os::unix::fs::MetadataExt;
+    let allocated = fs::metadata(&out).unwrap().blocks() * 512;
+    assert!(
+        allocated < 8 << 20,
+        "export of a 32 MiB mostly-empty fs allocated {allocated} bytes"
+    );
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    let env = Env::new();
+    let a = synthetic_image(5, 50, 0);
+    let pa = env.write("a.img", &a);
+    env.import("good", &pa);
+    let before = env.ok(&["image", "list", "--json"]);
+
+    let missing = env.path("missing.img");
+    assert!(env
+        .fails(&["image", "import", "x", missing.to_str().unwrap()])
+        .contains("No such file"));
+    let dir = env.path("a-dir");
+    fs::create_dir(&dir).unwrap();
+    assert!(env
+        .fails(&["image", "import", "x", dir.to_str().unwrap()])
+        .contains("is a directory"));
+    let empty = env.write("empty.img", b"");
+    assert!(env
+        .fails(&["image", "import", "x", empty.to_str().unwrap()])
+        .contains("is empty"));
+    for bad in ["a/b", "a@b", "a b", "../up", ""] {
+        let err = env.fails(&["image", "import", bad, pa.to_str().unwrap()]);
+        assert!(err.contains("image name"), "{bad:?}: {err}");
+    }
+    let unreadable = env.write("unreadable.img", b"data");
+    let err = env.fails(&["image", "import", "x", "/proc/self/mem"]);
+    assert!(err.contains("/proc/self/mem"), "{err}");
+    drop(unreadable);
+
+    let out = env.path("out.img");
+    assert!(env
+        .fails(&["image", "export", "good@9", out.to_str().unwrap()])
+        .contains("has no version 9"));
+    assert!(env
+        .fails(&["image", "export", "nope", out.to_str().unwrap()])
+        .contains("no image named"));
+    assert!(env
+        .fails(&["image", "show", "good@0"])
+        .contains("not a version number"));
+    assert!(env
+        .fails(&["image", "rm", "nope@1"])
+        .contains("no image named"));
+    assert!(!out.exists());
+    // An existing file is not overwritten without --force.
+    fs::write(&out, b"keep me").unwrap();
+    assert!(env
+        .fails(&["image", "export", "good", out.to_str().unwrap()])
+        .contains("--force"));
+    assert_eq!(fs::read(&out).unwrap(), b"keep me");
+    env.ok(&["image", "export", "good", out.to_str().unwrap(), "--force"]);
+    assert_eq!(fs::read(&out).unwrap(), a);
+
+    // A folder that is not a store is never written into.
+    let not_store = env.path("not-a-store");
+    fs::create_dir(&not_store).unwrap();
+    fs::write(not_store.join("precious.txt"), b"x").unwrap();
+    let err = env.fails(&[
+        "--store",
+        not_store.to_str().unwrap(),
+        "image",
+        "import",
+        "x",
+        pa.to_str().unwrap(),
+    ]);
+    assert!(err.contains("not a fleetboot store"), "{err}");
+    assert_eq!(fs::read_dir(&not_store).unwrap().count(), 1);
+
+    assert_eq!(env.ok(&["image", "list", "--json"]), before);
+    env.ok(&["store", "verify"]);
+}
+
+/// Pack file, frame offset and frame length of the first chunk of `image`.
+fn first_frame(env: &Env, image: &str) -> (PathBuf, u64, u64) {
+    let show = env.json(&["image", "show", image, "--json"]);
+    let e = &show["entries"][0];
+    let pack = env
+        .store()
+        .join("packs")
+        .join(format!("{}.pack", e["pack"].as_str().unwrap()));
+    (
+        pack,
+        e["frame_offset"].as_u64().unwrap(),
+        e["frame_stored"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn a_flipped_byte_in_a_pack_is_named_and_never_exported() {
+    let env = Env::new();
+    let a = synthetic_image(11, 200, 0);
+    // Random blocks only: the bystander shares no chunk with the victim.
+    let mut other = vec![0u8; 200 * BLOCK];
+    Rng(12).fill(&mut other);
+    env.import("victim", &env.write("a.img", &a));
+    env.import("bystander", &env.write("o.img", &other));
+    let (pack, offset, len) = first_frame(&env, "victim");
+    let mut bytes = fs::read(&pack).unwrap();
+    bytes[(offset + len / 2) as usize] ^= 0x40;
+    fs::write(&pack, &bytes).unwrap();
+
+    let out = env.run(&["store", "verify"]);
+    assert!(!out.status.success(), "verify must fail on damage");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("DAMAGED image victim@1"), "{report}");
+    assert!(!report.contains("DAMAGED image bystander"), "{report}");
+    assert!(report.contains("DAMAGED chunk "), "{report}");
+
+    let dest = env.path("victim.out");
+    let err = env.fails(&["image", "export", "victim", dest.to_str().unwrap()]);
+    assert!(err.contains("damaged"), "{err}");
+    assert!(!dest.exists(), "a failed export leaves no file");
+    let leftovers: Vec<_> = fs::read_dir(env.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+    assert_eq!(env.export("bystander"), other);
+}
+
+#[test]
+fn truncated_or_foreign_manifests_and_packs_are_reported() {
+    let env = Env::new();
+    let a = synthetic_image(21, 100, 0);
+    let b = synthetic_image(22, 100, 0);
+    env.import("a", &env.write("a.img", &a));
+    env.import("b", &env.write("b.img", &b));
+    let manifest = env.store().join("manifests/a/1.manifest");
+    let full = fs::read(&manifest).unwrap();
+    fs::write(&manifest, &full[..full.len() / 2]).unwrap();
+    assert!(env.fails(&["image", "show", "a"]).contains("truncated"));
+    let out = env.run(&["store", "verify"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("DAMAGED image a@1"));
+    assert!(
+        env.fails(&["store", "gc"]).contains("manifest"),
+        "gc must refuse while a manifest is unreadable"
+    );
+
+    fs::write(&manifest, b"{\"name\": \"not a manifest\"}").unwrap();
+    assert!(env
+        .fails(&["image", "show", "a"])
+        .contains("not a fleetboot manifest"));
+    assert_eq!(env.export("b"), b, "other images are unaffected");
+
+    fs::write(&manifest, &full).unwrap();
+    env.ok(&["store", "verify"]);
+    let (pack, offset, _) = first_frame(&env, "a");
+    let f = fs::OpenOptions::new().write(true).open(&pack).unwrap();
+    f.set_len(offset + 1).unwrap();
+    let out = env.run(&["store", "verify"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("truncated"));
+}
+
+#[test]
+fn two_imports_at_once_both_land() {
+    let env = Env::new();
+    let a = synthetic_image(31, 1500, 0);
+    let b = next_version(&a, 32, 100);
+    let pa = env.write("a.img", &a);
+    let pb = env.write("b.img", &b);
+    let mut first = env.cmd();
+    first
+        .args(["image", "import", "os", pa.to_str().unwrap()])
+        .stdout(Stdio::piped());
+    let mut second = env.cmd();
+    second
+        .args(["image", "import", "os", pb.to_str().unwrap()])
+        .stdout(Stdio::piped());
+    let c1 = first.spawn().unwrap();
+    let c2 = second.spawn().unwrap();
+    let o1 = c1.wait_with_output().unwrap();
+    let o2 = c2.wait_with_output().unwrap();
+    assert!(o1.status.success() && o2.status.success());
+    let mut got = vec![
+        String::from_utf8(o1.stdout).unwrap().trim().to_string(),
+        String::from_utf8(o2.stdout).unwrap().trim().to_string(),
+    ];
+    got.sort();
+    assert_eq!(got, ["os@1", "os@2"]);
+    let (v1, v2) = (env.export("os@1"), env.export("os@2"));
+    assert!((v1 == a && v2 == b) || (v1 == b && v2 == a));
+    env.ok(&["store", "verify"]);
+}
+
+#[test]
+fn gc_frees_what_no_image_uses_and_keeps_the_rest() {
+    let env = Env::new();
+    let mut a = vec![0u8; 400 * BLOCK];
+    Rng(41).fill(&mut a); // shares nothing with b and c: its pack goes whole
+    let b = synthetic_image(42, 400, 0);
+    let c = next_version(&b, 43, 10);
+    env.import("a", &env.write("a.img", &a));
+    env.import("b", &env.write("b.img", &b));
+    env.import("c", &env.write("c.img", &c));
+    let before = env.json(&["store", "stats", "--json"])["pack_bytes"]
+        .as_u64()
+        .unwrap();
+    env.ok(&["image", "rm", "a"]);
+    env.ok(&["image", "rm", "b@1"]);
+    let report = env.ok(&["store", "gc"]);
+    assert!(report.contains("removed 1 pack"), "{report}");
+    let after = env.json(&["store", "stats", "--json"])["pack_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(after < before, "gc freed nothing: {before} -> {after}");
+    assert_eq!(env.export("c"), c, "c shares b's data, which must survive");
+    env.ok(&["store", "verify"]);
+    assert!(env
+        .fails(&["image", "export", "a", env.path("x").to_str().unwrap()])
+        .contains("no image"));
+}
+
+#[test]
+fn kill_9_during_import_never_damages_the_store() {
+    let env = Env::new();
+    let a = synthetic_image(51, 300, 0);
+    env.import("stable", &env.write("a.img", &a));
+    let big = synthetic_image(52, 12_000, 0);
+    let pbig = env.write("big.img", &big);
+
+    // How long an undisturbed import takes, to spread the kills over it.
+    let t = Instant::now();
+    env.import("probe", &pbig);
+    let full = t.elapsed();
+    env.ok(&["image", "rm", "probe"]);
+    env.ok(&["store", "gc"]);
+
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("kill test: seed {seed}, an import takes {full:?}");
+    let mut rng = Rng(seed | 1);
+    let window = full.as_micros() as u64 * 12 / 10 + 1;
+    let mut killed_mid_import = 0;
+    for round in 0..24 {
+        let delay = Duration::from_micros(rng.below(window));
+        let mut child = env
+            .cmd()
+            .args(["image", "import", "victim", pbig.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        if child.try_wait().unwrap().is_none() {
+            killed_mid_import += 1;
+        }
+        child.kill().ok(); // SIGKILL
+        child.wait().unwrap();
+        let out = env.run(&["store", "verify"]);
+        assert!(
+            out.status.success(),
+            "round {round} (seed {seed}, kill after {delay:?}): verify failed:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert_eq!(env.export("stable"), a, "round {round} (seed {seed})");
+        // Whatever version of victim became visible is whole.
+        let list = env.json(&["image", "list", "--json"]);
+        if list
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "victim")
+        {
+            assert_eq!(env.export("victim"), big, "round {round} (seed {seed})");
+        }
+    }
+    assert!(
+        killed_mid_import >= 20,
+        "only {killed_mid_import} kills landed during an import"
+    );
+    env.ok(&["store", "gc"]);
+    env.ok(&["store", "verify"]);
+}
+
+/// A small tmpfs, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_import_cleanly() {
+    if !nix_is_root() {
+        eprintln!("SKIP a_full_disk_fails_the_import_cleanly: needs root to mount a tmpfs (CI runs as root)");
+        return;
+    }
+    let env = Env::new();
+    let mnt = env.path("small");
+    fs::create_dir(&mnt).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs");
+    let _guard = Tmpfs(mnt.clone());
+    let store = mnt.join("store");
+    let run = |args: &[&str]| {
+        env.cmd()
+            .env("FLEETBOOT_STORE", &store)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let small = synthetic_image(61, 100, 0);
+    let psmall = env.write("small.img", &small);
+    assert!(run(&["image", "import", "small", psmall.to_str().unwrap()])
+        .status
+        .success());
+    // Random data does not compress: 8 MiB cannot fit in what is left of 3 MiB.
+    let mut big = vec![0u8; 8 << 20];
+    Rng(62).fill(&mut big);
+    let pbig = env.write("big.img", &big);
+    let out = run(&["image", "import", "big", pbig.to_str().unwrap()]);
+    assert!(!out.status.success(), "import onto a full disk must fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("No space left"), "{err}");
+
+    let list = String::from_utf8(run(&["image", "list", "--json"]).stdout).unwrap();
+    assert!(
+        list.contains("\"small\"") && !list.contains("\"big\""),
+        "{list}"
+    );
+    assert!(run(&["store", "verify"]).status.success());
+    assert_eq!(
+        fs::read_dir(store.join("tmp")).unwrap().count(),
+        0,
+        "temp files removed"
+    );
+    let dest = env.path("small.out");
+    assert!(run(&["image", "export", "small", dest.to_str().unwrap()])
+        .status
+        .success());
+    assert_eq!(fs::read(&dest).unwrap(), small);
+    // And once there is room again, the same import works.
+    let st = Command::new("mount")
+        .args(["-o", "remount,size=32m"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(run(&["image", "import", "big", pbig.to_str().unwrap()])
+        .status
+        .success());
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+#[test]
+fn progress_is_quiet_when_not_on_a_terminal() {
+    let env = Env::new();
+    let a = synthetic_image(71, 100, 0);
+    let out = env
+        .cmd()
+        .args([
+            "image",
+            "import",
+            "q",
+            env.write("a.img", &a).to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "q@1\n");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains('\r') && !err.contains('\u{1b}'),
+        "progress drawn off a terminal: {err:?}"
+    );
+}
