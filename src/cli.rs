@@ -251,13 +251,16 @@ fn image(store: &Store, command: ImageCommand) -> Result<()> {
                 return print_json(&d);
             }
             println!(
-                "{} -> {}: {} changed, {} reused in place; fetch {} in {} frames",
+                "{} -> {}: {} already in place, {} changed ({} of it found elsewhere on the disk); \
+                 fetch {} in {} frames ({} if only data in place is reused)",
                 d.from,
                 d.to,
-                human(d.changed_bytes),
                 human(d.reused_bytes),
+                human(d.changed_bytes),
+                human(d.moved_bytes),
                 human(d.fetch_bytes),
-                d.fetch_frames
+                d.fetch_frames,
+                human(d.in_place_fetch_bytes),
             );
         }
     }

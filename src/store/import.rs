@@ -48,7 +48,7 @@ impl Default for ImportOptions {
     fn default() -> Self {
         ImportOptions {
             chunking: Chunking::default(),
-            frame_bytes: 256 << 10,
+            frame_bytes: 4 << 20,
             zstd_level: 6,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             segment_bytes: 4 << 20,

@@ -55,9 +55,14 @@ pub struct DiffReport {
     pub changed_bytes: u64,
     /// Data bytes of TO that FROM already holds at the same place.
     pub reused_bytes: u64,
-    /// Frames to fetch, and their stored bytes: what crosses the network.
+    /// Data bytes of TO whose chunks FROM holds elsewhere on the disk (copied locally).
+    pub moved_bytes: u64,
+    /// Frames to fetch, and their stored bytes, when chunks FROM holds anywhere are reused:
+    /// what crosses the network.
     pub fetch_frames: u64,
     pub fetch_bytes: u64,
+    /// Stored bytes to fetch when only chunks FROM holds at the same place are reused.
+    pub in_place_fetch_bytes: u64,
 }
 
 type ChunkKey = (PackId, u64, u32);
@@ -159,14 +164,18 @@ impl Store {
             .iter()
             .filter_map(|x| x.entry.map(|e| (x.offset, fm.entries[e as usize].id)))
             .collect();
+        let anywhere: HashSet<ChunkId> = fm.entries.iter().map(|e| e.id).collect();
         let mut frames: HashSet<(u32, u64)> = HashSet::new();
+        let mut in_place_frames: HashSet<(u32, u64)> = HashSet::new();
         let mut report = DiffReport {
             from: format!("{}@{}", fv.name, fv.version),
             to: format!("{}@{}", tv.name, tv.version),
             changed_bytes: 0,
             reused_bytes: 0,
+            moved_bytes: 0,
             fetch_frames: 0,
             fetch_bytes: 0,
+            in_place_fetch_bytes: 0,
         };
         for x in &tm.extents {
             let Some(e) = x.entry else { continue };
@@ -176,7 +185,13 @@ impl Store {
                 continue;
             }
             report.changed_bytes += x.len;
-            if frames.insert((entry.pack, entry.frame_offset)) {
+            let frame = (entry.pack, entry.frame_offset);
+            if in_place_frames.insert(frame) {
+                report.in_place_fetch_bytes += u64::from(entry.frame_stored);
+            }
+            if anywhere.contains(&entry.id) {
+                report.moved_bytes += x.len;
+            } else if frames.insert(frame) {
                 report.fetch_frames += 1;
                 report.fetch_bytes += u64::from(entry.frame_stored);
             }

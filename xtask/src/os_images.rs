@@ -143,7 +143,8 @@ fn build_tree(dir: &Path, stage: &Stage, tree: &Path) -> Result<()> {
     {
         let _proc = ProcMount::new(&tmp)?;
         if !stage.packages.is_empty() || stage.security_updates {
-            apt_get(&tmp, &["update"])?;
+            // No translations: the package lists stay those debootstrap fetched, plus security.
+            apt_get(&tmp, &["-o", "Acquire::Languages=none", "update"])?;
         }
         if !stage.packages.is_empty() {
             let mut install = vec!["install", "--no-install-recommends"];

@@ -47,7 +47,14 @@ pub fn apt_install(wanted: &[(&str, &str)]) -> Result<()> {
 }
 
 fn rustup_components() -> Result<()> {
-    if !have("rustup") {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let present = |tool: &str| {
+        Command::new(&cargo)
+            .args([tool, "--version"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if present("fmt") && present("clippy") {
         return Ok(());
     }
     util::run(Command::new("rustup").args(["component", "add", "rustfmt", "clippy"]))
