@@ -508,9 +508,9 @@ fn kill_9_during_import_never_damages_the_store() {
         .as_nanos() as u64;
     eprintln!("kill test: seed {seed}, an import takes {full:?}");
     let mut rng = Rng(seed | 1);
-    let window = full.as_micros() as u64 * 12 / 10 + 1;
+    let window = full.as_micros() as u64 * 9 / 10 + 1;
     let mut killed_mid_import = 0;
-    for round in 0..24 {
+    for round in 0..30 {
         let delay = Duration::from_micros(rng.below(window));
         let mut child = env
             .cmd()

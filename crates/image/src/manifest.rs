@@ -146,23 +146,26 @@ impl Manifest {
         for p in &self.packs {
             body.extend_from_slice(&p.0);
         }
-        body.extend_from_slice(&len_u32(self.entries.len()).to_le_bytes());
-        for e in &self.entries {
+        // The tables are stored column by column, integer columns as wrapping deltas from the
+        // previous row: consecutive chunks share frames and sizes and follow each other, so the
+        // columns compress to almost nothing and the ids (incompressible) are most of the size.
+        let es = &self.entries;
+        body.extend_from_slice(&len_u32(es.len()).to_le_bytes());
+        for e in es {
             body.extend_from_slice(&e.id.0);
-            body.extend_from_slice(&e.pack.to_le_bytes());
-            body.extend_from_slice(&e.flags.to_le_bytes());
-            body.extend_from_slice(&e.frame_offset.to_le_bytes());
-            body.extend_from_slice(&e.frame_stored.to_le_bytes());
-            body.extend_from_slice(&e.frame_raw.to_le_bytes());
-            body.extend_from_slice(&e.chunk_offset.to_le_bytes());
-            body.extend_from_slice(&e.size.to_le_bytes());
         }
-        body.extend_from_slice(&(self.extents.len() as u64).to_le_bytes());
-        for x in &self.extents {
-            body.extend_from_slice(&x.entry.unwrap_or(ZERO_RUN).to_le_bytes());
-            body.extend_from_slice(&x.len.to_le_bytes());
-        }
-        let stored = zstd::bulk::compress(&body, 9).expect("in-memory zstd compression");
+        put_deltas_u32(&mut body, es.iter().map(|e| e.pack));
+        put_deltas_u32(&mut body, es.iter().map(|e| e.flags));
+        put_deltas_u64(&mut body, es.iter().map(|e| e.frame_offset));
+        put_deltas_u32(&mut body, es.iter().map(|e| e.frame_stored));
+        put_deltas_u32(&mut body, es.iter().map(|e| e.frame_raw));
+        put_deltas_u32(&mut body, es.iter().map(|e| e.chunk_offset));
+        put_deltas_u32(&mut body, es.iter().map(|e| e.size));
+        let xs = &self.extents;
+        body.extend_from_slice(&(xs.len() as u64).to_le_bytes());
+        put_deltas_u32(&mut body, xs.iter().map(|x| x.entry.unwrap_or(ZERO_RUN)));
+        put_deltas_u64(&mut body, xs.iter().map(|x| x.len));
+        let stored = zstd::bulk::compress(&body, 3).expect("in-memory zstd compression");
         let mut out = Vec::with_capacity(HEADER_BYTES + stored.len());
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -229,19 +232,30 @@ impl Manifest {
         }
 
         let entry_count = r.u32()? as usize;
-        let mut entries = Vec::with_capacity(entry_count.min(r.remaining() / ENTRY_BYTES));
+        if entry_count > r.remaining() / ENTRY_BYTES {
+            return Err(ManifestError::Truncated);
+        }
+        let ids = r.take(entry_count * 32)?;
+        let pack = r.deltas_u32(entry_count)?;
+        let flags = r.deltas_u32(entry_count)?;
+        let frame_offset = r.deltas_u64(entry_count)?;
+        let frame_stored = r.deltas_u32(entry_count)?;
+        let frame_raw = r.deltas_u32(entry_count)?;
+        let chunk_offset = r.deltas_u32(entry_count)?;
+        let size = r.deltas_u32(entry_count)?;
+        let mut entries = Vec::with_capacity(entry_count);
         for i in 0..entry_count {
             let mut id = [0u8; 32];
-            id.copy_from_slice(r.take(32)?);
+            id.copy_from_slice(&ids[i * 32..i * 32 + 32]);
             let e = Entry {
                 id: ChunkId(id),
-                pack: r.u32()?,
-                flags: r.u32()?,
-                frame_offset: r.u64()?,
-                frame_stored: r.u32()?,
-                frame_raw: r.u32()?,
-                chunk_offset: r.u32()?,
-                size: r.u32()?,
+                pack: pack[i],
+                flags: flags[i],
+                frame_offset: frame_offset[i],
+                frame_stored: frame_stored[i],
+                frame_raw: frame_raw[i],
+                chunk_offset: chunk_offset[i],
+                size: size[i],
             };
             if e.pack as usize >= packs.len() {
                 return Err(corrupt(format!(
@@ -261,12 +275,14 @@ impl Manifest {
         if extent_count > (r.remaining() / EXTENT_BYTES) as u64 {
             return Err(ManifestError::Truncated);
         }
-        let mut extents = Vec::with_capacity(extent_count as usize);
+        let extent_count = extent_count as usize;
+        let extent_entry = r.deltas_u32(extent_count)?;
+        let extent_len = r.deltas_u64(extent_count)?;
+        let mut extents = Vec::with_capacity(extent_count);
         let mut offset = 0u64;
         for i in 0..extent_count {
-            let entry = r.u32()?;
-            let len = r.u64()?;
-            let entry = (entry != ZERO_RUN).then_some(entry);
+            let len = extent_len[i];
+            let entry = (extent_entry[i] != ZERO_RUN).then_some(extent_entry[i]);
             if len == 0 {
                 return Err(corrupt(format!("extent {i} is empty")));
             }
@@ -304,6 +320,24 @@ impl Manifest {
     }
 }
 
+/// Appends a column of u32s as wrapping deltas from the previous value (the first from 0).
+fn put_deltas_u32(out: &mut Vec<u8>, values: impl Iterator<Item = u32>) {
+    let mut prev = 0u32;
+    for v in values {
+        out.extend_from_slice(&v.wrapping_sub(prev).to_le_bytes());
+        prev = v;
+    }
+}
+
+/// Appends a column of u64s as wrapping deltas from the previous value (the first from 0).
+fn put_deltas_u64(out: &mut Vec<u8>, values: impl Iterator<Item = u64>) {
+    let mut prev = 0u64;
+    for v in values {
+        out.extend_from_slice(&v.wrapping_sub(prev).to_le_bytes());
+        prev = v;
+    }
+}
+
 fn len_u32(n: usize) -> u32 {
     u32::try_from(n).expect("manifest table larger than u32::MAX rows")
 }
@@ -331,6 +365,26 @@ impl<'a> Reader<'a> {
     fn u32(&mut self) -> Result<u32, ManifestError> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    /// A column of `n` u32 deltas, summed back into values.
+    fn deltas_u32(&mut self, n: usize) -> Result<Vec<u32>, ManifestError> {
+        let mut prev = 0u32;
+        (0..n)
+            .map(|_| {
+                prev = prev.wrapping_add(self.u32()?);
+                Ok(prev)
+            })
+            .collect()
+    }
+    /// A column of `n` u64 deltas, summed back into values.
+    fn deltas_u64(&mut self, n: usize) -> Result<Vec<u64>, ManifestError> {
+        let mut prev = 0u64;
+        (0..n)
+            .map(|_| {
+                prev = prev.wrapping_add(self.u64()?);
+                Ok(prev)
+            })
+            .collect()
     }
     fn u64(&mut self) -> Result<u64, ManifestError> {
         let mut a = [0u8; 8];
