@@ -195,7 +195,14 @@ pub fn import(
     let dest = store.manifest_path(name, version);
     write_atomic(&store.tmp_dir(), &dest, &manifest.encode()).at(&dest)?;
 
-    let new: Vec<&Row> = manifest_rows_new(&scan.rows);
+    let new_sizes: Vec<u64> = scan
+        .rows
+        .iter()
+        .filter_map(|r| match r {
+            Row::New { size, .. } => Some(u64::from(*size)),
+            Row::Stored(..) => None,
+        })
+        .collect();
     Ok(ImportReport {
         image: ImageRef {
             name: name.to_string(),
@@ -204,24 +211,12 @@ pub fn import(
         size,
         data_bytes: manifest.data_bytes(),
         chunks: scan.rows.len() as u64,
-        new_chunks: new.len() as u64,
-        new_raw_bytes: new
-            .iter()
-            .map(|r| match r {
-                Row::New { size, .. } => u64::from(*size),
-                Row::Stored(..) => 0,
-            })
-            .sum(),
+        new_chunks: new_sizes.len() as u64,
+        new_raw_bytes: new_sizes.iter().sum(),
         new_stored_bytes,
         digest,
         elapsed: started.elapsed(),
     })
-}
-
-fn manifest_rows_new(rows: &[Row]) -> Vec<&Row> {
-    rows.iter()
-        .filter(|r| matches!(r, Row::New { .. }))
-        .collect()
 }
 
 /// Opens the image and finds its size; refuses what is not a non-empty file or block device.

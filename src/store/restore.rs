@@ -87,7 +87,7 @@ impl Store {
                 .read(true)
                 .open(out)
                 .at(out)?;
-            let capacity = (&dev).seek_end().at(out)?;
+            let capacity = io::Seek::seek(&mut &dev, io::SeekFrom::End(0)).at(out)?;
             if capacity < size {
                 return Err(StoreError::BadInput {
                     path: out.to_path_buf(),
@@ -149,16 +149,6 @@ impl Store {
             digest_checked: options.check_digest,
             elapsed: started.elapsed(),
         })
-    }
-}
-
-trait SeekEnd {
-    fn seek_end(self) -> io::Result<u64>;
-}
-
-impl SeekEnd for &File {
-    fn seek_end(mut self) -> io::Result<u64> {
-        io::Seek::seek(&mut self, io::SeekFrom::End(0))
     }
 }
 
