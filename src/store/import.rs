@@ -5,7 +5,8 @@
 //!  main thread: read segments (holes skipped by SEEK_DATA/SEEK_HOLE) → cut into zero runs and
 //!               chunks → BLAKE3 each chunk → look it up (store index, then this image) → new
 //!               chunks appended to the current frame
-//!      ├──> digest thread: BLAKE3 of the whole image, zero runs included
+//!      ├──> two digest threads: BLAKE3 of the whole image, zero runs included, one per half of
+//!      │    the BLAKE3 tree
 //!      └──> compression workers (one per core): zstd each frame
 //!              └──> writer thread: frames in order → pack file(s) in tmp/
 //! ```
