@@ -1,0 +1,589 @@
+//! The appliance's configuration: the YAML schema, loading and validation.
+//!
+//! `fleetboot serve --config FILE` reads this file at start and again on SIGHUP or when it
+//! changes; a file that does not load is reported and the previous configuration stays in force.
+//! Every error names the file, the line and the column, and what is wrong: YAML syntax, an
+//! unknown key, a duplicate key, a bad MAC or image name, a group that does not exist, a DHCP
+//! range that makes no sense, or (checked against the store) an image that is not there.
+
+use crate::mac::Mac;
+use crate::store::{ImageRef, Store};
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+/// A loaded and checked configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Serve only on this interface.
+    pub interface: String,
+    /// The appliance's address on `interface`, as clients reach it (default: the interface's
+    /// first IPv4 address).
+    pub address: Option<Ipv4Addr>,
+    pub http_port: u16,
+    /// Files served over TFTP and HTTP (relative paths are taken from the config file's folder).
+    pub boot_dir: PathBuf,
+    pub store: PathBuf,
+    /// SQLite database of hosts, leases and events.
+    pub state_dir: PathBuf,
+    /// Bearer token for the admin API (else `FLEETBOOT_ADMIN_TOKEN`; no token: admin API off).
+    pub admin_token: Option<String>,
+    /// Send IPv6 router advertisements on the interface (iPXE waits ~12 s without any).
+    pub router_advertisements: bool,
+    pub dhcp: Dhcp,
+    pub boot_files: BootFiles,
+    pub tftp: Tftp,
+    pub unknown_hosts: UnknownHosts,
+    pub defaults: Assignment,
+    pub groups: BTreeMap<String, Assignment>,
+    pub hosts: BTreeMap<Mac, Host>,
+    /// Every image the configuration names, with where, for checking against the store.
+    pub image_uses: Vec<ImageUse>,
+}
+
+/// DHCP settings.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Dhcp {
+    #[serde(default)]
+    pub mode: DhcpMode,
+    /// First and last address handed out (full mode).
+    #[serde(default)]
+    pub range: Option<[Ipv4Addr; 2]>,
+    #[serde(default)]
+    pub subnet_mask: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub router: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub dns: Vec<Ipv4Addr>,
+    /// Lease time in seconds.
+    #[serde(default = "default_lease_time")]
+    pub lease_time: u32,
+}
+
+impl Default for Dhcp {
+    fn default() -> Self {
+        Dhcp {
+            mode: DhcpMode::default(),
+            range: None,
+            subnet_mask: None,
+            router: None,
+            dns: Vec::new(),
+            lease_time: default_lease_time(),
+        }
+    }
+}
+
+fn default_lease_time() -> u32 {
+    3600
+}
+
+/// How the appliance takes part in DHCP.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DhcpMode {
+    /// Beside the site's DHCP server: boot information only (ports 67 and 4011), never an address.
+    #[default]
+    Proxy,
+    /// The network's DHCP server: addresses from `range`, reservations per host, leases persisted.
+    Full,
+    /// No DHCP at all (another server points machines at the appliance).
+    Off,
+}
+
+/// Boot loaders handed to each kind of firmware (files in `boot_dir`).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BootFiles {
+    /// BIOS PXE ROMs (option 93 = 0), over TFTP.
+    pub bios: String,
+    /// UEFI x86-64 (option 93 = 7 or 9), over TFTP; `snponly.efi` starts faster where it works.
+    pub uefi: String,
+    /// UEFI ARM64 (option 93 = 11), over TFTP.
+    pub arm64: String,
+}
+
+impl Default for BootFiles {
+    fn default() -> Self {
+        BootFiles {
+            bios: "undionly.kpxe".into(),
+            uefi: "ipxe.efi".into(),
+            arm64: "ipxe-arm64.efi".into(),
+        }
+    }
+}
+
+/// TFTP limits.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tftp {
+    /// Largest block size granted (RFC 2348).
+    pub blksize_max: u16,
+    /// Largest window granted (RFC 7440).
+    pub windowsize_max: u16,
+    /// Transfers served at once.
+    pub transfers_max: usize,
+}
+
+impl Default for Tftp {
+    fn default() -> Self {
+        Tftp {
+            blksize_max: 1468,
+            windowsize_max: 16,
+            transfers_max: 64,
+        }
+    }
+}
+
+/// What a machine that is not in `hosts` gets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UnknownHosts {
+    /// Silence: no DHCP answer at all.
+    Ignore,
+    /// Recorded as discovered and told to boot its local disk.
+    Discover,
+    /// Installed with this image.
+    Install(ImageRef),
+}
+
+/// Image and disk, as `defaults` and `groups` give them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Assignment {
+    pub image: Option<ImageRef>,
+    pub disk: Option<String>,
+}
+
+/// One machine the appliance serves, with its group and defaults applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Host {
+    pub mac: Mac,
+    /// The image to install (`None`: boot the local disk).
+    pub image: Option<ImageRef>,
+    pub hostname: Option<String>,
+    pub group: Option<String>,
+    /// `auto`, a device path, `/dev/disk/by-id/…`, a serial or a WWN.
+    pub disk: String,
+    /// Reserved address (full DHCP mode).
+    pub ip: Option<Ipv4Addr>,
+}
+
+/// An image named by the configuration, and where.
+#[derive(Clone, Debug)]
+pub struct ImageUse {
+    pub image: ImageRef,
+    pub line: u64,
+    pub column: u64,
+}
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: u64,
+        column: u64,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Whole { path: PathBuf, message: String },
+}
+
+// ---- the YAML as written ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    interface: String,
+    #[serde(default)]
+    address: Option<Ipv4Addr>,
+    #[serde(default = "default_http_port")]
+    http_port: u16,
+    #[serde(default = "default_boot_dir")]
+    boot_dir: PathBuf,
+    #[serde(default = "default_store")]
+    store: PathBuf,
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    #[serde(default)]
+    admin_token: Option<String>,
+    #[serde(default)]
+    router_advertisements: bool,
+    #[serde(default)]
+    dhcp: Dhcp,
+    #[serde(default)]
+    boot_files: BootFiles,
+    #[serde(default)]
+    tftp: Tftp,
+    #[serde(default)]
+    unknown_hosts: Option<Spanned<String>>,
+    #[serde(default)]
+    defaults: RawAssignment,
+    #[serde(default)]
+    groups: BTreeMap<String, Spanned<RawAssignment>>,
+    #[serde(default)]
+    hosts: BTreeMap<String, Spanned<RawHost>>,
+}
+
+fn default_http_port() -> u16 {
+    80
+}
+fn default_boot_dir() -> PathBuf {
+    PathBuf::from("boot")
+}
+fn default_store() -> PathBuf {
+    PathBuf::from("/var/lib/fleetboot/store")
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/fleetboot")
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAssignment {
+    #[serde(default)]
+    image: Option<Spanned<String>>,
+    #[serde(default)]
+    disk: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    #[serde(default)]
+    image: Option<Spanned<String>>,
+    #[serde(default)]
+    hostname: Option<String>,
+    #[serde(default)]
+    group: Option<Spanned<String>>,
+    #[serde(default)]
+    disk: Option<String>,
+    #[serde(default)]
+    ip: Option<Ipv4Addr>,
+}
+
+impl Config {
+    /// Reads and checks the file at `path` (images are checked separately, see
+    /// [`Config::check_images`]).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and checks configuration text; `path` is used in errors and to resolve relative
+    /// folders.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| {
+            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+            ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: first_line(&e.without_snippet().to_string()),
+            }
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let at = |loc: &serde_saphyr::Location, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: loc.line(),
+            column: loc.column(),
+            message,
+        };
+        let mut image_uses = Vec::new();
+        let mut image = |s: &Spanned<String>| -> Result<ImageRef, ConfigError> {
+            let r: ImageRef = s
+                .value
+                .parse()
+                .map_err(|e| at(&s.referenced, format!("{e}")))?;
+            image_uses.push(ImageUse {
+                image: r.clone(),
+                line: s.referenced.line(),
+                column: s.referenced.column(),
+            });
+            Ok(r)
+        };
+
+        if raw.interface.trim().is_empty() {
+            return Err(ConfigError::Whole {
+                path: path.to_path_buf(),
+                message: "`interface` is empty: name the provisioning interface".into(),
+            });
+        }
+        let unknown_hosts = match &raw.unknown_hosts {
+            None => UnknownHosts::Ignore,
+            Some(s) => match s.value.as_str() {
+                "ignore" => UnknownHosts::Ignore,
+                "discover" => UnknownHosts::Discover,
+                v => match v.strip_prefix("install:") {
+                    Some(img) => UnknownHosts::Install(image(&Spanned::new(
+                        img.to_string(),
+                        s.referenced,
+                        s.defined,
+                    ))?),
+                    None => return Err(at(
+                        &s.referenced,
+                        format!(
+                            "unknown_hosts is {v:?}; expected ignore, discover or install:<image>"
+                        ),
+                    )),
+                },
+            },
+        };
+        let defaults = Assignment {
+            image: raw.defaults.image.as_ref().map(&mut image).transpose()?,
+            disk: raw.defaults.disk.clone(),
+        };
+        let mut groups = BTreeMap::new();
+        for (name, g) in &raw.groups {
+            groups.insert(
+                name.clone(),
+                Assignment {
+                    image: g.value.image.as_ref().map(&mut image).transpose()?,
+                    disk: g.value.disk.clone(),
+                },
+            );
+        }
+        let mut hosts = BTreeMap::new();
+        let mut reserved: BTreeSet<Ipv4Addr> = BTreeSet::new();
+        for (key, h) in &raw.hosts {
+            let mac: Mac = key
+                .parse()
+                .map_err(|e| at(&h.referenced, format!("host key: {e}")))?;
+            let group = match &h.value.group {
+                Some(g) if !groups.contains_key(&g.value) => {
+                    return Err(at(
+                        &g.referenced,
+                        format!(
+                            "host {mac} names group {:?}, which `groups` does not define",
+                            g.value
+                        ),
+                    ))
+                }
+                Some(g) => Some(g.value.clone()),
+                None => None,
+            };
+            let from_group = group.as_ref().and_then(|g| groups.get(g));
+            let own_image = h.value.image.as_ref().map(&mut image).transpose()?;
+            if let Some(ip) = h.value.ip {
+                if !reserved.insert(ip) {
+                    return Err(at(
+                        &h.referenced,
+                        format!("address {ip} is reserved for two hosts"),
+                    ));
+                }
+            }
+            let host = Host {
+                mac,
+                image: own_image
+                    .or_else(|| from_group.and_then(|g| g.image.clone()))
+                    .or_else(|| defaults.image.clone()),
+                hostname: h.value.hostname.clone(),
+                disk: h
+                    .value
+                    .disk
+                    .clone()
+                    .or_else(|| from_group.and_then(|g| g.disk.clone()))
+                    .or_else(|| defaults.disk.clone())
+                    .unwrap_or_else(|| "auto".into()),
+                group,
+                ip: h.value.ip,
+            };
+            if hosts.insert(mac, host).is_some() {
+                return Err(at(&h.referenced, format!("host {mac} is listed twice")));
+            }
+        }
+        let whole = |message: String| ConfigError::Whole {
+            path: path.to_path_buf(),
+            message,
+        };
+        if raw.dhcp.mode == DhcpMode::Full {
+            let Some([first, last]) = raw.dhcp.range else {
+                return Err(whole("dhcp.mode is full but dhcp.range is missing".into()));
+            };
+            if u32::from(first) > u32::from(last) {
+                return Err(whole(format!(
+                    "dhcp.range starts at {first}, after its end {last}"
+                )));
+            }
+        }
+        if raw.dhcp.lease_time < 60 {
+            return Err(whole("dhcp.lease_time is under 60 seconds".into()));
+        }
+        if raw.tftp.blksize_max < 512 || raw.tftp.windowsize_max == 0 || raw.tftp.transfers_max == 0
+        {
+            return Err(whole(
+                "tftp: blksize_max must be at least 512, windowsize_max and transfers_max at least 1".into(),
+            ));
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            interface: raw.interface,
+            address: raw.address,
+            http_port: raw.http_port,
+            boot_dir: base.join(raw.boot_dir),
+            store: base.join(raw.store),
+            state_dir: base.join(raw.state_dir),
+            admin_token: raw.admin_token,
+            router_advertisements: raw.router_advertisements,
+            dhcp: raw.dhcp,
+            boot_files: raw.boot_files,
+            tftp: raw.tftp,
+            unknown_hosts,
+            defaults,
+            groups,
+            hosts,
+            image_uses,
+        })
+    }
+
+    /// Fails on the first image the configuration names that the store does not hold.
+    pub fn check_images(&self, store: &Store) -> Result<(), ConfigError> {
+        for u in &self.image_uses {
+            if let Err(e) = store.resolve(&u.image) {
+                return Err(ConfigError::Invalid {
+                    path: self.path.clone(),
+                    line: u.line,
+                    column: u.column,
+                    message: format!("image {}: {e}", u.image),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or(s).trim().to_string()
+}
+
+impl<'de> Deserialize<'de> for ImageRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/fleetboot/fleetboot.yaml"), text)
+    }
+
+    const GOOD: &str = r#"
+interface: br-prov
+http_port: 8080
+boot_dir: boot
+dhcp:
+  mode: full
+  range: [10.0.0.100, 10.0.0.200]
+  router: 10.0.0.1
+  dns: [10.0.0.1]
+unknown_hosts: install:debian@2
+defaults: { image: debian, disk: auto }
+groups:
+  web: { image: web@3, disk: /dev/nvme0n1 }
+hosts:
+  "52:54:00:12:34:56": { hostname: web-01, group: web }
+  "52:54:00:12:34:57": { image: other, ip: 10.0.0.7 }
+  "52:54:00:12:34:58": {}
+"#;
+
+    #[test]
+    fn loads_and_resolves_groups_and_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.interface, "br-prov");
+        assert_eq!(c.http_port, 8080);
+        assert_eq!(c.boot_dir, Path::new("/etc/fleetboot/boot"));
+        assert_eq!(c.dhcp.mode, DhcpMode::Full);
+        assert_eq!(c.dhcp.lease_time, 3600);
+        assert_eq!(
+            c.unknown_hosts,
+            UnknownHosts::Install("debian@2".parse().unwrap())
+        );
+        let web: Mac = "52:54:00:12:34:56".parse().unwrap();
+        let h = &c.hosts[&web];
+        assert_eq!(h.image, Some("web@3".parse().unwrap()));
+        assert_eq!(h.disk, "/dev/nvme0n1");
+        assert_eq!(h.hostname.as_deref(), Some("web-01"));
+        let other = &c.hosts[&"52:54:00:12:34:57".parse().unwrap()];
+        assert_eq!(other.image, Some("other".parse().unwrap()));
+        assert_eq!(other.ip, Some(Ipv4Addr::new(10, 0, 0, 7)));
+        let plain = &c.hosts[&"52:54:00:12:34:58".parse().unwrap()];
+        assert_eq!(plain.image, Some("debian".parse().unwrap()));
+        assert_eq!(plain.disk, "auto");
+        assert_eq!(c.image_uses.len(), 4);
+    }
+
+    /// (text, line, what the message says)
+    fn assert_invalid(text: &str, line: u64, says: &str) {
+        match parse(text) {
+            Err(ConfigError::Invalid {
+                line: l,
+                message,
+                path,
+                ..
+            }) => {
+                assert_eq!(l, line, "{message}");
+                assert!(message.contains(says), "{message:?} lacks {says:?}");
+                assert_eq!(path, Path::new("/etc/fleetboot/fleetboot.yaml"));
+            }
+            other => panic!("expected an error at line {line}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn broken_files_name_the_line_and_what_is_wrong() {
+        assert_invalid(
+            "interface: br0\nhosts:\n  \"52:54:00:12:34:5\": {}\n",
+            3,
+            "not a MAC",
+        );
+        assert_invalid("interface: br0\nhttp_prot: 80\n", 2, "http_prot");
+        assert_invalid(
+            "interface: br0\nhosts:\n  \"52:54:00:12:34:56\": { imgae: x }\n",
+            3,
+            "imgae",
+        );
+        assert_invalid("interface: br0\ninterface: br1\n", 2, "uplicate");
+        assert_invalid(
+            "interface: br0\ndefaults: { image: \"a b\" }\n",
+            2,
+            "spaces",
+        );
+        assert_invalid(
+            "interface: br0\nhosts:\n  \"52:54:00:12:34:56\": { group: db }\n",
+            3,
+            "group \"db\"",
+        );
+        assert_invalid("interface: br0\nunknown_hosts: maybe\n", 2, "unknown_hosts");
+        assert_invalid("interface: br0\ndhcp: { mode: fast }\n", 2, "fast");
+        assert_invalid("interface: [br0\n", 1, "");
+    }
+
+    #[test]
+    fn dhcp_settings_are_checked() {
+        assert!(matches!(
+            parse("interface: br0\ndhcp: { mode: full }\n"),
+            Err(ConfigError::Whole { message, .. }) if message.contains("range")
+        ));
+        assert!(
+            parse("interface: br0\ndhcp: { mode: full, range: [10.0.0.9, 10.0.0.1] }\n").is_err()
+        );
+        assert!(parse("interface: br0\ndhcp: { mode: off }\n").is_ok());
+    }
+}
