@@ -24,6 +24,14 @@ struct Cli {
         default_value = "/var/lib/fleetboot/store"
     )]
     store: PathBuf,
+    /// The appliance's configuration (serve, host, reimage).
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETBOOT_CONFIG",
+        default_value = "/etc/fleetboot/fleetboot.yaml"
+    )]
+    config: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,6 +44,28 @@ enum Command {
     /// The store as a whole.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Run the appliance: DHCP, TFTP and HTTP on the configured interface.
+    Serve,
+    /// Hosts: configuration and observed state.
+    #[command(subcommand)]
+    Host(HostCommand),
+    /// Make hosts reinstall at their next boot.
+    Reimage {
+        /// MAC addresses of hosts in the configuration.
+        macs: Vec<String>,
+        /// Every host of this group.
+        #[arg(long)]
+        group: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum HostCommand {
+    /// Every host: assigned and installed image, status, progress.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -131,7 +161,77 @@ pub fn run() -> Result<()> {
     match cli.command {
         Command::Image(c) => image(&store, c),
         Command::Store(c) => store_cmd(&store, c),
+        Command::Serve => serve(cli.config),
+        Command::Host(HostCommand::List { json }) => host_list(&cli.config, json),
+        Command::Reimage { macs, group } => reimage(&cli.config, &macs, group.as_deref()),
     }
+}
+
+fn serve(config: PathBuf) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEETBOOT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let options = crate::serve::ServeOptions {
+        config,
+        admin_token_env: std::env::var("FLEETBOOT_ADMIN_TOKEN").ok(),
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(crate::serve::run(options))
+}
+
+fn host_list(config: &std::path::Path, json: bool) -> Result<()> {
+    let config = crate::config::Config::load(config)?;
+    let fleet = crate::fleet::FleetState::open(&config.state_dir)?;
+    let views = crate::http::api::host_views(&config, &fleet.hosts()?);
+    if json {
+        return print_json(&views);
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<17} {:<12} {:<14} {:<14} {:<10} {:>4}  DETAIL",
+        "MAC", "HOSTNAME", "ASSIGNED", "INSTALLED", "STATUS", "%"
+    )?;
+    for v in views {
+        writeln!(
+            out,
+            "{:<17} {:<12} {:<14} {:<14} {:<10} {:>4}  {}{}",
+            v.mac,
+            v.hostname.unwrap_or_default(),
+            v.image.unwrap_or_else(|| "-".into()),
+            v.installed.unwrap_or_else(|| "-".into()),
+            v.status,
+            v.progress_pct,
+            v.detail.unwrap_or_default(),
+            if v.reimage {
+                " (reimage requested)"
+            } else {
+                ""
+            },
+        )?;
+    }
+    Ok(())
+}
+
+fn reimage(config: &std::path::Path, macs: &[String], group: Option<&str>) -> Result<()> {
+    let config = crate::config::Config::load(config)?;
+    let targets =
+        crate::fleet::reimage_targets(&config, macs, group).map_err(anyhow::Error::msg)?;
+    let fleet = crate::fleet::FleetState::open(&config.state_dir)?;
+    fleet.request_reimage(&targets)?;
+    for mac in targets {
+        println!("{mac}: reinstalls at its next boot");
+    }
+    Ok(())
 }
 
 fn parse_ref(s: &str) -> Result<ImageRef> {

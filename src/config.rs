@@ -332,12 +332,14 @@ impl Config {
                         s.referenced,
                         s.defined,
                     ))?),
-                    None => return Err(at(
-                        &s.referenced,
-                        format!(
+                    None => {
+                        return Err(at(
+                            &s.referenced,
+                            format!(
                             "unknown_hosts is {v:?}; expected ignore, discover or install:<image>"
                         ),
-                    )),
+                        ))
+                    }
                 },
             },
         };

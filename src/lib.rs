@@ -3,10 +3,20 @@
 //! This crate is the appliance. Its modules:
 //! - [`store`]: the combined image store (import, export, list, verify, gc, stats).
 //! - [`config`]: the YAML configuration of `fleetboot serve`.
+//! - [`fleet`]: the boot decision and the fleet's observed state (SQLite).
+//! - [`http`]: iPXE scripts, boot files, the store by range, agent and admin APIs, metrics.
 //! - [`mac`]: Ethernet addresses.
+//! - [`metrics`]: counters for `/metrics`.
+//! - [`net`]: interface addresses.
+//! - [`serve`]: `fleetboot serve`, wiring the services together and reloading the configuration.
 //! - [`cli`]: the command line, the only place that reads flags and the environment.
 
 pub mod cli;
 pub mod config;
+pub mod fleet;
+pub mod http;
 pub mod mac;
+pub mod metrics;
+pub mod net;
+pub mod serve;
 pub mod store;

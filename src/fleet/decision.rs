@@ -1,0 +1,211 @@
+//! The boot decision: what a machine is told to boot, as pure functions (table-tested below).
+//!
+//! Two questions, asked at two moments of the boot chain:
+//! 1. [`dhcp_boot`]: a DHCP request arrives — which boot loader (or script URL) does the answer
+//!    name, or do we stay silent?
+//! 2. [`script_plan`]: iPXE fetches its per-MAC script — does it boot the agent (to install an
+//!    image) or the local disk?
+
+use crate::config::{BootFiles, UnknownHosts};
+
+/// The firmware (or boot loader) behind a DHCP request, from options 60, 77, 93 and 175.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Firmware {
+    /// A PXE ROM in BIOS mode (option 93 = 0).
+    BiosPxe,
+    /// UEFI x86-64 PXE (option 93 = 7 or 9).
+    UefiX64,
+    /// UEFI ARM64 PXE (option 93 = 11).
+    UefiArm64,
+    /// UEFI HTTP boot (vendor class `HTTPClient`).
+    UefiHttp,
+    /// iPXE itself (user class `iPXE` or option 175): it fetches its script over HTTP.
+    Ipxe,
+    /// A PXE client of an architecture we have no boot loader for.
+    OtherPxe(u16),
+    /// Not a network-boot client at all (an installed OS renewing its address).
+    Plain,
+}
+
+/// What a DHCP answer names for booting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DhcpBoot {
+    /// No answer at all.
+    Ignore,
+    /// An address (full mode) but nothing to boot.
+    AddressOnly,
+    /// A file in `boot_dir`, fetched over TFTP.
+    Tftp(String),
+    /// An HTTP URL: the iPXE binary for UEFI HTTP boot, or the per-MAC script for iPXE.
+    Http(String),
+}
+
+/// What the per-MAC iPXE script does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ScriptPlan {
+    /// Boot the agent to install this image (`NAME@N`).
+    Agent { image: String },
+    /// Boot the local disk.
+    LocalDisk,
+}
+
+/// Decides the boot part of a DHCP answer. `known` says whether the MAC is in `hosts`;
+/// `http_base` is the appliance's URL (`http://10.0.0.1:80`).
+pub fn dhcp_boot(
+    firmware: Firmware,
+    mac: &str,
+    known: bool,
+    unknown_hosts: &UnknownHosts,
+    files: &BootFiles,
+    http_base: &str,
+) -> DhcpBoot {
+    if !known && *unknown_hosts == UnknownHosts::Ignore {
+        return DhcpBoot::Ignore;
+    }
+    match firmware {
+        Firmware::BiosPxe => DhcpBoot::Tftp(files.bios.clone()),
+        Firmware::UefiX64 => DhcpBoot::Tftp(files.uefi.clone()),
+        Firmware::UefiArm64 => DhcpBoot::Tftp(files.arm64.clone()),
+        Firmware::UefiHttp => DhcpBoot::Http(format!("{http_base}/boot/{}", files.uefi)),
+        Firmware::Ipxe => DhcpBoot::Http(format!("{http_base}/boot/{mac}.ipxe")),
+        Firmware::OtherPxe(_) | Firmware::Plain => DhcpBoot::AddressOnly,
+    }
+}
+
+/// Decides what iPXE boots. `assigned` is the host's image resolved to `NAME@N` (`None`: the
+/// configuration gives it none, or the host is unknown and not to be installed); `installed` is
+/// what the fleet state says is on its disk.
+pub fn script_plan(
+    assigned: Option<&str>,
+    installed: Option<&str>,
+    reimage_requested: bool,
+) -> ScriptPlan {
+    match assigned {
+        Some(image) if reimage_requested || installed != Some(image) => ScriptPlan::Agent {
+            image: image.to_string(),
+        },
+        _ => ScriptPlan::LocalDisk,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dhcp_boot_by_firmware_and_policy() {
+        let files = BootFiles::default();
+        let base = "http://10.0.0.1:8080";
+        let mac = "52:54:00:12:34:56";
+        let install = UnknownHosts::Install("debian".parse().unwrap());
+        let t = |s: &str| DhcpBoot::Tftp(s.to_string());
+        let h = |s: &str| DhcpBoot::Http(s.to_string());
+        let cases: Vec<(Firmware, bool, &UnknownHosts, DhcpBoot)> = vec![
+            (
+                Firmware::BiosPxe,
+                true,
+                &UnknownHosts::Ignore,
+                t("undionly.kpxe"),
+            ),
+            (
+                Firmware::UefiX64,
+                true,
+                &UnknownHosts::Ignore,
+                t("ipxe.efi"),
+            ),
+            (
+                Firmware::UefiArm64,
+                true,
+                &UnknownHosts::Ignore,
+                t("ipxe-arm64.efi"),
+            ),
+            (
+                Firmware::UefiHttp,
+                true,
+                &UnknownHosts::Ignore,
+                h("http://10.0.0.1:8080/boot/ipxe.efi"),
+            ),
+            (
+                Firmware::Ipxe,
+                true,
+                &UnknownHosts::Ignore,
+                h("http://10.0.0.1:8080/boot/52:54:00:12:34:56.ipxe"),
+            ),
+            (
+                Firmware::OtherPxe(6),
+                true,
+                &UnknownHosts::Ignore,
+                DhcpBoot::AddressOnly,
+            ),
+            (
+                Firmware::Plain,
+                true,
+                &UnknownHosts::Ignore,
+                DhcpBoot::AddressOnly,
+            ),
+            (
+                Firmware::BiosPxe,
+                false,
+                &UnknownHosts::Ignore,
+                DhcpBoot::Ignore,
+            ),
+            (
+                Firmware::Plain,
+                false,
+                &UnknownHosts::Ignore,
+                DhcpBoot::Ignore,
+            ),
+            (
+                Firmware::Ipxe,
+                false,
+                &UnknownHosts::Discover,
+                h("http://10.0.0.1:8080/boot/52:54:00:12:34:56.ipxe"),
+            ),
+            (Firmware::BiosPxe, false, &install, t("undionly.kpxe")),
+        ];
+        for (fw, known, policy, want) in cases {
+            assert_eq!(
+                dhcp_boot(fw, mac, known, policy, &files, base),
+                want,
+                "{fw:?} known={known} {policy:?}"
+            );
+        }
+        let snp = BootFiles {
+            uefi: "snponly.efi".into(),
+            ..BootFiles::default()
+        };
+        assert_eq!(
+            dhcp_boot(
+                Firmware::UefiX64,
+                mac,
+                true,
+                &UnknownHosts::Ignore,
+                &snp,
+                base
+            ),
+            t("snponly.efi")
+        );
+    }
+
+    #[test]
+    fn script_plan_installs_only_what_differs_or_was_requested() {
+        let agent = |s: &str| ScriptPlan::Agent {
+            image: s.to_string(),
+        };
+        let cases = [
+            (Some("web@2"), None, false, agent("web@2")),
+            (Some("web@2"), Some("web@1"), false, agent("web@2")),
+            (Some("web@2"), Some("web@2"), false, ScriptPlan::LocalDisk),
+            (Some("web@2"), Some("web@2"), true, agent("web@2")),
+            (None, Some("web@2"), true, ScriptPlan::LocalDisk),
+            (None, None, false, ScriptPlan::LocalDisk),
+        ];
+        for (assigned, installed, reimage, want) in cases {
+            assert_eq!(
+                script_plan(assigned, installed, reimage),
+                want,
+                "{assigned:?} {installed:?} {reimage}"
+            );
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! The fleet: which machines exist, what each should run, what each runs now.
+//!
+//! - [`decision`]: the boot decision, a pure function of the client, the configuration and the
+//!   host's recorded state. The DHCP, TFTP and HTTP front-ends only ask it and carry out the plan.
+//! - [`state`]: the observed state in SQLite — hosts, leases, events.
+
+pub mod decision;
+pub mod state;
+
+pub use decision::{dhcp_boot, script_plan, DhcpBoot, Firmware, ScriptPlan};
+pub use state::{FleetState, HostRecord, HostStatus, StateError};
+
+use crate::config::Config;
+use crate::mac::Mac;
+
+/// The hosts a reimage request names: MACs from the configuration, or every host of a group.
+pub fn reimage_targets(
+    config: &Config,
+    macs: &[String],
+    group: Option<&str>,
+) -> Result<Vec<Mac>, String> {
+    let mut out = Vec::new();
+    for m in macs {
+        let mac: Mac = m.parse().map_err(|e| format!("{e}"))?;
+        if !config.hosts.contains_key(&mac) {
+            return Err(format!("host {mac} is not in {}", config.path.display()));
+        }
+        out.push(mac);
+    }
+    if let Some(g) = group {
+        if !config.groups.contains_key(g) {
+            return Err(format!("no group {g:?} in {}", config.path.display()));
+        }
+        out.extend(
+            config
+                .hosts
+                .values()
+                .filter(|h| h.group.as_deref() == Some(g))
+                .map(|h| h.mac),
+        );
+    }
+    if out.is_empty() {
+        return Err("name at least one MAC or a group with hosts".into());
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}

@@ -1,0 +1,65 @@
+//! The dashboard at `/`: every host, its assigned and installed image and live progress; the
+//! page reloads itself every two seconds.
+
+use super::api::host_views;
+use super::AppState;
+use axum::extract::State;
+use axum::response::Html;
+use std::fmt::Write;
+use std::sync::Arc;
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+pub async fn page(State(st): State<Arc<AppState>>) -> Html<String> {
+    let records = st.fleet().hosts().unwrap_or_default();
+    let views = host_views(&st.config(), &records);
+    let events = st.fleet().events(15).unwrap_or_default();
+    let mut s = String::from(
+        "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=2>\
+         <title>fleetboot</title><style>body{font-family:sans-serif;margin:2em}\
+         table{border-collapse:collapse}td,th{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:left}\
+         .bar{background:#eee;width:10em;height:.8em}.bar div{background:#2a7;height:100%}\
+         .failed{color:#b00}.installed{color:#070}</style></head><body><h1>fleetboot</h1>",
+    );
+    let _ = write!(
+        s,
+        "<table id=hosts><tr><th>MAC</th><th>hostname</th><th>group</th><th>assigned</th>\
+         <th>installed</th><th>status</th><th>progress</th><th>IP</th><th>detail</th></tr>"
+    );
+    for v in &views {
+        let _ = write!(
+            s,
+            "<tr class=\"{status}\"><td>{mac}</td><td>{host}</td><td>{group}</td><td>{image}</td><td>{inst}</td>\
+             <td class=status>{status}{re}</td><td><div class=bar><div style=\"width:{pct}%\"></div></div></td>\
+             <td>{ip}</td><td>{detail}</td></tr>",
+            mac = esc(&v.mac),
+            host = esc(v.hostname.as_deref().unwrap_or("")),
+            group = esc(v.group.as_deref().unwrap_or("")),
+            image = esc(v.image.as_deref().unwrap_or("(local disk)")),
+            inst = esc(v.installed.as_deref().unwrap_or("")),
+            status = esc(&v.status),
+            re = if v.reimage { " (reimage requested)" } else { "" },
+            pct = v.progress_pct,
+            ip = esc(v.ip.as_deref().unwrap_or("")),
+            detail = esc(v.detail.as_deref().unwrap_or("")),
+        );
+    }
+    s.push_str("</table><h2>Events</h2><ul>");
+    for e in events {
+        let _ = write!(
+            s,
+            "<li>{} {} {} {}</li>",
+            e.ts,
+            esc(e.mac.as_deref().unwrap_or("")),
+            esc(&e.kind),
+            esc(e.detail.as_deref().unwrap_or(""))
+        );
+    }
+    s.push_str("</ul></body></html>");
+    Html(s)
+}

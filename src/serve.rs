@@ -1,0 +1,136 @@
+//! `fleetboot serve`: wires the configuration, the store, the fleet state and the services
+//! (HTTP now; DHCP and TFTP beside it) into one process, and reloads the configuration on SIGHUP
+//! or when the file changes — keeping the old one in force when the new one does not load.
+
+use crate::config::Config;
+use crate::fleet::FleetState;
+use crate::http::{self, AppState};
+use crate::metrics::Metrics;
+use crate::net::interface_ipv4;
+use crate::store::Store;
+use anyhow::{bail, Context, Result};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+use tokio::signal::unix::{signal, SignalKind};
+
+/// What `main` hands to `serve`: everything read from flags and the environment.
+pub struct ServeOptions {
+    pub config: PathBuf,
+    /// `FLEETBOOT_ADMIN_TOKEN`, used when the configuration sets no `admin_token`.
+    pub admin_token_env: Option<String>,
+}
+
+/// Loads a configuration and checks its images against its store.
+pub fn load_checked(path: &Path) -> Result<Config> {
+    let config = Config::load(path)?;
+    config.check_images(&Store::new(&config.store))?;
+    Ok(config)
+}
+
+/// Runs the appliance until SIGINT or SIGTERM.
+pub async fn run(options: ServeOptions) -> Result<()> {
+    let config = load_checked(&options.config)?;
+    let address = match config.address {
+        Some(a) => a,
+        None => interface_ipv4(&config.interface)
+            .with_context(|| format!("cannot read the addresses of {}", config.interface))?
+            .map(|i| i.addr)
+            .with_context(|| {
+                format!(
+                    "interface {} has no IPv4 address (give `address:` or configure the interface)",
+                    config.interface
+                )
+            })?,
+    };
+    let fleet = FleetState::open(&config.state_dir)?;
+    let store = Store::new(&config.store);
+    let http_port = config.http_port;
+    let base_url = if http_port == 80 {
+        format!("http://{address}")
+    } else {
+        format!("http://{address}:{http_port}")
+    };
+    let admin_token = config
+        .admin_token
+        .clone()
+        .or(options.admin_token_env.clone());
+    let state = Arc::new(AppState {
+        config: RwLock::new(Arc::new(config)),
+        store,
+        fleet: Mutex::new(fleet),
+        metrics: Arc::new(Metrics::default()),
+        base_url: base_url.clone(),
+        admin_token,
+    });
+
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from((address, http_port)))
+        .await
+        .with_context(|| format!("cannot listen on {address}:{http_port}"))?;
+    tracing::info!(%base_url, "serving HTTP");
+    let app = http::app(state.clone());
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+    });
+    tokio::spawn(reload_loop(state.clone(), options.config.clone()));
+    match http.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e).context("HTTP server failed"),
+        Err(e) => bail!("HTTP server task failed: {e}"),
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+/// Reloads on SIGHUP, and when the file's modification time changes (checked every second).
+async fn reload_loop(state: Arc<AppState>, path: PathBuf) {
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen: Option<SystemTime> = mtime(&path);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let forced = tokio::select! {
+            _ = hup.recv() => true,
+            _ = tick.tick() => false,
+        };
+        let now = mtime(&path);
+        if !forced && now == seen {
+            continue;
+        }
+        seen = now;
+        match load_checked(&path) {
+            Ok(new) => {
+                let old = state.config();
+                if new.interface != old.interface || new.http_port != old.http_port {
+                    tracing::warn!("interface and http_port changes take effect at the next start");
+                }
+                *state.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+                tracing::info!(path = %path.display(), "configuration reloaded");
+                let _ = state.fleet().event(None, "config-reloaded", None);
+            }
+            Err(e) => {
+                tracing::error!(
+                    "configuration not reloaded, the previous one stays in force: {e:#}"
+                );
+                let _ = state
+                    .fleet()
+                    .event(None, "config-rejected", Some(&format!("{e:#}")));
+            }
+        }
+    }
+}
