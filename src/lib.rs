@@ -9,8 +9,10 @@
 //! - [`metrics`]: counters for `/metrics`.
 //! - [`net`]: interface addresses.
 //! - [`serve`]: `fleetboot serve`, wiring the services together and reloading the configuration.
+//! - [`bootfiles`]: resolving client-supplied names beneath `boot_dir` (TFTP and HTTP).
 //! - [`cli`]: the command line, the only place that reads flags and the environment.
 
+pub mod bootfiles;
 pub mod cli;
 pub mod config;
 pub mod fleet;

@@ -20,19 +20,20 @@ pub mod api;
 mod dashboard;
 mod script;
 
+use crate::bootfiles::resolve_beneath;
 use crate::config::Config;
 use crate::fleet::FleetState;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
-use axum::http::{StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use std::sync::{Arc, Mutex, RwLock};
 use tower::ServiceExt;
-use tower_http::services::ServeDir;
+use tower_http::services::{ServeDir, ServeFile};
 
 /// Everything the handlers share.
 pub struct AppState {
@@ -112,16 +113,11 @@ async fn boot(State(st): State<Arc<AppState>>, Path(path): Path<String>, req: Re
         };
     }
     let boot_dir = st.config().boot_dir.clone();
-    let mut req = req;
-    match format!("/{path}").parse::<Uri>() {
-        Ok(uri) => *req.uri_mut() = uri,
-        Err(_) => return StatusCode::BAD_REQUEST.into_response(),
-    }
-    let served = ServeDir::new(boot_dir)
-        .redirect_to_trailing_slash(false)
-        .oneshot(req)
-        .await;
-    match served {
+    let file = match resolve_beneath(&boot_dir, &path) {
+        Ok(f) => f,
+        Err(e) => return AppError(StatusCode::NOT_FOUND, e.to_string()).into_response(),
+    };
+    match ServeFile::new(file).oneshot(req).await {
         Ok(resp) => resp.map(Body::new),
         Err(never) => match never {},
     }
