@@ -3,6 +3,7 @@
 //! This crate is the appliance. Its modules:
 //! - [`store`]: the combined image store (import, export, list, verify, gc, stats).
 //! - [`config`]: the YAML configuration of `fleetboot serve`.
+//! - [`dhcp`]: full DHCP and ProxyDHCP on one interface.
 //! - [`fleet`]: the boot decision and the fleet's observed state (SQLite).
 //! - [`http`]: iPXE scripts, boot files, the store by range, agent and admin APIs, metrics.
 //! - [`mac`]: Ethernet addresses.
@@ -15,6 +16,7 @@
 pub mod bootfiles;
 pub mod cli;
 pub mod config;
+pub mod dhcp;
 pub mod fleet;
 pub mod http;
 pub mod mac;

@@ -2,14 +2,15 @@
 //! (HTTP now; DHCP and TFTP beside it) into one process, and reloads the configuration on SIGHUP
 //! or when the file changes — keeping the old one in force when the new one does not load.
 
-use crate::config::Config;
+use crate::config::{Config, DhcpMode};
+use crate::dhcp::{DhcpServer, DhcpSockets};
 use crate::fleet::FleetState;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::net::interface_ipv4;
 use crate::store::Store;
 use anyhow::{bail, Context, Result};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
@@ -32,18 +33,19 @@ pub fn load_checked(path: &Path) -> Result<Config> {
 /// Runs the appliance until SIGINT or SIGTERM.
 pub async fn run(options: ServeOptions) -> Result<()> {
     let config = load_checked(&options.config)?;
-    let address = match config.address {
-        Some(a) => a,
-        None => interface_ipv4(&config.interface)
-            .with_context(|| format!("cannot read the addresses of {}", config.interface))?
-            .map(|i| i.addr)
-            .with_context(|| {
-                format!(
-                    "interface {} has no IPv4 address (give `address:` or configure the interface)",
-                    config.interface
-                )
-            })?,
+    let iface = interface_ipv4(&config.interface)
+        .with_context(|| format!("cannot read the addresses of {}", config.interface))?;
+    let address = match (config.address, iface) {
+        (Some(a), _) => a,
+        (None, Some(i)) => i.addr,
+        (None, None) => bail!(
+            "interface {} has no IPv4 address (give `address:` or configure the interface)",
+            config.interface
+        ),
     };
+    let netmask = iface.map_or(Ipv4Addr::new(255, 255, 255, 0), |i| i.netmask);
+    let dhcp_mode = config.dhcp.mode;
+    let interface = config.interface.clone();
     let fleet = FleetState::open(&config.state_dir)?;
     let store = Store::new(&config.store);
     let http_port = config.http_port;
@@ -75,6 +77,17 @@ pub async fn run(options: ServeOptions) -> Result<()> {
             .with_graceful_shutdown(shutdown_signal())
             .await
     });
+    if dhcp_mode != DhcpMode::Off {
+        let sockets = DhcpSockets::bind(&interface, dhcp_mode, 67, 4011)
+            .with_context(|| format!("cannot bind the DHCP ports on {interface}"))?;
+        let server = DhcpServer::new(state.clone(), address, netmask);
+        tracing::info!(mode = ?dhcp_mode, %interface, "serving DHCP");
+        tokio::spawn(async move {
+            if let Err(e) = server.run(sockets).await {
+                tracing::error!("DHCP stopped: {e}");
+            }
+        });
+    }
     tokio::spawn(reload_loop(state.clone(), options.config.clone()));
     match http.await {
         Ok(Ok(())) => Ok(()),

@@ -302,6 +302,55 @@ impl FleetState {
         })
     }
 
+    /// Leases that have not expired, for the DHCP pool at start.
+    pub fn leases(&self) -> Result<Vec<(Mac, Ipv4Addr, i64)>, StateError> {
+        let t = now();
+        self.wrap(|db| {
+            let mut stmt = db.prepare("SELECT mac, ip, expires FROM leases WHERE expires > ?1")?;
+            let rows = stmt.query_map(params![t], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (mac, ip, expires) = row?;
+                if let (Ok(mac), Ok(ip)) = (mac.parse(), ip.parse()) {
+                    out.push((mac, ip, expires));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Records a lease (replacing any other lease of the MAC or the address).
+    pub fn save_lease(&self, mac: Mac, ip: Ipv4Addr, expires: i64) -> Result<(), StateError> {
+        self.wrap(|db| {
+            db.execute(
+                "DELETE FROM leases WHERE mac = ?1 OR ip = ?2",
+                params![mac.to_string(), ip.to_string()],
+            )?;
+            db.execute(
+                "INSERT INTO leases (ip, mac, expires) VALUES (?1, ?2, ?3)",
+                params![ip.to_string(), mac.to_string(), expires],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Forgets the lease of `mac`.
+    pub fn drop_lease(&self, mac: Mac) -> Result<(), StateError> {
+        self.wrap(|db| {
+            db.execute(
+                "DELETE FROM leases WHERE mac = ?1",
+                params![mac.to_string()],
+            )?;
+            Ok(())
+        })
+    }
+
     /// Appends to the event log.
     pub fn event(
         &self,

@@ -11,6 +11,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("e2fsprogs", "mkfs.ext4"),
     ("zstd", "zstd"),
     ("util-linux", "mount"),
+    // Real network peers for the appliance's tests: udhcpc, a site DHCP server, curl's TFTP.
+    ("iproute2", "ip"),
+    ("busybox-static", "busybox"),
+    ("dnsmasq-base", "dnsmasq"),
+    ("curl", "curl"),
 ];
 
 /// Packages only the store benchmark needs (the anchors and the image builder).

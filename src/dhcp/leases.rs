@@ -1,0 +1,228 @@
+//! The address pool of full DHCP mode: reservations, leases and pending offers, in memory, with
+//! every committed lease written to the fleet state so a restart keeps them.
+
+use crate::mac::Mac;
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+
+/// How long an offered address stays held for the client it was offered to, in seconds.
+const OFFER_HOLD_S: i64 = 60;
+
+/// A lease or an offer: an address and when it ends (unix seconds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub ip: Ipv4Addr,
+    pub expires: i64,
+}
+
+/// The pool: a range, the reservations from the configuration, the leases and the offers.
+#[derive(Debug, Default)]
+pub struct LeasePool {
+    first: u32,
+    last: u32,
+    reservations: HashMap<Mac, Ipv4Addr>,
+    reserved_ips: HashMap<Ipv4Addr, Mac>,
+    leases: HashMap<Mac, Lease>,
+    by_ip: HashMap<Ipv4Addr, Mac>,
+    offers: HashMap<Mac, Lease>,
+    /// Addresses a client declined (in use by someone we do not know), until when.
+    declined: HashMap<Ipv4Addr, i64>,
+    /// Where the search for a free address starts next.
+    cursor: u32,
+}
+
+impl LeasePool {
+    /// A pool over `first ..= last` with these reservations.
+    pub fn new(first: Ipv4Addr, last: Ipv4Addr, reservations: HashMap<Mac, Ipv4Addr>) -> LeasePool {
+        let reserved_ips = reservations.iter().map(|(m, ip)| (*ip, *m)).collect();
+        LeasePool {
+            first: u32::from(first),
+            last: u32::from(last),
+            cursor: u32::from(first),
+            reservations,
+            reserved_ips,
+            ..LeasePool::default()
+        }
+    }
+
+    /// Restores a lease read back from the fleet state.
+    pub fn restore(&mut self, mac: Mac, lease: Lease) {
+        self.by_ip.insert(lease.ip, mac);
+        self.leases.insert(mac, lease);
+    }
+
+    fn in_range(&self, ip: Ipv4Addr) -> bool {
+        (self.first..=self.last).contains(&u32::from(ip))
+    }
+
+    /// Whether `ip` may be given to `mac` now.
+    fn free_for(&self, mac: Mac, ip: Ipv4Addr, now: i64) -> bool {
+        if let Some(owner) = self.reserved_ips.get(&ip) {
+            return *owner == mac;
+        }
+        if !self.in_range(ip) || self.declined.get(&ip).is_some_and(|&t| t > now) {
+            return false;
+        }
+        let leased = self
+            .by_ip
+            .get(&ip)
+            .is_some_and(|m| *m != mac && self.leases.get(m).is_some_and(|l| l.expires > now));
+        let offered = self
+            .offers
+            .iter()
+            .any(|(m, o)| *m != mac && o.ip == ip && o.expires > now);
+        !leased && !offered
+    }
+
+    /// Chooses an address to offer `mac` (its reservation, its lease, the one it asks for, or
+    /// the next free one) and holds it for a minute.
+    pub fn offer(&mut self, mac: Mac, requested: Option<Ipv4Addr>, now: i64) -> Option<Ipv4Addr> {
+        let ip = if let Some(ip) = self.reservations.get(&mac) {
+            Some(*ip)
+        } else if let Some(l) = self
+            .leases
+            .get(&mac)
+            .filter(|l| self.free_for(mac, l.ip, now))
+        {
+            Some(l.ip)
+        } else if let Some(o) = self
+            .offers
+            .get(&mac)
+            .filter(|o| self.free_for(mac, o.ip, now))
+        {
+            Some(o.ip)
+        } else if let Some(ip) = requested.filter(|ip| self.free_for(mac, *ip, now)) {
+            Some(ip)
+        } else {
+            self.next_free(mac, now)
+        }?;
+        self.offers.insert(
+            mac,
+            Lease {
+                ip,
+                expires: now + OFFER_HOLD_S,
+            },
+        );
+        Some(ip)
+    }
+
+    fn next_free(&mut self, mac: Mac, now: i64) -> Option<Ipv4Addr> {
+        let size = u64::from(self.last - self.first) + 1;
+        for i in 0..size {
+            let n = self.first + ((u64::from(self.cursor - self.first) + i) % size) as u32;
+            let ip = Ipv4Addr::from(n);
+            if self.free_for(mac, ip, now) {
+                self.cursor = if n == self.last { self.first } else { n + 1 };
+                return Some(ip);
+            }
+        }
+        None
+    }
+
+    /// Commits `ip` to `mac` for `lease_s` seconds, if it may have it (REQUEST → ACK).
+    pub fn commit(&mut self, mac: Mac, ip: Ipv4Addr, lease_s: u32, now: i64) -> Option<Lease> {
+        if !self.free_for(mac, ip, now) {
+            return None;
+        }
+        if let Some(old) = self.leases.get(&mac) {
+            if old.ip != ip {
+                self.by_ip.remove(&old.ip);
+            }
+        }
+        let lease = Lease {
+            ip,
+            expires: now + i64::from(lease_s),
+        };
+        self.offers.remove(&mac);
+        self.leases.insert(mac, lease);
+        self.by_ip.insert(ip, mac);
+        Some(lease)
+    }
+
+    /// The client gave its address back.
+    pub fn release(&mut self, mac: Mac) -> Option<Lease> {
+        self.offers.remove(&mac);
+        let lease = self.leases.remove(&mac)?;
+        self.by_ip.remove(&lease.ip);
+        Some(lease)
+    }
+
+    /// The client found `ip` in use: keep it out of the pool for a lease time.
+    pub fn decline(&mut self, mac: Mac, ip: Ipv4Addr, hold_s: u32, now: i64) {
+        self.release(mac);
+        self.declined.insert(ip, now + i64::from(hold_s));
+    }
+
+    /// The client chose another server's offer.
+    pub fn forget_offer(&mut self, mac: Mac) {
+        self.offers.remove(&mac);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mac(n: u8) -> Mac {
+        Mac([0x52, 0x54, 0, 0, 0, n])
+    }
+    fn ip(n: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, 0, n)
+    }
+
+    #[test]
+    fn offers_commits_and_keeps_addresses_apart() {
+        let mut res = HashMap::new();
+        res.insert(mac(9), ip(50));
+        let mut p = LeasePool::new(ip(10), ip(12), res);
+        assert_eq!(
+            p.offer(mac(9), None, 0),
+            Some(ip(50)),
+            "reservation outside the range"
+        );
+        assert_eq!(p.offer(mac(1), None, 0), Some(ip(10)));
+        assert_eq!(p.offer(mac(1), None, 1), Some(ip(10)), "same offer again");
+        assert_eq!(
+            p.offer(mac(2), Some(ip(10)), 1),
+            Some(ip(11)),
+            "held for mac 1"
+        );
+        assert_eq!(p.commit(mac(2), ip(10), 3600, 2), None);
+        assert!(p.commit(mac(1), ip(10), 3600, 2).is_some());
+        assert_eq!(p.offer(mac(3), None, 2), Some(ip(12)));
+        assert_eq!(p.offer(mac(4), None, 2), None, "pool exhausted");
+        assert_eq!(
+            p.commit(mac(4), ip(50), 3600, 2),
+            None,
+            "someone else's reservation"
+        );
+        assert_eq!(
+            p.offer(mac(4), None, 100),
+            Some(ip(11)),
+            "offer to mac 2 expired"
+        );
+        p.release(mac(1));
+        let got = p.offer(mac(5), None, 100).unwrap();
+        assert!(
+            got == ip(10) || got == ip(12),
+            "a released or expired address: {got}"
+        );
+        p.decline(mac(4), ip(11), 3600, 100);
+        assert!(!p.free_for(mac(6), ip(11), 200));
+        assert!(p.free_for(mac(6), ip(11), 4000));
+        assert_eq!(p.commit(mac(7), ip(99), 3600, 0), None, "outside the range");
+    }
+
+    #[test]
+    fn a_renewing_client_keeps_its_address() {
+        let mut p = LeasePool::new(ip(10), ip(20), HashMap::new());
+        let l = p.offer(mac(1), None, 0).unwrap();
+        p.commit(mac(1), l, 60, 0).unwrap();
+        assert_eq!(p.offer(mac(1), None, 30), Some(l));
+        assert!(p.commit(mac(1), l, 60, 30).is_some());
+        let mut restored = LeasePool::new(ip(10), ip(20), HashMap::new());
+        restored.restore(mac(1), Lease { ip: l, expires: 90 });
+        assert_eq!(restored.offer(mac(2), Some(l), 40), Some(ip(11)));
+        assert_eq!(restored.offer(mac(1), None, 40), Some(l));
+    }
+}
