@@ -11,6 +11,7 @@
 //! - [`net`]: interface addresses.
 //! - [`serve`]: `fleetboot serve`, wiring the services together and reloading the configuration.
 //! - [`bootfiles`]: resolving client-supplied names beneath `boot_dir` (TFTP and HTTP).
+//! - [`tftp`]: TFTP of `boot_dir`, read-only, beneath its root.
 //! - [`cli`]: the command line, the only place that reads flags and the environment.
 
 pub mod bootfiles;
@@ -24,3 +25,4 @@ pub mod metrics;
 pub mod net;
 pub mod serve;
 pub mod store;
+pub mod tftp;

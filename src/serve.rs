@@ -88,6 +88,22 @@ pub async fn run(options: ServeOptions) -> Result<()> {
             }
         });
     }
+    {
+        let config = state.config();
+        let socket = crate::tftp::bind(&interface, address, 69)
+            .with_context(|| format!("cannot bind TFTP on {address}:69 ({interface})"))?;
+        let (boot_dir, limits, metrics) = (
+            config.boot_dir.clone(),
+            config.tftp.clone(),
+            state.metrics.clone(),
+        );
+        tracing::info!(%address, "serving TFTP");
+        tokio::spawn(async move {
+            if let Err(e) = crate::tftp::serve(socket, boot_dir, &limits, metrics).await {
+                tracing::error!("TFTP stopped: {e:#}");
+            }
+        });
+    }
     tokio::spawn(reload_loop(state.clone(), options.config.clone()));
     match http.await {
         Ok(Ok(())) => Ok(()),
