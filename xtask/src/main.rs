@@ -3,6 +3,7 @@
 //! Everything a fresh Debian machine needs is installed from here, so no step lives in someone's memory.
 
 mod bench_store;
+mod boot_assets;
 mod demo;
 mod os_images;
 mod setup;
@@ -17,6 +18,7 @@ tasks:
   test          fmt, clippy, unit and integration tests (what CI runs)
   demo          the main job: import a demo image, show the store, export it back
   setup         install the Debian packages and Rust targets the project needs
+  boot-assets   copy the pinned iPXE boot loaders from Debian's ipxe package into boot/
   bench store   build three related Debian disk images and compare fleetboot's store
                 with casync, WIM (wimlib) and zstd on them
 ";
@@ -35,6 +37,7 @@ fn run() -> Result<()> {
         ["test", rest @ ..] => test::run(rest),
         ["demo"] => demo::run(),
         ["setup"] => setup::run(),
+        ["boot-assets", rest @ ..] => boot_assets::run(rest),
         ["bench", "store", rest @ ..] => bench_store::run(rest),
         ["bench"] => bench_store::run(&[]),
         ["help" | "--help" | "-h"] | [] => {

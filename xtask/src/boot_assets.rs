@@ -1,0 +1,88 @@
+//! `cargo xtask boot-assets [DIR]`: puts the iPXE boot loaders from Debian's `ipxe` package into
+//! the boot folder (default `boot/`), checked against the pinned version's SHA-256 sums.
+//!
+//! Called by whatever needs the loaders (the demo, the end-to-end test), so nobody has to remember
+//! it. A Debian update that changes a binary fails here loudly instead of booting something new.
+
+use crate::util::root;
+use anyhow::{bail, Context, Result};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The Debian package version the sums below belong to.
+pub const IPXE_VERSION: &str = "1.0.0+git-20190125.36a4c85-5.1";
+
+/// (file in the boot folder, where Debian installs it, SHA-256)
+const ASSETS: &[(&str, &str, &str)] = &[
+    (
+        "undionly.kpxe",
+        "/usr/lib/ipxe/undionly.kpxe",
+        "f09cfbe9bbd39c3f5eb9cdf7386b520a4f5858bbc4438960c5b870c7a8930a7f",
+    ),
+    (
+        "ipxe.efi",
+        "/boot/ipxe.efi",
+        "67c7f1f8e062968209ca055283ca782f21faf6a18f55dd19848601bbaf8ed7aa",
+    ),
+    (
+        "snponly.efi",
+        "/usr/lib/ipxe/snponly.efi",
+        "18fc84b69172b9f7d1e6b5274c81121dde429fdacfdc984747f687cfb4f8090b",
+    ),
+];
+
+pub fn run(args: &[&str]) -> Result<()> {
+    let dir = match args {
+        [] => root().join("boot"),
+        [d] => PathBuf::from(d),
+        _ => bail!("usage: cargo xtask boot-assets [DIR]"),
+    };
+    install(&dir)
+}
+
+/// Installs the loaders into `dir` (idempotent).
+pub fn install(dir: &Path) -> Result<()> {
+    crate::setup::apt_install(&[("ipxe", "/usr/lib/ipxe/undionly.kpxe")])?;
+    let version = String::from_utf8(
+        Command::new("dpkg-query")
+            .args(["-W", "-f", "${Version}", "ipxe"])
+            .output()
+            .context("cannot run dpkg-query")?
+            .stdout,
+    )?;
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut record =
+        format!("# iPXE boot loaders from Debian's ipxe {version} (pinned: {IPXE_VERSION})\n");
+    for (name, source, sha256) in ASSETS {
+        let actual = sha256_of(Path::new(source))?;
+        if actual != *sha256 {
+            bail!(
+                "{source} (ipxe {version}) has SHA-256 {actual}, not the pinned {sha256} of ipxe {IPXE_VERSION}: \
+                 check the new binary and update xtask/src/boot_assets.rs"
+            );
+        }
+        let dest = dir.join(name);
+        fs::copy(source, &dest)
+            .with_context(|| format!("cannot copy {source} to {}", dest.display()))?;
+        record.push_str(&format!("{sha256}  {name}\n"));
+    }
+    fs::write(dir.join("ASSETS.sha256"), record)?;
+    eprintln!("boot assets: iPXE {version} loaders in {}", dir.display());
+    Ok(())
+}
+
+fn sha256_of(path: &Path) -> Result<String> {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .with_context(|| format!("cannot run sha256sum on {}", path.display()))?;
+    if !out.status.success() {
+        bail!("sha256sum {} failed", path.display());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
