@@ -9,6 +9,7 @@
 //! - [`mac`]: Ethernet addresses.
 //! - [`metrics`]: counters for `/metrics`.
 //! - [`net`]: interface addresses.
+//! - [`ra`]: optional IPv6 router advertisements (iPXE stops waiting for IPv6 at once).
 //! - [`serve`]: `fleetboot serve`, wiring the services together and reloading the configuration.
 //! - [`bootfiles`]: resolving client-supplied names beneath `boot_dir` (TFTP and HTTP).
 //! - [`tftp`]: TFTP of `boot_dir`, read-only, beneath its root.
@@ -23,6 +24,7 @@ pub mod http;
 pub mod mac;
 pub mod metrics;
 pub mod net;
+pub mod ra;
 pub mod serve;
 pub mod store;
 pub mod tftp;

@@ -104,6 +104,11 @@ pub async fn run(options: ServeOptions) -> Result<()> {
             }
         });
     }
+    if state.config().router_advertisements {
+        crate::ra::spawn(interface.clone())
+            .with_context(|| format!("cannot send router advertisements on {interface}"))?;
+        tracing::info!(%interface, "sending IPv6 router advertisements");
+    }
     tokio::spawn(reload_loop(state.clone(), options.config.clone()));
     match http.await {
         Ok(Ok(())) => Ok(()),

@@ -76,6 +76,13 @@ impl Lab {
         let outside = format!("p{n}x{}", self.id);
         sh(&["ip", "netns", "add", &ns]);
         self.hosts.push(ns.clone());
+        // No duplicate address detection: link-local IPv6 addresses usable at once.
+        for key in [
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ] {
+            sh(&["ip", "netns", "exec", &ns, "sysctl", "-q", "-w", key]);
+        }
         sh(&[
             "ip",
             "-n",
