@@ -80,13 +80,10 @@ pub async fn run(options: ServeOptions) -> Result<()> {
     if dhcp_mode != DhcpMode::Off {
         let sockets = DhcpSockets::bind(&interface, dhcp_mode, 67, 4011)
             .with_context(|| format!("cannot bind the DHCP ports on {interface}"))?;
-        let server = DhcpServer::new(state.clone(), address, netmask);
+        DhcpServer::new(state.clone(), address, netmask)?
+            .spawn(sockets)
+            .context("cannot start the DHCP threads")?;
         tracing::info!(mode = ?dhcp_mode, %interface, "serving DHCP");
-        tokio::spawn(async move {
-            if let Err(e) = server.run(sockets).await {
-                tracing::error!("DHCP stopped: {e}");
-            }
-        });
     }
     {
         let config = state.config();

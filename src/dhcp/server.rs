@@ -8,16 +8,16 @@
 use super::leases::{Lease, LeasePool};
 use super::packet::{self, arch_name, reply_to, ClientRequest};
 use crate::config::{Config, DhcpMode};
-use crate::fleet::{dhcp_boot, DhcpBoot, Firmware};
+use crate::fleet::{dhcp_boot, DhcpBoot, Firmware, FleetState, StateError, Write};
 use crate::http::AppState;
+use crate::mac::Mac;
 use dhcproto::v4::{DhcpOption, MessageType};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tokio::net::UdpSocket;
 
 /// The server's bound sockets: port 67 and, in proxy mode, port 4011.
 pub struct DhcpSockets {
@@ -68,7 +68,14 @@ pub struct DhcpServer {
     pool_config: Arc<Config>,
     /// Port clients listen on.
     client_port: u16,
+    /// Hosts and leases go to SQLite through a write-behind thread, in batched transactions.
+    writes: mpsc::Sender<Write>,
+    /// When each MAC was last written as seen, and as what (so a busy client costs no writes).
+    seen: HashMap<Mac, (Firmware, i64)>,
 }
+
+/// How often a host that keeps asking is written as seen again, in seconds.
+const SEEN_REFRESH_S: i64 = 60;
 
 /// An answer and where it goes.
 #[derive(Debug)]
@@ -84,48 +91,49 @@ fn now() -> i64 {
 }
 
 impl DhcpServer {
-    /// A server answering as `server_ip` on a subnet with `netmask`.
-    pub fn new(state: Arc<AppState>, server_ip: Ipv4Addr, netmask: Ipv4Addr) -> DhcpServer {
+    /// A server answering as `server_ip` on a subnet with `netmask`; starts its write-behind
+    /// thread on its own connection to the state database.
+    pub fn new(
+        state: Arc<AppState>,
+        server_ip: Ipv4Addr,
+        netmask: Ipv4Addr,
+    ) -> Result<DhcpServer, StateError> {
         let config = state.config();
         let pool = pool_for(&config, &state);
-        DhcpServer {
+        let db = FleetState::open(&config.state_dir)?;
+        let (writes, rx) = mpsc::channel::<Write>();
+        std::thread::Builder::new()
+            .name("dhcp-state".into())
+            .spawn(move || write_behind(db, rx))
+            .map_err(|error| StateError::Dir {
+                path: config.state_dir.clone(),
+                error,
+            })?;
+        Ok(DhcpServer {
             state,
             server_ip,
             netmask,
             pool,
             pool_config: config,
             client_port: 68,
-        }
+            writes,
+            seen: HashMap::new(),
+        })
     }
 
-    /// Serves until a socket fails.
-    pub async fn run(mut self, sockets: DhcpSockets) -> io::Result<()> {
-        let main = UdpSocket::from_std(sockets.main)?;
-        let pxe = sockets.pxe.map(UdpSocket::from_std).transpose()?;
-        let mut buf = vec![0u8; 2048];
-        let mut pxe_buf = vec![0u8; 2048];
-        loop {
-            let (n, src, on_pxe) = tokio::select! {
-                r = main.recv_from(&mut buf) => { let (n, src) = r?; (n, src, false) }
-                r = async {
-                    match &pxe { Some(s) => s.recv_from(&mut pxe_buf).await, None => std::future::pending().await }
-                } => { let (n, src) = r?; (n, src, true) }
-            };
-            let data = if on_pxe { &pxe_buf[..n] } else { &buf[..n] };
-            let Some(reply) = self.handle(data, src, on_pxe) else {
-                continue;
-            };
-            let socket = if on_pxe {
-                pxe.as_ref().unwrap_or(&main)
-            } else {
-                &main
-            };
-            if let Err(e) = socket.send_to(&reply.bytes, reply.to).await {
-                tracing::warn!(to = %reply.to, "cannot send a DHCP answer: {e}");
-            } else {
-                self.state.metrics.dhcp_answered.inc();
-            }
+    /// Serves each socket on a thread of its own (blocking sockets: the least work per packet)
+    /// for as long as the process runs.
+    pub fn spawn(self, sockets: DhcpSockets) -> io::Result<()> {
+        let server = Arc::new(Mutex::new(self));
+        let all = std::iter::once((sockets.main, false)).chain(sockets.pxe.map(|s| (s, true)));
+        for (socket, on_pxe) in all {
+            socket.set_nonblocking(false)?;
+            let server = server.clone();
+            std::thread::Builder::new()
+                .name(if on_pxe { "dhcp-4011" } else { "dhcp-67" }.into())
+                .spawn(move || serve_socket(&server, &socket, on_pxe))?;
         }
+        Ok(())
     }
 
     /// The answer to one datagram, if any.
@@ -160,14 +168,7 @@ impl DhcpServer {
             return None;
         }
         if matches!(req.kind, MessageType::Discover | MessageType::Request) {
-            let ip = (req.ciaddr != Ipv4Addr::UNSPECIFIED).then_some(req.ciaddr);
-            if let Err(e) = self
-                .state
-                .fleet()
-                .seen(req.mac, ip, Some(arch_name(req.firmware)))
-            {
-                tracing::warn!("cannot record a host: {e}");
-            }
+            self.note_seen(&req);
         }
         let reply = match config.dhcp.mode {
             DhcpMode::Off => None,
@@ -178,6 +179,24 @@ impl DhcpServer {
             metrics.dhcp_ignored.inc();
         }
         reply
+    }
+
+    /// Records the host as seen, unless it was recorded as the same thing a moment ago.
+    fn note_seen(&mut self, req: &ClientRequest) {
+        let t = now();
+        let fresh = self
+            .seen
+            .get(&req.mac)
+            .is_some_and(|&(fw, at)| fw == req.firmware && t - at < SEEN_REFRESH_S);
+        if fresh {
+            return;
+        }
+        self.seen.insert(req.mac, (req.firmware, t));
+        let _ = self.writes.send(Write::Seen {
+            mac: req.mac,
+            ip: (req.ciaddr != Ipv4Addr::UNSPECIFIED).then_some(req.ciaddr),
+            arch: Some(arch_name(req.firmware)),
+        });
     }
 
     fn destination(&self, req: &ClientRequest) -> SocketAddr {
@@ -243,9 +262,11 @@ impl DhcpServer {
                     .or((req.ciaddr != Ipv4Addr::UNSPECIFIED).then_some(req.ciaddr))?;
                 match pool.commit(req.mac, wanted, lease_s, t) {
                     Some(Lease { ip, expires }) => {
-                        if let Err(e) = self.state.fleet().save_lease(req.mac, ip, expires) {
-                            tracing::warn!("cannot persist a lease: {e}");
-                        }
+                        let _ = self.writes.send(Write::SaveLease {
+                            mac: req.mac,
+                            ip,
+                            expires,
+                        });
                         (MessageType::Ack, Some(ip))
                     }
                     None => (MessageType::Nak, None),
@@ -253,13 +274,13 @@ impl DhcpServer {
             }
             MessageType::Release => {
                 pool.release(req.mac);
-                let _ = self.state.fleet().drop_lease(req.mac);
+                let _ = self.writes.send(Write::DropLease { mac: req.mac });
                 return None;
             }
             MessageType::Decline => {
                 if let Some(ip) = req.requested_ip {
                     pool.decline(req.mac, ip, lease_s, t);
-                    let _ = self.state.fleet().drop_lease(req.mac);
+                    let _ = self.writes.send(Write::DropLease { mac: req.mac });
                 }
                 return None;
             }
@@ -347,6 +368,53 @@ impl DhcpServer {
             if let Some(id) = &req.machine_id {
                 opts.insert(DhcpOption::ClientMachineIdentifier(id.clone()));
             }
+        }
+    }
+}
+
+/// Receives, answers and sends, one datagram at a time, until the socket fails.
+fn serve_socket(server: &Mutex<DhcpServer>, socket: &std::net::UdpSocket, on_pxe: bool) {
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let (n, src) = match socket.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!("DHCP socket failed: {e}");
+                return;
+            }
+        };
+        let reply = server
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .handle(&buf[..n], src, on_pxe);
+        let Some(reply) = reply else { continue };
+        match socket.send_to(&reply.bytes, reply.to) {
+            Ok(_) => server
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .state
+                .metrics
+                .dhcp_answered
+                .inc(),
+            Err(e) => tracing::warn!(to = %reply.to, "cannot send a DHCP answer: {e}"),
+        }
+    }
+}
+
+/// Applies the writes in batches: whatever has queued up while the last batch was committed.
+fn write_behind(db: FleetState, rx: mpsc::Receiver<Write>) {
+    const BATCH_MAX: usize = 4096;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < BATCH_MAX {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = db.apply(&batch) {
+            tracing::warn!("cannot record {} DHCP state changes: {e}", batch.len());
         }
     }
 }

@@ -8,7 +8,7 @@ pub mod decision;
 pub mod state;
 
 pub use decision::{dhcp_boot, script_plan, DhcpBoot, Firmware, ScriptPlan};
-pub use state::{FleetState, HostRecord, HostStatus, StateError};
+pub use state::{FleetState, HostRecord, HostStatus, StateError, Write};
 
 use crate::config::Config;
 use crate::mac::Mac;

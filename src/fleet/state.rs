@@ -120,6 +120,24 @@ pub struct Event {
     pub detail: Option<String>,
 }
 
+/// A write the DHCP service hands to its write-behind thread (see [`FleetState::apply`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    Seen {
+        mac: Mac,
+        ip: Option<Ipv4Addr>,
+        arch: Option<&'static str>,
+    },
+    SaveLease {
+        mac: Mac,
+        ip: Ipv4Addr,
+        expires: i64,
+    },
+    DropLease {
+        mac: Mac,
+    },
+}
+
 /// Errors of the state database.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -325,29 +343,35 @@ impl FleetState {
         })
     }
 
-    /// Records a lease (replacing any other lease of the MAC or the address).
-    pub fn save_lease(&self, mac: Mac, ip: Ipv4Addr, expires: i64) -> Result<(), StateError> {
+    /// Applies a batch of writes in one transaction (the DHCP hot path: one commit for many
+    /// leases instead of one each).
+    pub fn apply(&self, writes: &[Write]) -> Result<(), StateError> {
+        let t = now();
         self.wrap(|db| {
-            db.execute(
-                "DELETE FROM leases WHERE mac = ?1 OR ip = ?2",
-                params![mac.to_string(), ip.to_string()],
-            )?;
-            db.execute(
-                "INSERT INTO leases (ip, mac, expires) VALUES (?1, ?2, ?3)",
-                params![ip.to_string(), mac.to_string(), expires],
-            )?;
-            Ok(())
-        })
-    }
-
-    /// Forgets the lease of `mac`.
-    pub fn drop_lease(&self, mac: Mac) -> Result<(), StateError> {
-        self.wrap(|db| {
-            db.execute(
-                "DELETE FROM leases WHERE mac = ?1",
-                params![mac.to_string()],
-            )?;
-            Ok(())
+            let tx = db.unchecked_transaction()?;
+            for w in writes {
+                match w {
+                    Write::Seen { mac, ip, arch } => {
+                        tx.prepare_cached(
+                            "INSERT INTO hosts (mac, ip, arch, first_seen, last_seen) VALUES (?1, ?2, ?3, ?4, ?4)
+                             ON CONFLICT(mac) DO UPDATE SET last_seen = ?4,
+                                ip = COALESCE(?2, ip), arch = COALESCE(?3, arch)",
+                        )?
+                        .execute(params![mac.to_string(), ip.map(|i| i.to_string()), arch, t])?;
+                    }
+                    Write::SaveLease { mac, ip, expires } => {
+                        tx.prepare_cached("DELETE FROM leases WHERE mac = ?1 OR ip = ?2")?
+                            .execute(params![mac.to_string(), ip.to_string()])?;
+                        tx.prepare_cached("INSERT INTO leases (ip, mac, expires) VALUES (?1, ?2, ?3)")?
+                            .execute(params![ip.to_string(), mac.to_string(), expires])?;
+                    }
+                    Write::DropLease { mac } => {
+                        tx.prepare_cached("DELETE FROM leases WHERE mac = ?1")?
+                            .execute(params![mac.to_string()])?;
+                    }
+                }
+            }
+            tx.commit()
         })
     }
 
@@ -475,8 +499,41 @@ mod tests {
             ["failed", "reimage-requested", "installed", "agent-booted"]
         );
 
+        // Batched writes (the DHCP path): hosts and leases in one transaction.
+        let other_mac: Mac = "52:54:00:00:00:02".parse().unwrap();
+        let ip = Ipv4Addr::new(10, 0, 0, 9);
+        s.apply(&[
+            Write::Seen {
+                mac: other_mac,
+                ip: None,
+                arch: Some("uefi-x64"),
+            },
+            Write::SaveLease {
+                mac: other_mac,
+                ip,
+                expires: i64::MAX,
+            },
+            Write::SaveLease {
+                mac: mac,
+                ip,
+                expires: i64::MAX,
+            },
+        ])
+        .unwrap();
+        assert_eq!(
+            s.leases().unwrap(),
+            vec![(mac, ip, i64::MAX)],
+            "an address has one holder"
+        );
+        s.apply(&[Write::DropLease { mac }]).unwrap();
+        assert!(s.leases().unwrap().is_empty());
+        assert_eq!(
+            s.host(other_mac).unwrap().unwrap().arch.as_deref(),
+            Some("uefi-x64")
+        );
+
         // A second handle (the CLI) sees the same state.
         let other = FleetState::open(dir.path()).unwrap();
-        assert_eq!(other.hosts().unwrap().len(), 1);
+        assert_eq!(other.hosts().unwrap().len(), 2);
     }
 }
