@@ -514,7 +514,7 @@ mod tests {
                 expires: i64::MAX,
             },
             Write::SaveLease {
-                mac: mac,
+                mac,
                 ip,
                 expires: i64::MAX,
             },
