@@ -8,6 +8,7 @@
 //! Every packet that cannot be decoded or makes no sense is dropped, counted and logged at debug
 //! level; only socket failures stop the service.
 
+pub mod fuzz;
 pub mod leases;
 pub mod packet;
 pub mod server;
