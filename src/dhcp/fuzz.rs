@@ -103,7 +103,7 @@ mod tests {
                         let i = (rng.next() as usize) % p.len();
                         p[i] = rng.next() as u8;
                     }
-                    if rng.next() % 5 == 0 {
+                    if rng.next().is_multiple_of(5) {
                         p.truncate((rng.next() as usize) % p.len());
                     }
                 }
