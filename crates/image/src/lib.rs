@@ -15,7 +15,10 @@ pub mod restore;
 
 pub use id::{ChunkId, PackId};
 pub use manifest::{Entry, Extent, Manifest, ManifestError, Metadata};
-pub use restore::{restore, FrameSource, RestoreError, RestoreOptions, RestoreReport, Target};
+pub use restore::{
+    restore, restore_with, FrameSource, LocalChunks, NoLocalChunks, RestoreError, RestoreOptions,
+    RestoreReport, Target,
+};
 
 /// The store's block size: zero detection and the default chunker work on these boundaries.
 pub const BLOCK_BYTES: usize = 4096;

@@ -33,6 +33,22 @@ pub trait Target {
     fn zero(&mut self, offset: u64, len: u64) -> io::Result<()>;
 }
 
+/// Chunks the destination already has (found on its disk and verified): [`restore_with`] writes
+/// these without fetching them.
+pub trait LocalChunks: Sync {
+    /// The verified bytes of chunk `id`, if present.
+    fn get(&self, id: &ChunkId) -> Option<&[u8]>;
+}
+
+/// No local chunks.
+pub struct NoLocalChunks;
+
+impl LocalChunks for NoLocalChunks {
+    fn get(&self, _id: &ChunkId) -> Option<&[u8]> {
+        None
+    }
+}
+
 /// Tuning for [`restore`].
 #[derive(Clone, Copy, Debug)]
 pub struct RestoreOptions {
@@ -63,6 +79,8 @@ pub struct RestoreReport {
     pub bytes_written: u64,
     /// Bytes of zero runs.
     pub zero_bytes: u64,
+    /// Chunk bytes written from local chunks instead of fetched (counting every use).
+    pub bytes_reused: u64,
 }
 
 /// Why a restore stopped. Nothing unverified was written in any case.
@@ -110,7 +128,20 @@ pub fn restore(
     options: RestoreOptions,
     progress: &dyn Fn(u64),
 ) -> Result<RestoreReport, RestoreError> {
-    let (frames, uses) = plan(manifest);
+    restore_with(manifest, source, &NoLocalChunks, target, options, progress)
+}
+
+/// [`restore`], taking every chunk `local` has from there instead of fetching its frame. A frame
+/// is fetched only if some chunk the image needs from it is not local.
+pub fn restore_with(
+    manifest: &Manifest,
+    source: &dyn FrameSource,
+    local: &dyn LocalChunks,
+    target: &mut dyn Target,
+    options: RestoreOptions,
+    progress: &dyn Fn(u64),
+) -> Result<RestoreReport, RestoreError> {
+    let (frames, uses) = plan(manifest, local);
     let mut report = RestoreReport::default();
     let mut done = 0u64;
     for x in manifest.extents.iter().filter(|x| x.entry.is_none()) {
@@ -122,6 +153,20 @@ pub fn restore(
             })?;
         report.zero_bytes += x.len;
         done += x.len;
+    }
+    // Local chunks first: verified when they were read, written at every use.
+    for (e, offsets) in &uses {
+        let entry = &manifest.entries[*e as usize];
+        let Some(chunk) = local.get(&entry.id) else {
+            continue;
+        };
+        for &offset in offsets {
+            target
+                .write_at(offset, chunk)
+                .map_err(|error| RestoreError::Write { offset, error })?;
+            report.bytes_reused += chunk.len() as u64;
+            done += chunk.len() as u64;
+        }
     }
     progress(done);
 
@@ -176,8 +221,9 @@ pub fn restore(
     Ok(report)
 }
 
-/// Orders the frames by the first image offset that needs them, and lists each entry's uses.
-fn plan(manifest: &Manifest) -> (Vec<FramePlan>, HashMap<u32, Vec<u64>>) {
+/// Orders the frames by the first image offset that needs them (skipping chunks `local` has),
+/// and lists each entry's uses.
+fn plan(manifest: &Manifest, local: &dyn LocalChunks) -> (Vec<FramePlan>, HashMap<u32, Vec<u64>>) {
     let mut frames: Vec<FramePlan> = Vec::new();
     let mut frame_of: HashMap<(u32, u64), usize> = HashMap::new();
     let mut uses: HashMap<u32, Vec<u64>> = HashMap::new();
@@ -189,6 +235,9 @@ fn plan(manifest: &Manifest) -> (Vec<FramePlan>, HashMap<u32, Vec<u64>>) {
             continue;
         }
         let entry: &Entry = &manifest.entries[e as usize];
+        if local.get(&entry.id).is_some() {
+            continue;
+        }
         let i = *frame_of
             .entry((entry.pack, entry.frame_offset))
             .or_insert_with(|| {
@@ -260,4 +309,175 @@ fn fetch_and_verify(
         }
     }
     Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Extent, Metadata, FLAG_ZSTD};
+    use std::sync::atomic::AtomicU64;
+
+    /// One pack in memory, counting the reads.
+    struct MemPack {
+        bytes: Vec<u8>,
+        reads: AtomicU64,
+    }
+
+    impl FrameSource for MemPack {
+        fn read(&self, _pack: &PackId, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            Ok(self.bytes[offset as usize..offset as usize + len as usize].to_vec())
+        }
+    }
+
+    struct MemDisk(Vec<u8>);
+
+    impl Target for MemDisk {
+        fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+            self.0[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
+            self.0[offset as usize..(offset + len) as usize].fill(0);
+            Ok(())
+        }
+    }
+
+    /// Four 4 KiB chunks a, b, c, d in two frames [a b] [c d]; image = a 0 b c a d.
+    fn fixture() -> (Manifest, MemPack, Vec<u8>, Vec<Vec<u8>>) {
+        let chunks: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i + 1; 4096]).collect();
+        let mut pack = vec![0u8; 16];
+        let mut entries = Vec::new();
+        for pair in [[0usize, 1], [2, 3]] {
+            let raw: Vec<u8> = pair.iter().flat_map(|&i| chunks[i].clone()).collect();
+            let z = zstd::bulk::compress(&raw, 3).unwrap();
+            let offset = pack.len() as u64;
+            pack.extend_from_slice(&z);
+            for (k, &i) in pair.iter().enumerate() {
+                entries.push(Entry {
+                    id: ChunkId::of(&chunks[i]),
+                    pack: 0,
+                    flags: FLAG_ZSTD,
+                    frame_offset: offset,
+                    frame_stored: z.len() as u32,
+                    frame_raw: raw.len() as u32,
+                    chunk_offset: (k * 4096) as u32,
+                    size: 4096,
+                });
+            }
+        }
+        let order: [Option<u32>; 6] = [Some(0), None, Some(1), Some(2), Some(0), Some(3)];
+        let mut image = Vec::new();
+        let extents = order
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                match e {
+                    Some(e) => image.extend_from_slice(&chunks[*e as usize]),
+                    None => image.extend_from_slice(&[0u8; 4096]),
+                }
+                Extent {
+                    offset: i as u64 * 4096,
+                    len: 4096,
+                    entry: *e,
+                }
+            })
+            .collect();
+        let manifest = Manifest {
+            meta: Metadata {
+                name: "t".into(),
+                version: 1,
+                size: image.len() as u64,
+                digest: blake3::hash(&image).to_hex().to_string(),
+                created: String::new(),
+                source: String::new(),
+                chunking: "blocks/4096".into(),
+            },
+            packs: vec![PackId([1; 16])],
+            entries,
+            extents,
+        };
+        let source = MemPack {
+            bytes: pack,
+            reads: AtomicU64::new(0),
+        };
+        (manifest, source, image, chunks)
+    }
+
+    #[test]
+    fn restores_byte_for_byte_fetching_each_frame_once() {
+        let (m, source, image, _) = fixture();
+        let mut disk = MemDisk(vec![0xee; image.len()]);
+        let r = restore(&m, &source, &mut disk, RestoreOptions::default(), &|_| {}).unwrap();
+        assert_eq!(disk.0, image);
+        assert_eq!(
+            (r.frames_fetched, source.reads.load(Ordering::Relaxed)),
+            (2, 2)
+        );
+        assert_eq!(
+            (r.bytes_written, r.zero_bytes, r.bytes_reused),
+            (5 * 4096, 4096, 0)
+        );
+    }
+
+    struct Have(HashMap<ChunkId, Vec<u8>>);
+    impl LocalChunks for Have {
+        fn get(&self, id: &ChunkId) -> Option<&[u8]> {
+            self.0.get(id).map(Vec::as_slice)
+        }
+    }
+
+    #[test]
+    fn local_chunks_save_their_frames() {
+        let (m, source, image, chunks) = fixture();
+        // c and d are local: their frame is never fetched; a and b still are.
+        let local = Have(
+            chunks[2..]
+                .iter()
+                .map(|c| (ChunkId::of(c), c.clone()))
+                .collect(),
+        );
+        let mut disk = MemDisk(vec![0xee; image.len()]);
+        let r = restore_with(
+            &m,
+            &source,
+            &local,
+            &mut disk,
+            RestoreOptions::default(),
+            &|_| {},
+        )
+        .unwrap();
+        assert_eq!(disk.0, image);
+        assert_eq!(source.reads.load(Ordering::Relaxed), 1);
+        assert_eq!(r.bytes_reused, 2 * 4096);
+    }
+
+    #[test]
+    fn a_damaged_frame_writes_nothing_of_its_chunks() {
+        let (m, mut source, image, chunks) = fixture();
+        let second = m.entries[2].frame_offset as usize;
+        // Replace the second frame by a valid zstd frame of other bytes: it decompresses, but the
+        // chunks do not hash to their ids.
+        let other = zstd::bulk::compress(&vec![9u8; 8192], 3).unwrap();
+        let mut m = m;
+        for e in m
+            .entries
+            .iter_mut()
+            .filter(|e| e.frame_offset as usize == second)
+        {
+            e.frame_stored = other.len() as u32;
+        }
+        source.bytes.truncate(second);
+        source.bytes.extend_from_slice(&other);
+        let mut disk = MemDisk(vec![0xee; image.len()]);
+        let err = restore(&m, &source, &mut disk, RestoreOptions::default(), &|_| {}).unwrap_err();
+        assert!(matches!(err, RestoreError::ChunkInvalid { .. }), "{err}");
+        for (i, block) in disk.0.chunks(4096).enumerate() {
+            assert!(
+                block != chunks[2].as_slice() && block != chunks[3].as_slice(),
+                "block {i} was written"
+            );
+            assert!(!block.contains(&9), "unverified bytes reached the disk");
+        }
+    }
 }
