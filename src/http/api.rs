@@ -6,6 +6,7 @@ use crate::mac::Mac;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
+use fleetboot_image::api::{Assignment, Done, Failed, Progress};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -35,23 +36,6 @@ fn agent(st: &AppState, mac: &str, headers: &HeaderMap) -> Result<(Mac, HostReco
             format!("no valid agent token for {mac}"),
         )),
     }
-}
-
-/// What the agent is to install, and where to find it.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Assignment {
-    pub mac: String,
-    /// `NAME@N`.
-    pub image: String,
-    pub size: u64,
-    /// BLAKE3 of the whole image.
-    pub digest: String,
-    /// The manifest (descriptive data), then the packs by range: `{packs_url}/{id}.pack`.
-    pub manifest_url: String,
-    pub packs_url: String,
-    /// `auto`, a path, `/dev/disk/by-id/…`, a serial or a WWN.
-    pub disk: String,
-    pub hostname: Option<String>,
 }
 
 pub async fn assignment(
@@ -87,13 +71,18 @@ pub async fn assignment(
             .or_else(|| config.defaults.disk.clone())
             .unwrap_or_else(|| "auto".into()),
         hostname: host.and_then(|h| h.hostname.clone()),
+        installed_manifest_url: record
+            .installed
+            .as_deref()
+            .and_then(|i| i.parse().ok())
+            .and_then(|r| st.store.resolve(&r).ok())
+            .map(|v| {
+                format!(
+                    "{}/store/manifests/{}/{}.manifest",
+                    st.base_url, v.name, v.version
+                )
+            }),
     }))
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Progress {
-    pub done: u64,
-    pub total: u64,
 }
 
 pub async fn progress(
@@ -105,15 +94,6 @@ pub async fn progress(
     let (mac, _) = agent(&st, &mac, &headers)?;
     st.fleet().progress(mac, p.done, p.total)?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Done {
-    pub image: String,
-    /// BLAKE3 of what the agent wrote, as it verified it.
-    pub digest: String,
-    pub bytes_fetched: u64,
-    pub bytes_reused: u64,
 }
 
 pub async fn done(
@@ -166,11 +146,6 @@ fn image_digest(st: &AppState, image: &str) -> Result<String, AppError> {
         .manifest(&r)
         .map_err(|e| AppError(StatusCode::NOT_FOUND, e.to_string()))?;
     Ok(m.meta.digest)
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Failed {
-    pub reason: String,
 }
 
 pub async fn failed(

@@ -2,6 +2,7 @@
 //!
 //! Everything a fresh Debian machine needs is installed from here, so no step lives in someone's memory.
 
+mod bench_serve;
 mod bench_store;
 mod boot_assets;
 mod demo;
@@ -21,6 +22,9 @@ tasks:
   boot-assets   copy the pinned iPXE boot loaders from Debian's ipxe package into boot/
   bench store   build three related Debian disk images and compare fleetboot's store
                 with casync, WIM (wimlib) and zstd on them
+  bench serve   DHCP, TFTP and HTTP in network namespaces: fleetboot against kea-dhcp4,
+                dnsmasq, tftpd-hpa, atftpd and nginx (--clients N, --runs N, --quick)
+  bench         both benchmarks
 ";
 
 fn main() {
@@ -39,7 +43,11 @@ fn run() -> Result<()> {
         ["setup"] => setup::run(),
         ["boot-assets", rest @ ..] => boot_assets::run(rest),
         ["bench", "store", rest @ ..] => bench_store::run(rest),
-        ["bench"] => bench_store::run(&[]),
+        ["bench", "serve", rest @ ..] => bench_serve::run(rest),
+        ["bench"] => {
+            bench_store::run(&[])?;
+            bench_serve::run(&[])
+        }
         ["help" | "--help" | "-h"] | [] => {
             print!("{USAGE}");
             Ok(())

@@ -27,6 +27,21 @@ pub const BENCH_PACKAGES: &[(&str, &str)] = &[
     ("e2fsprogs", "mkfs.ext4"),
 ];
 
+/// Packages only the serve benchmark needs: the other servers and the load generators. atftpd
+/// is not here: it conflicts with tftpd-hpa, so `bench serve` unpacks it beside itself.
+pub const SERVE_BENCH_PACKAGES: &[(&str, &str)] = &[
+    ("kea-admin", "perfdhcp"),
+    ("kea-dhcp4-server", "kea-dhcp4"),
+    ("dnsmasq-base", "dnsmasq"),
+    ("tftpd-hpa", "in.tftpd"),
+    ("atftp", "atftp"),
+    ("wrk", "wrk"),
+    ("nginx-light", "nginx"),
+    ("curl", "curl"),
+    ("sqlite3", "sqlite3"),
+    ("iproute2", "ip"),
+];
+
 pub fn run() -> Result<()> {
     apt_install(PACKAGES)?;
     rustup_components()

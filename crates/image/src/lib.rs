@@ -6,9 +6,12 @@
 //!   manifest names, verify every chunk against its id, then write it. `fleetboot image export`
 //!   and the agent both run this one code path, with different frame sources and targets.
 //!
+//! - [`api`]: the agent API's JSON types.
+//!
 //! Architecture invariant: this crate knows nothing of the store's directory layout, networks or
 //! the appliance; it only depends on hashing, compression and serde, so the agent stays small.
 
+pub mod api;
 pub mod id;
 pub mod manifest;
 pub mod restore;

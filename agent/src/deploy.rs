@@ -1,0 +1,180 @@
+//! One install, start to finish: assignment → descriptive data → chunks already on the disk →
+//! fetch, verify, write the rest → sync → read back and compare the digest → report.
+//!
+//! Any failure is reported to the appliance as `failed` with its reason; `done` is sent only
+//! after the disk has read back with the image's digest.
+
+use crate::client::Client;
+use crate::disk::Disk;
+use crate::source::HttpPacks;
+use anyhow::{bail, Context, Result};
+use fleetboot_image::api::Done;
+use fleetboot_image::{restore_with, ChunkId, LocalChunks, Manifest, RestoreOptions};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// What to install where.
+pub struct Settings {
+    pub server: String,
+    pub mac: String,
+    pub token: Option<String>,
+    pub target: PathBuf,
+}
+
+/// What an install did.
+pub struct Report {
+    pub image: String,
+    pub target: PathBuf,
+    pub bytes_fetched: u64,
+    pub bytes_reused: u64,
+    pub digest: String,
+}
+
+/// Installs the host's assigned image on the target and reports the outcome.
+pub fn deploy(s: &Settings) -> Result<Report> {
+    let client = Client::new(&s.server, &s.mac, s.token.clone())?;
+    let result = install(&client, s);
+    if let Err(e) = &result {
+        client.failed(&format!("{e:#}"));
+    }
+    result
+}
+
+fn install(client: &Client, s: &Settings) -> Result<Report> {
+    let a = client.assignment()?;
+    eprintln!(
+        "fleetboot-agent: installing {} ({} bytes) on {}",
+        a.image,
+        a.size,
+        s.target.display()
+    );
+    let manifest =
+        Manifest::decode(&client.fetch(&a.manifest_url)?).context("the image's manifest")?;
+    if manifest.meta.size != a.size || manifest.meta.digest != a.digest {
+        bail!(
+            "the manifest does not describe the assigned image {}",
+            a.image
+        );
+    }
+    let mut disk = Disk::open(&s.target, a.size)?;
+    let old = a
+        .installed_manifest_url
+        .as_deref()
+        .and_then(|url| client.fetch(url).ok())
+        .and_then(|bytes| Manifest::decode(&bytes).ok());
+    let started = Instant::now();
+    let local = chunks_on_disk(&manifest, old.as_ref(), &disk)?;
+    eprintln!(
+        "fleetboot-agent: {} chunks ({} bytes) already on the disk, found in {:.1} s",
+        local.chunks.len(),
+        local.bytes,
+        started.elapsed().as_secs_f64()
+    );
+    let source = HttpPacks::new(&a.packs_url);
+    let total = a.size;
+    let last = std::cell::Cell::new(Instant::now() - Duration::from_secs(2));
+    let progress = |done: u64| {
+        if last.get().elapsed() >= Duration::from_secs(1) || done == total {
+            last.set(Instant::now());
+            eprintln!(
+                "fleetboot-agent: {done} of {total} bytes ({}%)",
+                done * 100 / total.max(1)
+            );
+            client.progress(done, total);
+        }
+    };
+    let report = restore_with(
+        &manifest,
+        &source,
+        &local,
+        &mut disk,
+        RestoreOptions::default(),
+        &progress,
+    )
+    .context("writing the image")?;
+    disk.sync()?;
+    let digest = disk.digest(a.size)?;
+    if digest != manifest.meta.digest {
+        bail!(
+            "the disk reads back with BLAKE3 {digest}, not the image's {}",
+            manifest.meta.digest
+        );
+    }
+    let done = Done {
+        image: a.image.clone(),
+        digest: digest.clone(),
+        bytes_fetched: source.fetched.load(Ordering::Relaxed),
+        bytes_reused: report.bytes_reused,
+    };
+    client.done(&done)?;
+    Ok(Report {
+        image: a.image,
+        target: s.target.clone(),
+        bytes_fetched: done.bytes_fetched,
+        bytes_reused: done.bytes_reused,
+        digest,
+    })
+}
+
+/// Chunks of the new image found on the disk, verified, by id.
+pub struct Stash {
+    chunks: HashMap<ChunkId, Vec<u8>>,
+    bytes: u64,
+}
+
+impl LocalChunks for Stash {
+    fn get(&self, id: &ChunkId) -> Option<&[u8]> {
+        self.chunks.get(id).map(Vec::as_slice)
+    }
+}
+
+/// Reads the chunks the new image needs from where the disk should have them: where the
+/// installed image (`old`) put them, or — with no such record — where the new image puts them.
+/// Every chunk is hashed before it is kept, so a disk changed since is never trusted. Held in
+/// memory (they will be overwritten), up to half the memory available.
+fn chunks_on_disk(new: &Manifest, old: Option<&Manifest>, disk: &Disk) -> Result<Stash> {
+    let needed: HashSet<ChunkId> = new.entries.iter().map(|e| e.id).collect();
+    let source = old.unwrap_or(new);
+    let mut candidates: Vec<(u64, u64, ChunkId)> = source
+        .extents
+        .iter()
+        .filter_map(|x| {
+            x.entry
+                .map(|e| (x.offset, x.len, source.entries[e as usize].id))
+        })
+        .filter(|(_, _, id)| needed.contains(id))
+        .collect();
+    candidates.sort_by_key(|c| c.0);
+    let cap = memory_available().map_or(1 << 30, |m| m / 2);
+    let mut stash = Stash {
+        chunks: HashMap::new(),
+        bytes: 0,
+    };
+    for (offset, len, id) in candidates {
+        if stash.chunks.contains_key(&id) {
+            continue;
+        }
+        if stash.bytes + len > cap {
+            eprintln!("fleetboot-agent: memory for reused chunks is full; fetching the rest");
+            break;
+        }
+        let Ok(data) = disk.read_at(offset, len as usize) else {
+            continue;
+        };
+        if ChunkId::of(&data) == id {
+            stash.bytes += len;
+            stash.chunks.insert(id, data);
+        }
+    }
+    Ok(stash)
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes.
+fn memory_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

@@ -1,0 +1,70 @@
+//! fleetboot-agent: creates an image on a machine's disk.
+//!
+//! ```text
+//! fleetboot-agent deploy --server URL --mac MAC --target FILE_OR_DEVICE [--token TOKEN]
+//! ```
+//! On a host (benchmarks, tests): asks the appliance for the MAC's boot script as iPXE would —
+//! which hands out the per-boot token — then installs the assigned image on the target.
+//! As `/init` of the initramfs (a later step) it reads the same settings from the kernel command
+//! line (`fleetboot.url=`, `fleetboot.mac=`, `fleetboot.token=`).
+
+mod client;
+mod deploy;
+mod disk;
+mod source;
+
+use anyhow::{bail, Context, Result};
+
+const USAGE: &str =
+    "usage: fleetboot-agent deploy --server URL --mac MAC --target FILE_OR_DEVICE [--token TOKEN]";
+
+fn main() {
+    if let Err(err) = run() {
+        eprintln!("fleetboot-agent: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("deploy") => {
+            let mut server = None;
+            let mut mac = None;
+            let mut target = None;
+            let mut token = None;
+            let mut it = args[1..].iter();
+            while let Some(flag) = it.next() {
+                let value = it
+                    .next()
+                    .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
+                match flag.as_str() {
+                    "--server" => server = Some(value.trim_end_matches('/').to_string()),
+                    "--mac" => mac = Some(value.to_lowercase()),
+                    "--target" => target = Some(value.clone()),
+                    "--token" => token = Some(value.clone()),
+                    other => bail!("unknown option {other}\n{USAGE}"),
+                }
+            }
+            let (Some(server), Some(mac), Some(target)) = (server, mac, target) else {
+                bail!("{USAGE}");
+            };
+            let report = deploy::deploy(&deploy::Settings {
+                server,
+                mac,
+                token,
+                target: target.into(),
+            })?;
+            println!(
+                "installed {} on {}: fetched {} bytes, reused {} bytes from the disk, digest {}",
+                report.image,
+                report.target.display(),
+                report.bytes_fetched,
+                report.bytes_reused,
+                report.digest
+            );
+            Ok(())
+        }
+        _ => bail!("{USAGE}"),
+    }
+}

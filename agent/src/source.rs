@@ -1,0 +1,51 @@
+//! Frames over HTTP: a Range request per frame on the pack file, retried with backoff.
+
+use crate::client::retry;
+use fleetboot_image::{FrameSource, PackId};
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The packs of a store served by the appliance (`{base}/{id}.pack`).
+pub struct HttpPacks {
+    base: String,
+    http: ureq::Agent,
+    /// Bytes received, for the report.
+    pub fetched: AtomicU64,
+}
+
+impl HttpPacks {
+    pub fn new(base: &str) -> HttpPacks {
+        HttpPacks {
+            base: base.trim_end_matches('/').to_string(),
+            http: crate::client::http(),
+            fetched: AtomicU64::new(0),
+        }
+    }
+}
+
+impl FrameSource for HttpPacks {
+    fn read(&self, pack: &PackId, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        let url = format!("{}/{}", self.base, pack.file_name());
+        let range = format!("bytes={}-{}", offset, offset + u64::from(len) - 1);
+        let data = retry(&url, || {
+            let mut resp = self.http.get(&url).header("range", &range).call()?;
+            if resp.status().as_u16() != 206 {
+                anyhow::bail!("expected 206 Partial Content, got {}", resp.status());
+            }
+            let mut buf = Vec::with_capacity(len as usize);
+            resp.body_mut()
+                .with_config()
+                .limit(u64::from(len) + 1)
+                .reader()
+                .take(u64::from(len) + 1)
+                .read_to_end(&mut buf)?;
+            if buf.len() != len as usize {
+                anyhow::bail!("got {} bytes of a {len}-byte frame", buf.len());
+            }
+            Ok(buf)
+        })
+        .map_err(|e| io::Error::other(format!("{e:#}")))?;
+        self.fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(data)
+    }
+}
