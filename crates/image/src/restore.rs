@@ -56,6 +56,9 @@ pub struct RestoreOptions {
     pub threads: usize,
     /// Verified frames that may wait for the writer (bounds memory).
     pub frames_in_flight: usize,
+    /// Times a frame is fetched when what arrives does not verify (a flipped bit on the wire)
+    /// before the restore stops.
+    pub fetch_attempts: u32,
 }
 
 impl Default for RestoreOptions {
@@ -64,6 +67,7 @@ impl Default for RestoreOptions {
         RestoreOptions {
             threads: threads.clamp(2, 8),
             frames_in_flight: 8,
+            fetch_attempts: 3,
         }
     }
 }
@@ -183,7 +187,18 @@ pub fn restore_with(
                 if i >= frames.len() || stop.load(Ordering::Relaxed) {
                     break;
                 }
-                let result = fetch_and_verify(manifest, source, &frames[i]).map(|data| (i, data));
+                let mut result = fetch_and_verify(manifest, source, &frames[i]);
+                for _ in 1..options.fetch_attempts {
+                    match &result {
+                        Err(
+                            RestoreError::FrameInvalid { .. } | RestoreError::ChunkInvalid { .. },
+                        ) => {
+                            result = fetch_and_verify(manifest, source, &frames[i]);
+                        }
+                        _ => break,
+                    }
+                }
+                let result = result.map(|data| (i, data));
                 if tx.send(result).is_err() {
                     break;
                 }
@@ -472,6 +487,8 @@ mod tests {
         let mut disk = MemDisk(vec![0xee; image.len()]);
         let err = restore(&m, &source, &mut disk, RestoreOptions::default(), &|_| {}).unwrap_err();
         assert!(matches!(err, RestoreError::ChunkInvalid { .. }), "{err}");
+        // Fetched again before giving up: 3 attempts for the bad frame, 1 for the good one.
+        assert_eq!(source.reads.load(Ordering::Relaxed), 4);
         for (i, block) in disk.0.chunks(4096).enumerate() {
             assert!(
                 block != chunks[2].as_slice() && block != chunks[3].as_slice(),
