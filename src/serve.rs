@@ -94,12 +94,9 @@ pub async fn run(options: ServeOptions) -> Result<()> {
             config.tftp.clone(),
             state.metrics.clone(),
         );
+        crate::tftp::spawn(socket, &interface, boot_dir, limits, metrics)
+            .context("cannot start TFTP")?;
         tracing::info!(%address, "serving TFTP");
-        tokio::spawn(async move {
-            if let Err(e) = crate::tftp::serve(socket, boot_dir, &limits, metrics).await {
-                tracing::error!("TFTP stopped: {e:#}");
-            }
-        });
     }
     if state.config().router_advertisements {
         crate::ra::spawn(interface.clone())

@@ -94,7 +94,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/api/reimage", post(api::reimage))
         .nest_service(
             "/store/packs",
-            ServeDir::new(store_root.join("packs")).redirect_to_trailing_slash(false),
+            // Frames are fetched whole, often 1 MiB and more: read them in large pieces.
+            ServeDir::new(store_root.join("packs"))
+                .redirect_to_trailing_slash(false)
+                .with_buf_chunk_size(1 << 20),
         )
         .nest_service(
             "/store/manifests",
