@@ -65,6 +65,7 @@ pub async fn run(options: ServeOptions) -> Result<()> {
         metrics: Arc::new(Metrics::default()),
         base_url: base_url.clone(),
         admin_token,
+        packs: Default::default(),
     });
 
     let listener = tokio::net::TcpListener::bind(SocketAddr::from((address, http_port)))

@@ -58,6 +58,7 @@ fn rig(extra_yaml: &str) -> Rig {
         metrics: Arc::new(Metrics::default()),
         base_url: BASE.into(),
         admin_token: Some("s3cret".into()),
+        packs: Default::default(),
     });
     Rig {
         _dir: dir,
@@ -102,7 +103,7 @@ fn local_boot(script: &str) -> bool {
     script.contains("sanboot") && !script.contains("kernel")
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_conversation_installs_then_boots_local_then_reimages() {
     let rig = rig("");
     let mac = MAC.parse().unwrap();
@@ -296,7 +297,7 @@ async fn the_agent_conversation_installs_then_boots_local_then_reimages() {
     assert!(page.contains("web-01") && page.contains("demo@1"));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_hosts_follow_the_policy() {
     let rig = rig("");
     let (s, _) = get(&rig, "/boot/52:54:00:99:99:99.ipxe").await;
@@ -323,7 +324,7 @@ fn rig_with_policy(policy: &str) -> Rig {
     rig(&format!("unknown_hosts: {policy}\n"))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boot_files_are_served_by_range_and_never_from_outside() {
     let rig = rig("");
     let (s, body) = get(&rig, "/boot/fleetboot-vmlinuz").await;

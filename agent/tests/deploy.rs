@@ -62,6 +62,7 @@ impl Appliance {
             metrics: Arc::new(Metrics::default()),
             base_url: url.clone(),
             admin_token: None,
+            packs: Default::default(),
         });
         let router = app(state.clone());
         runtime.spawn(async move { axum::serve(listener, router).await });

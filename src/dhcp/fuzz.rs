@@ -30,6 +30,7 @@ fn server() -> &'static Mutex<DhcpServer> {
             metrics: Arc::new(Metrics::default()),
             base_url: "http://10.9.0.1".into(),
             admin_token: None,
+            packs: Default::default(),
         });
         let server = DhcpServer::new(
             state,

@@ -18,6 +18,7 @@
 
 pub mod api;
 mod dashboard;
+pub mod packs;
 mod script;
 
 use crate::bootfiles::resolve_beneath;
@@ -46,6 +47,8 @@ pub struct AppState {
     pub base_url: String,
     /// Bearer token of the admin API (`None`: the admin API answers 403).
     pub admin_token: Option<String>,
+    /// Pack files kept open for range reads.
+    pub packs: packs::OpenPacks,
 }
 
 impl AppState {
@@ -92,13 +95,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/api/agent/{mac}/failed", post(api::failed))
         .route("/api/hosts", get(api::hosts))
         .route("/api/reimage", post(api::reimage))
-        .nest_service(
-            "/store/packs",
-            // Frames are fetched whole, often 1 MiB and more: read them in large pieces.
-            ServeDir::new(store_root.join("packs"))
-                .redirect_to_trailing_slash(false)
-                .with_buf_chunk_size(1 << 20),
-        )
+        .route("/store/packs/{name}", get(packs::get))
         .nest_service(
             "/store/manifests",
             ServeDir::new(store_root.join("manifests")).redirect_to_trailing_slash(false),

@@ -1,0 +1,147 @@
+//! `/store/packs/{id}.pack`: pack files by HTTP Range, the agent's hot path.
+//!
+//! Frames are read with one `pread` each from a pack file kept open (packs are immutable) and
+//! sent as one body. ServeDir opened, stat'ed and read each file in 64 KiB
+//! steps per request; this does one blocking call per request (measured in docs/benchmarks.md).
+
+use super::AppState;
+use crate::store::Store;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use fleetboot_image::PackId;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+
+/// Open pack files, by id (a pack removed by gc is dropped from here when it is not found).
+#[derive(Default)]
+pub struct OpenPacks {
+    files: Mutex<HashMap<PackId, Arc<(File, u64)>>>,
+}
+
+impl OpenPacks {
+    fn get(&self, store: &Store, id: &PackId) -> Option<Arc<(File, u64)>> {
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = files.get(id) {
+            return Some(f.clone());
+        }
+        let path = store.pack_path(id);
+        let file = File::open(&path).ok()?;
+        let len = file.metadata().ok()?.len();
+        let entry = Arc::new((file, len));
+        if files.len() > 4096 {
+            files.clear();
+        }
+        files.insert(*id, entry.clone());
+        Some(entry)
+    }
+}
+
+/// Parses `bytes=a-b`, `bytes=a-` or `bytes=-n` against a file of `len` bytes.
+fn parse_range(value: &str, len: u64) -> Option<(u64, u64)> {
+    let spec = value.strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", n) => {
+            let n: u64 = n.parse().ok()?;
+            (len.checked_sub(n.min(len))?, len.checked_sub(1)?)
+        }
+        (a, "") => (a.parse().ok()?, len.checked_sub(1)?),
+        (a, b) => (
+            a.parse().ok()?,
+            b.parse::<u64>().ok()?.min(len.checked_sub(1)?),
+        ),
+    };
+    (start <= end && end < len).then_some((start, end))
+}
+
+pub async fn get(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(id) = name
+        .strip_suffix(".pack")
+        .and_then(|s| s.parse::<PackId>().ok())
+    else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let Some(pack) = st.packs.get(&st.store, &id) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let len = pack.1;
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let (start, end, status) = match range {
+        None => match len.checked_sub(1) {
+            Some(last) => (0, last, StatusCode::OK),
+            None => return (StatusCode::OK, [(header::CONTENT_LENGTH, "0")]).into_response(),
+        },
+        Some(r) => match parse_range(r, len) {
+            Some((s, e)) => (s, e, StatusCode::PARTIAL_CONTENT),
+            None => {
+                return (
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    [(header::CONTENT_RANGE, format!("bytes */{len}"))],
+                )
+                    .into_response()
+            }
+        },
+    };
+    let count = (end - start + 1) as usize;
+    // Packs being served are hot in the page cache: the read is a copy, quicker than a hop to
+    // the blocking pool and back. block_in_place keeps a cold read from stalling other tasks.
+    let read = tokio::task::block_in_place(|| {
+        let mut buf = vec![0u8; count];
+        pack.0.read_exact_at(&mut buf, start).map(|_| buf)
+    });
+    let Ok(data) = read else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let mut resp = Response::new(Body::from(data));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::ACCEPT_RANGES,
+        header::HeaderValue::from_static("bytes"),
+    );
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/octet-stream"),
+    );
+    if status == StatusCode::PARTIAL_CONTENT {
+        if let Ok(v) = header::HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) {
+            h.insert(header::CONTENT_RANGE, v);
+        }
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Some((0, 9)));
+        assert_eq!(parse_range("bytes=90-", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=-10", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=95-200", 100), Some((95, 99)));
+        for bad in [
+            "bytes=100-",
+            "bytes=5-1",
+            "bytes=0-1,3-4",
+            "items=0-1",
+            "bytes=x-1",
+            "bytes=-0",
+        ] {
+            assert_eq!(parse_range(bad, 100), None, "{bad}");
+        }
+        assert_eq!(parse_range("bytes=0-0", 0), None);
+    }
+}
