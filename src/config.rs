@@ -127,6 +127,8 @@ pub struct Tftp {
     pub windowsize_max: u16,
     /// Transfers served at once.
     pub transfers_max: usize,
+    /// UDP port (69; another for tests and benchmarks beside a system TFTP server).
+    pub port: u16,
 }
 
 impl Default for Tftp {
@@ -135,6 +137,7 @@ impl Default for Tftp {
             blksize_max: 1468,
             windowsize_max: 16,
             transfers_max: 64,
+            port: 69,
         }
     }
 }
@@ -575,6 +578,14 @@ hosts:
         assert_invalid("interface: br0\nunknown_hosts: maybe\n", 2, "unknown_hosts");
         assert_invalid("interface: br0\ndhcp: { mode: fast }\n", 2, "fast");
         assert_invalid("interface: [br0\n", 1, "");
+    }
+
+    #[test]
+    fn the_example_configuration_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/fleetboot.yaml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.hosts.len(), 2);
+        assert_eq!(c.tftp.port, 69);
     }
 
     #[test]

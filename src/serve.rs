@@ -88,8 +88,9 @@ pub async fn run(options: ServeOptions) -> Result<()> {
     }
     {
         let config = state.config();
-        let socket = crate::tftp::bind(&interface, address, 69)
-            .with_context(|| format!("cannot bind TFTP on {address}:69 ({interface})"))?;
+        let port = config.tftp.port;
+        let socket = crate::tftp::bind(&interface, address, port)
+            .with_context(|| format!("cannot bind TFTP on {address}:{port} ({interface})"))?;
         let (boot_dir, limits, metrics) = (
             config.boot_dir.clone(),
             config.tftp.clone(),

@@ -95,7 +95,7 @@ fn install(client: &Client, s: &Settings) -> Result<Report> {
     )
     .context("writing the image")?;
     disk.sync()?;
-    let digest = disk.digest(a.size)?;
+    let digest = disk.digest_of(&manifest)?;
     if digest != manifest.meta.digest {
         bail!(
             "the disk reads back with BLAKE3 {digest}, not the image's {}",

@@ -68,6 +68,25 @@ mod tests {
     }
 
     #[test]
+    fn relayed_requests_are_answered_to_the_relay() {
+        let mut p = discover([0x52, 0x54, 0, 0x12, 0x34, 0x56], &[]);
+        p[24..28].copy_from_slice(&[10, 50, 0, 1]); // giaddr
+        let mut s = server().lock().unwrap();
+        let src = SocketAddr::from((Ipv4Addr::new(10, 50, 0, 1), 67));
+        let reply = s.handle(&p, src, false).expect("an offer");
+        assert_eq!(
+            reply.to,
+            SocketAddr::from((Ipv4Addr::new(10, 50, 0, 1), 67))
+        );
+        assert_eq!(
+            &reply.bytes[16..20],
+            &[10, 9, 0, 5],
+            "the host's reservation"
+        );
+        assert_eq!(&reply.bytes[24..28], &[10, 50, 0, 1], "giaddr echoed");
+    }
+
+    #[test]
     fn random_and_mutated_packets_never_panic() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let mut answered = 0;

@@ -543,17 +543,17 @@ fn report(
     Ok(s)
 }
 
-fn mb(bytes: u64) -> String {
+pub(crate) fn mb(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / 1e6)
 }
 
-fn secs(d: Duration) -> String {
+pub(crate) fn secs(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64())
 }
 
 /// Runs `cmd` with its output captured; fails with that output if it exits non-zero.
 /// Returns what it printed on stdout and how long it took.
-fn timed(cmd: &mut Command) -> Result<(String, Duration)> {
+pub(crate) fn timed(cmd: &mut Command) -> Result<(String, Duration)> {
     eprintln!("$ {}", show(cmd));
     let started = Instant::now();
     let output = cmd
@@ -573,7 +573,7 @@ fn timed(cmd: &mut Command) -> Result<(String, Duration)> {
 }
 
 /// Flushes dirty pages, so the next timing does not pay for the previous tool's writes.
-fn settle() -> Result<()> {
+pub(crate) fn settle() -> Result<()> {
     let status = Command::new("sync").status().context("cannot run sync")?;
     if !status.success() {
         bail!("sync failed: {status}");
@@ -582,7 +582,7 @@ fn settle() -> Result<()> {
 }
 
 /// Fails unless `actual` holds exactly the bytes of `expected`; compares as a stream.
-fn check_identical(expected: &Path, actual: &Path, tool: &str) -> Result<()> {
+pub(crate) fn check_identical(expected: &Path, actual: &Path, tool: &str) -> Result<()> {
     let open = |path: &Path| {
         fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))
     };
@@ -640,7 +640,7 @@ fn read_full(file: &mut fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// Reads every regular file under `path` once (device nodes and symlinks are skipped).
-fn warm(path: &Path) -> Result<()> {
+pub(crate) fn warm(path: &Path) -> Result<()> {
     let meta =
         fs::symlink_metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
     if meta.is_dir() {
@@ -705,14 +705,14 @@ fn best_of(runs: usize, mut bench: impl FnMut() -> Result<Measured>) -> Result<M
     Ok(best)
 }
 
-fn fresh_dir(dir: &Path) -> Result<()> {
+pub(crate) fn fresh_dir(dir: &Path) -> Result<()> {
     if dir.exists() {
         fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     }
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
 }
 
-fn remove_if_present(path: &Path) -> Result<()> {
+pub(crate) fn remove_if_present(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
         Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
             Err(err).with_context(|| format!("cannot remove {}", path.display()))

@@ -2,6 +2,7 @@
 //!
 //! Everything a fresh Debian machine needs is installed from here, so no step lives in someone's memory.
 
+mod bench_deploy;
 mod bench_serve;
 mod bench_store;
 mod boot_assets;
@@ -20,6 +21,7 @@ tasks:
   demo          the main job: import a demo image, show the store, export it back
   setup         install the Debian packages and Rust targets the project needs
   boot-assets   copy the pinned iPXE boot loaders from Debian's ipxe package into boot/
+  bench deploy  the agent vs curl | zstd -d | dd and casync, full and delta, on images A and B
   bench store   build three related Debian disk images and compare fleetboot's store
                 with casync, WIM (wimlib) and zstd on them
   bench serve   DHCP, TFTP and HTTP in network namespaces: fleetboot against kea-dhcp4,
@@ -43,6 +45,7 @@ fn run() -> Result<()> {
         ["setup"] => setup::run(),
         ["boot-assets", rest @ ..] => boot_assets::run(rest),
         ["bench", "store", rest @ ..] => bench_store::run(rest),
+        ["bench", "deploy", rest @ ..] => bench_deploy::run(rest),
         ["bench", "serve", rest @ ..] => bench_serve::run(rest),
         ["bench"] => {
             bench_store::run(&[])?;

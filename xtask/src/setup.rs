@@ -16,6 +16,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "busybox"),
     ("dnsmasq-base", "dnsmasq"),
     ("curl", "curl"),
+    // A real browser for the dashboard test.
+    ("chromium", "chromium"),
 ];
 
 /// Packages only the store benchmark needs (the anchors and the image builder).
