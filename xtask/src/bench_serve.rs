@@ -615,6 +615,25 @@ impl Daemon {
         Ok(Duration::from_millis((user + system) * 10))
     }
 
+    /// `result`, with a word on the server when it failed because the server had exited.
+    fn explain<T>(&self, result: Result<T>) -> Result<T> {
+        let alive = fs::metadata(format!("/proc/{}", self.child.id())).is_ok()
+            && !fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+                .unwrap_or_default()
+                .contains(") Z ");
+        result.with_context(|| {
+            if alive {
+                format!("{} was still running", self.name)
+            } else {
+                format!(
+                    "{} had exited (killed from outside the benchmark?); its log ends:\n{}",
+                    self.name,
+                    self.log_tail()
+                )
+            }
+        })
+    }
+
     /// The last lines of its log, for error messages.
     fn log_tail(&self) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
@@ -735,7 +754,7 @@ fn bench_dhcp(
             true,
             67,
         )?;
-        let mut run = perfdhcp(net, &daemon, files, options, &FLEETBOOT_DHCP)?;
+        let mut run = daemon.explain(perfdhcp(net, &daemon, files, options, &FLEETBOOT_DHCP))?;
         // Let the write-behind thread commit the last leases before counting them.
         std::thread::sleep(Duration::from_secs(1));
         let metrics = net
@@ -789,7 +808,7 @@ fn bench_dhcp(
             true,
             67,
         )?;
-        let mut run = perfdhcp(net, &daemon, files, options, &KEA)?;
+        let mut run = daemon.explain(perfdhcp(net, &daemon, files, options, &KEA))?;
         daemon.stop()?;
         run.leases_on_disk = Some(kea_lease_count(&kea_leases)?);
         Ok(run)
@@ -820,7 +839,7 @@ fn bench_dhcp(
             }
             let log = work.join(format!("{}.log", server.slug));
             let daemon = net.start(&mut cmd, &log, true, 67)?;
-            let mut run = perfdhcp(net, &daemon, files, options, server)?;
+            let mut run = daemon.explain(perfdhcp(net, &daemon, files, options, server))?;
             daemon.stop()?;
             if !read_only {
                 let text = fs::read_to_string(&leases)
@@ -995,7 +1014,7 @@ fn bench_tftp(
         true,
         69,
     )?;
-    let run = tftp_downloads(net, files, options, "fleetboot", "")?;
+    let run = daemon.explain(tftp_downloads(net, files, options, "fleetboot", ""))?;
     daemon.stop()?;
     runs.push(run);
 
@@ -1012,7 +1031,13 @@ fn bench_tftp(
         true,
         69,
     )?;
-    let run = tftp_downloads(net, files, options, "tftpd-hpa", REF_TFTPD_CURL)?;
+    let run = daemon.explain(tftp_downloads(
+        net,
+        files,
+        options,
+        "tftpd-hpa",
+        REF_TFTPD_CURL,
+    ))?;
     daemon.stop()?;
     runs.push(run);
 
@@ -1037,7 +1062,7 @@ fn bench_tftp(
         true,
         69,
     )?;
-    let mut run = tftp_downloads(net, files, options, "atftpd", "")?;
+    let mut run = daemon.explain(tftp_downloads(net, files, options, "atftpd", ""))?;
     run.reference = REF_ATFTPD_WINDOW;
     daemon.stop()?;
     runs.push(run);
@@ -1169,7 +1194,7 @@ fn bench_http(
         HTTP_PORT,
     )?;
     check_range(net, &url, expected, work, "fleetboot")?;
-    runs.push(best_wrk(net, &url, options, "fleetboot")?);
+    runs.push(daemon.explain(best_wrk(net, &url, options, "fleetboot"))?);
     daemon.stop()?;
 
     let nginx_dir = work.join("nginx");
@@ -1219,7 +1244,7 @@ http {{
         HTTP_PORT,
     )?;
     check_range(net, &url, expected, work, "nginx")?;
-    runs.push(best_wrk(net, &url, options, "nginx")?);
+    runs.push(daemon.explain(best_wrk(net, &url, options, "nginx"))?);
     daemon.stop()?;
     Ok(runs)
 }

@@ -25,8 +25,8 @@ tasks:
   bench store   build three related Debian disk images and compare fleetboot's store
                 with casync, WIM (wimlib) and zstd on them
   bench serve   DHCP, TFTP and HTTP in network namespaces: fleetboot against kea-dhcp4,
-                dnsmasq, tftpd-hpa, atftpd and nginx (--clients N, --runs N, --quick)
-  bench         both benchmarks
+                dnsmasq, tftpd-hpa, atftpd and nginx (--clients N, --runs N, --repeat N, --quick)
+  bench         bench store, then bench serve
 ";
 
 fn main() {
