@@ -25,6 +25,8 @@ pub struct LeasePool {
     leases: HashMap<Mac, Lease>,
     by_ip: HashMap<Ipv4Addr, Mac>,
     offers: HashMap<Mac, Lease>,
+    /// Who each offered address is held for (so checking an address is O(1), not O(offers)).
+    offer_by_ip: HashMap<Ipv4Addr, Mac>,
     /// Addresses a client declined (in use by someone we do not know), until when.
     declined: HashMap<Ipv4Addr, i64>,
     /// Where the search for a free address starts next.
@@ -67,10 +69,13 @@ impl LeasePool {
             .by_ip
             .get(&ip)
             .is_some_and(|m| *m != mac && self.leases.get(m).is_some_and(|l| l.expires > now));
-        let offered = self
-            .offers
-            .iter()
-            .any(|(m, o)| *m != mac && o.ip == ip && o.expires > now);
+        let offered = self.offer_by_ip.get(&ip).is_some_and(|m| {
+            *m != mac
+                && self
+                    .offers
+                    .get(m)
+                    .is_some_and(|o| o.ip == ip && o.expires > now)
+        });
         !leased && !offered
     }
 
@@ -96,6 +101,7 @@ impl LeasePool {
         } else {
             self.next_free(mac, now)
         }?;
+        self.drop_offer(mac);
         self.offers.insert(
             mac,
             Lease {
@@ -103,6 +109,7 @@ impl LeasePool {
                 expires: now + OFFER_HOLD_S,
             },
         );
+        self.offer_by_ip.insert(ip, mac);
         Some(ip)
     }
 
@@ -133,7 +140,7 @@ impl LeasePool {
             ip,
             expires: now + i64::from(lease_s),
         };
-        self.offers.remove(&mac);
+        self.drop_offer(mac);
         self.leases.insert(mac, lease);
         self.by_ip.insert(ip, mac);
         Some(lease)
@@ -141,7 +148,7 @@ impl LeasePool {
 
     /// The client gave its address back.
     pub fn release(&mut self, mac: Mac) -> Option<Lease> {
-        self.offers.remove(&mac);
+        self.drop_offer(mac);
         let lease = self.leases.remove(&mac)?;
         self.by_ip.remove(&lease.ip);
         Some(lease)
@@ -155,7 +162,15 @@ impl LeasePool {
 
     /// The client chose another server's offer.
     pub fn forget_offer(&mut self, mac: Mac) {
-        self.offers.remove(&mac);
+        self.drop_offer(mac);
+    }
+
+    fn drop_offer(&mut self, mac: Mac) {
+        if let Some(o) = self.offers.remove(&mac) {
+            if self.offer_by_ip.get(&o.ip) == Some(&mac) {
+                self.offer_by_ip.remove(&o.ip);
+            }
+        }
     }
 }
 
