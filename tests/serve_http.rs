@@ -369,3 +369,56 @@ fn the_rig_store_is_real() {
         .unwrap();
     assert_eq!(std::fs::read(Path::new(&out)).unwrap(), rig.image);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packs_are_served_whole_or_by_range_and_large_ones_streamed() {
+    let rig = rig("");
+    let id = "0123456789abcdef0123456789abcdef";
+    let data: Vec<u8> = (0..20u32 << 20).map(|i| (i % 253) as u8).collect();
+    std::fs::write(
+        rig.state.store.root().join(format!("packs/{id}.pack")),
+        &data,
+    )
+    .unwrap();
+    let uri = format!("/store/packs/{id}.pack");
+    let (s, body) = call(&rig, Request::get(&uri).body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(body == data, "the whole pack, streamed");
+    for (range, want) in [
+        ("bytes=5-9", &data[5..10]),
+        ("bytes=-3", &data[data.len() - 3..]),
+    ] {
+        let (s, body) = call(
+            &rig,
+            Request::get(&uri)
+                .header("range", range)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            (s, body.as_slice()),
+            (StatusCode::PARTIAL_CONTENT, want),
+            "{range}"
+        );
+    }
+    let (s, _) = call(
+        &rig,
+        Request::get(&uri)
+            .header("range", "bytes=99999999-")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(
+        get(&rig, "/store/packs/nothex.pack").await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        get(&rig, "/store/packs/ffffffffffffffffffffffffffffffff.pack")
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+}
