@@ -20,7 +20,8 @@ pub struct Settings {
     pub server: String,
     pub mac: String,
     pub token: Option<String>,
-    pub target: PathBuf,
+    /// The disk; `None`: the one the assignment's `disk` names (`auto`, a path, a serial, a WWN).
+    pub target: Option<PathBuf>,
 }
 
 /// What an install did.
@@ -44,11 +45,15 @@ pub fn deploy(s: &Settings) -> Result<Report> {
 
 fn install(client: &Client, s: &Settings) -> Result<Report> {
     let a = client.assignment()?;
+    let target = match &s.target {
+        Some(t) => t.clone(),
+        None => crate::disk::choose(&a.disk, a.size)?,
+    };
     eprintln!(
         "fleetboot-agent: installing {} ({} bytes) on {}",
         a.image,
         a.size,
-        s.target.display()
+        target.display()
     );
     let manifest =
         Manifest::decode(&client.fetch(&a.manifest_url)?).context("the image's manifest")?;
@@ -58,7 +63,7 @@ fn install(client: &Client, s: &Settings) -> Result<Report> {
             a.image
         );
     }
-    let mut disk = Disk::open(&s.target, a.size)?;
+    let mut disk = Disk::open(&target, a.size)?;
     let old = a
         .installed_manifest_url
         .as_deref()
@@ -111,7 +116,7 @@ fn install(client: &Client, s: &Settings) -> Result<Report> {
     client.done(&done)?;
     Ok(Report {
         image: a.image,
-        target: s.target.clone(),
+        target,
         bytes_fetched: done.bytes_fetched,
         bytes_reused: done.bytes_reused,
         digest,

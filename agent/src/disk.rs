@@ -11,6 +11,69 @@ use std::path::{Path, PathBuf};
 
 nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
 
+/// Finds the disk `spec` names: `auto` (the one non-removable disk at least `size` bytes big),
+/// a path, or a serial number or WWN as /sys reports them.
+pub fn choose(spec: &str, size: u64) -> Result<PathBuf> {
+    if spec.starts_with('/') {
+        return Ok(PathBuf::from(spec));
+    }
+    let mut disks = Vec::new();
+    for e in std::fs::read_dir("/sys/block")
+        .context("cannot list /sys/block")?
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if ["loop", "ram", "zram", "sr", "fd", "md", "dm-", "nbd"]
+            .iter()
+            .any(|p| name.starts_with(p))
+        {
+            continue;
+        }
+        let read = |f: &str| {
+            std::fs::read_to_string(e.path().join(f))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        let bytes = read("size").parse::<u64>().unwrap_or(0) * 512;
+        let ids = [
+            read("device/serial"),
+            read("device/wwid"),
+            read("wwid"),
+            read("serial"),
+        ];
+        disks.push((name, bytes, read("removable") == "1", ids));
+    }
+    let listing = || {
+        disks
+            .iter()
+            .map(|(n, b, _, _)| format!("{n} ({b} bytes)"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if spec != "auto" {
+        return match disks
+            .iter()
+            .find(|d| d.3.iter().any(|id| !id.is_empty() && id.contains(spec)))
+        {
+            Some(d) => Ok(PathBuf::from(format!("/dev/{}", d.0))),
+            None => bail!("no disk matching {spec:?} (found: {})", listing()),
+        };
+    }
+    let fit: Vec<_> = disks.iter().filter(|d| !d.2 && d.1 >= size).collect();
+    match fit.as_slice() {
+        [one] => Ok(PathBuf::from(format!("/dev/{}", one.0))),
+        [] => bail!(
+            "no disk matching auto: none is non-removable and at least {size} bytes (found: {})",
+            listing()
+        ),
+        _ => bail!(
+            "several disks could take the image ({}): name one with `disk:` in the configuration",
+            listing()
+        ),
+    }
+}
+
 /// An open target.
 pub struct Disk {
     pub path: PathBuf,

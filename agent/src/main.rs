@@ -5,12 +5,15 @@
 //! ```
 //! On a host (benchmarks, tests): asks the appliance for the MAC's boot script as iPXE would —
 //! which hands out the per-boot token — then installs the assigned image on the target.
-//! As `/init` of the initramfs (a later step) it reads the same settings from the kernel command
-//! line (`fleetboot.url=`, `fleetboot.mac=`, `fleetboot.token=`).
+//! As `/init` of the initramfs (process 1) it reads the same settings from the kernel command
+//! line (`fleetboot.url=`, `fleetboot.mac=`, `fleetboot.token=`, `fleetboot.ip=` …), see [`init`].
 
 mod client;
 mod deploy;
 mod disk;
+mod init;
+mod modules;
+mod netconf;
 mod source;
 
 use anyhow::{bail, Context, Result};
@@ -19,6 +22,9 @@ const USAGE: &str =
     "usage: fleetboot-agent deploy --server URL --mac MAC --target FILE_OR_DEVICE [--token TOKEN]";
 
 fn main() {
+    if std::process::id() == 1 {
+        init::run();
+    }
     if let Err(err) = run() {
         eprintln!("fleetboot-agent: error: {err:#}");
         std::process::exit(1);
@@ -53,7 +59,7 @@ fn run() -> Result<()> {
                 server,
                 mac,
                 token,
-                target: target.into(),
+                target: Some(target.into()),
             })?;
             println!(
                 "installed {} on {}: fetched {} bytes, reused {} bytes from the disk, digest {}",

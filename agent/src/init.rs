@@ -1,0 +1,166 @@
+//! The agent as `/init` of its initramfs: mount the kernel's file systems, read the command line,
+//! load the drivers the hardware asks for, bring up the NIC iPXE booted from, install, reboot.
+//!
+//! Every step prints a line on the console, and every failure says what was missing ("no NIC with
+//! MAC …", "no disk matching …"). A failed install is reported to the appliance and the machine
+//! then stays put (or powers off with `fleetboot.on_failure=poweroff`): it never reboots into a
+//! half-written disk as if it were done.
+
+use crate::{deploy, modules, netconf};
+use anyhow::{bail, Context, Result};
+use nix::mount::{mount, MsFlags};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+/// Settings from the kernel command line (`fleetboot.KEY=VALUE`).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Cmdline {
+    pub values: HashMap<String, String>,
+}
+
+impl Cmdline {
+    pub fn parse(text: &str) -> Cmdline {
+        let values = text
+            .split_whitespace()
+            .filter_map(|w| w.strip_prefix("fleetboot."))
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Cmdline { values }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.values
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    fn need(&self, key: &str) -> Result<&str> {
+        self.get(key)
+            .with_context(|| format!("no fleetboot.{key}= on the kernel command line"))
+    }
+}
+
+fn say(msg: &str) {
+    println!("fleetboot-agent: {msg}");
+}
+
+/// Runs as process 1; never returns.
+pub fn run() -> ! {
+    let result = setup_and_install();
+    let poweroff = std::fs::read_to_string("/proc/cmdline")
+        .map(|c| Cmdline::parse(&c).get("on_failure") == Some("poweroff"))
+        .unwrap_or(false);
+    match result {
+        Ok(()) => {
+            say("installed; rebooting into it");
+            nix::unistd::sync();
+            let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+        }
+        Err(e) => {
+            say(&format!("FAILED: {e:#}"));
+            nix::unistd::sync();
+            if poweroff {
+                say("powering off");
+                let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+            }
+            say("stopped; the disk was not reported installed");
+        }
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn setup_and_install() -> Result<()> {
+    mount_filesystems()?;
+    let cmdline = Cmdline::parse(
+        &std::fs::read_to_string("/proc/cmdline").context("cannot read /proc/cmdline")?,
+    );
+    say(&format!("starting (kernel {})", kernel_release()));
+    let url = cmdline.need("url")?.trim_end_matches('/').to_string();
+    let mac = cmdline.need("mac")?.to_lowercase();
+    let token = cmdline.need("token")?.to_string();
+
+    let loaded =
+        modules::load_for_hardware(Path::new("/lib/modules").join(kernel_release()).as_path())?;
+    say(&format!("loaded {} driver modules", loaded.len()));
+
+    let ifname = netconf::wait_for_nic(&mac, Duration::from_secs(15))?;
+    let ip = cmdline.need("ip")?;
+    let netmask = cmdline.get("netmask").unwrap_or("255.255.255.0");
+    netconf::configure(&ifname, ip, netmask, cmdline.get("gateway"))?;
+    say(&format!("{ifname} ({mac}) up as {ip}/{netmask}"));
+
+    let report = deploy::deploy(&deploy::Settings {
+        server: url,
+        mac,
+        token: Some(token),
+        target: None,
+    })?;
+    say(&format!(
+        "{} written to {}: fetched {} bytes, reused {} bytes, digest {}",
+        report.image,
+        report.target.display(),
+        report.bytes_fetched,
+        report.bytes_reused,
+        report.digest
+    ));
+    Ok(())
+}
+
+fn mount_filesystems() -> Result<()> {
+    for (src, target, fstype) in [
+        ("proc", "/proc", "proc"),
+        ("sysfs", "/sys", "sysfs"),
+        ("devtmpfs", "/dev", "devtmpfs"),
+    ] {
+        let _ = std::fs::create_dir_all(target);
+        if let Err(e) = mount(
+            Some(src),
+            target,
+            Some(fstype),
+            MsFlags::empty(),
+            None::<&str>,
+        ) {
+            if e != nix::errno::Errno::EBUSY {
+                bail!("cannot mount {fstype} on {target}: {e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_its_settings_from_the_command_line() {
+        let c = Cmdline::parse(
+            "BOOT_IMAGE=x initrd=fleetboot-initrd.img console=ttyS0 fleetboot.url=http://10.0.0.1:8080 \
+             fleetboot.mac=52:54:00:12:34:56 fleetboot.token=abc fleetboot.ip=10.0.0.105 fleetboot.gateway=",
+        );
+        assert_eq!(c.get("url"), Some("http://10.0.0.1:8080"));
+        assert_eq!(c.get("mac"), Some("52:54:00:12:34:56"));
+        assert_eq!(c.get("ip"), Some("10.0.0.105"));
+        assert_eq!(
+            c.get("gateway"),
+            None,
+            "empty (iPXE had none) counts as absent"
+        );
+        assert!(c
+            .need("disk")
+            .unwrap_err()
+            .to_string()
+            .contains("fleetboot.disk="));
+    }
+}
