@@ -7,6 +7,8 @@ mod bench_serve;
 mod bench_store;
 mod boot_assets;
 mod demo;
+mod e2e;
+mod initramfs;
 mod os_images;
 mod setup;
 mod test;
@@ -21,6 +23,8 @@ tasks:
   demo          the main job: import a demo image, show the store, export it back
   setup         install the Debian packages and Rust targets the project needs
   boot-assets   copy the pinned iPXE boot loaders from Debian's ipxe package into boot/
+  e2e           the agent in a QEMU VM: install, reinstall moving only what changed, local boot
+  initramfs     the agent's kernel and initramfs (Debian's kernel, static agent as /init) in boot/
   bench deploy  the agent vs curl | zstd -d | dd and casync, full and delta, on images A and B
   bench store   build three related Debian disk images and compare fleetboot's store
                 with casync, WIM (wimlib) and zstd on them
@@ -44,6 +48,8 @@ fn run() -> Result<()> {
         ["demo"] => demo::run(),
         ["setup"] => setup::run(),
         ["boot-assets", rest @ ..] => boot_assets::run(rest),
+        ["initramfs", rest @ ..] => initramfs::run(rest),
+        ["e2e", rest @ ..] => e2e::run(rest),
         ["bench", "store", rest @ ..] => bench_store::run(rest),
         ["bench", "deploy", rest @ ..] => bench_deploy::run(rest),
         ["bench", "serve", rest @ ..] => bench_serve::run(rest),
