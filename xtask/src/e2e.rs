@@ -1,13 +1,14 @@
-//! `cargo xtask e2e`: the agent in a real VM.
+//! `cargo xtask e2e`: the whole chain in a real VM, through its own firmware's PXE.
 //!
-//! So far (the PXE half of the chain is the next step): in a network namespace this task creates
-//! — a bridge holding the appliance's address and a tap device for QEMU — `fleetboot serve` runs,
-//! and a QEMU VM (TCG) with a blank virtio disk boots the agent's kernel and initramfs directly,
-//! with the command line the iPXE script would give it. The agent loads its drivers, brings up
-//! the NIC, installs `demo@1` on the disk and reboots; the disk must read back identical to
-//! `fleetboot image export demo@1`. Then `demo@2` is assigned and the VM runs again: the agent must
-//! reuse far more from the disk than it fetches, and the disk must equal `demo@2`. Last, the
-//! appliance must send the installed host to its local disk.
+//! In a network namespace this task creates — a bridge holding the appliance's address and a tap
+//! device for QEMU — `fleetboot serve` runs in full DHCP mode (router advertisements on), and a
+//! QEMU VM (SeaBIOS + the iPXE ROM of its virtio NIC, TCG) with a blank disk network-boots:
+//! 1. `demo@1` is assigned: the VM gets the agent, is imaged, reboots, boots its disk and prints
+//!    `demo@1`'s marker; the disk reads back identical to `fleetboot image export demo@1`;
+//! 2. `demo@2` (a small change) is assigned: the VM is reimaged — reusing far more from its disk
+//!    than it fetches — and prints `demo@2`'s marker;
+//! 3. it boots once more: straight to its disk, no agent.
+//! It ends with one summary line (times per phase, bytes fetched and reused).
 
 use crate::util::{self, root};
 use anyhow::{bail, Context, Result};
@@ -18,7 +19,6 @@ use std::time::{Duration, Instant};
 
 const MAC: &str = "52:54:00:e2:e0:01";
 const SERVER: &str = "10.77.0.1";
-const VM_IP: &str = "10.77.0.50";
 
 /// The namespace, deleted (with what runs in it) on drop.
 struct Netns(String);
@@ -86,30 +86,16 @@ pub fn run(_args: &[&str]) -> Result<()> {
     let fleetboot = root().join("target/release/fleetboot");
     let boot = root().join("boot");
     crate::initramfs::build(&boot)?;
+    crate::boot_assets::install(&boot)?;
 
     let work = root().join("target/e2e");
     if work.exists() {
         fs::remove_dir_all(&work)?;
     }
-    fs::create_dir_all(work.join("tree/etc"))?;
+    fs::create_dir_all(&work)?;
     let store = work.join("store");
-    for (version, motd) in [
-        (1, "demo image, version 1\n"),
-        (2, "demo image, version 2\n"),
-    ] {
-        fs::write(work.join("tree/etc/motd"), motd)?;
-        fs::write(
-            work.join("tree/etc/payload"),
-            format!("{version}").repeat(300_000),
-        )?;
-        let img = work.join(format!("demo-{version}.img"));
-        util::run(
-            Command::new("mkfs.ext4")
-                .args(["-q", "-F", "-E", "root_owner=0:0", "-U", "clear", "-d"])
-                .arg(work.join("tree"))
-                .arg(&img)
-                .arg("64M"),
-        )?;
+    for (name, extra) in [("demo@1", ""), ("demo@2", "second version\n")] {
+        let img = crate::images::build(&work, name, extra)?;
         util::run(
             Command::new(&fleetboot)
                 .arg("--store")
@@ -135,7 +121,7 @@ pub fn run(_args: &[&str]) -> Result<()> {
     let disk = work.join("disk.img");
     fs::File::create(&disk)?.set_len(256 << 20)?;
     let t1 = Instant::now();
-    let first = boot_vm(&ns, &boot, &disk, &work.join("vm-1.log"))?;
+    let first = boot_vm(&ns, &disk, &work.join("vm-1.log"), "demo@1", true)?;
     let install_1 = t1.elapsed();
     check_disk(&fleetboot, &store, "demo@1", &disk, &work)?;
 
@@ -143,7 +129,7 @@ pub fn run(_args: &[&str]) -> Result<()> {
     util::run(Command::new("kill").args(["-HUP", &server.0.id().to_string()]))?;
     std::thread::sleep(Duration::from_millis(300));
     let t2 = Instant::now();
-    let second = boot_vm(&ns, &boot, &disk, &work.join("vm-2.log"))?;
+    let second = boot_vm(&ns, &disk, &work.join("vm-2.log"), "demo@2", true)?;
     let install_2 = t2.elapsed();
     check_disk(&fleetboot, &store, "demo@2", &disk, &work)?;
     let (fetched, reused) = figures(&second)?;
@@ -151,17 +137,17 @@ pub fn run(_args: &[&str]) -> Result<()> {
         bail!("the reimage fetched {fetched} bytes and reused only {reused}");
     }
 
-    let script = script(&ns)?;
-    if script.contains("fleetboot.token=") || !script.contains("sanboot") {
-        bail!("an installed host should boot its local disk, got:\n{script}");
-    }
+    let t3 = Instant::now();
+    boot_vm(&ns, &disk, &work.join("vm-3.log"), "demo@2", false)?;
+    let local = t3.elapsed();
     let (f1, _) = figures(&first)?;
     println!(
-        "e2e: PASS in {:.0} s — install demo@1 {:.1} s (fetched {f1} bytes), reinstall demo@2 {:.1} s \
-         (fetched {fetched}, reused {reused}), then local boot",
+        "e2e: PASS in {:.0} s — PXE + install demo@1 + boot it {:.1} s (fetched {f1} bytes), reimage to demo@2 \
+         + boot it {:.1} s (fetched {fetched}, reused {reused}), local boot {:.1} s",
         started.elapsed().as_secs_f64(),
         install_1.as_secs_f64(),
-        install_2.as_secs_f64()
+        install_2.as_secs_f64(),
+        local.as_secs_f64()
     );
     Ok(())
 }
@@ -170,7 +156,8 @@ fn write_config(work: &Path, boot: &Path, image: &str) -> Result<()> {
     fs::write(
         work.join("fleetboot.yaml"),
         format!(
-            "interface: br0\nhttp_port: 8080\nboot_dir: {}\nstore: store\nstate_dir: state\ndhcp: {{ mode: off }}\n\
+            "interface: br0\nhttp_port: 8080\nboot_dir: {}\nstore: store\nstate_dir: state\nrouter_advertisements: true\n\
+             dhcp: {{ mode: full, range: [10.77.0.100, 10.77.0.150], router: 10.77.0.1 }}\n\
              hosts:\n  \"{MAC}\": {{ image: {image}, hostname: e2e-01 }}\n",
             boot.display()
         ),
@@ -198,28 +185,18 @@ fn wait_http(ns: &Netns) -> Result<()> {
     bail!("fleetboot serve did not answer")
 }
 
-fn script(ns: &Netns) -> Result<String> {
-    let out = ns
-        .cmd("curl")
-        .args(["-sf", &format!("http://{SERVER}:8080/boot/{MAC}.ipxe")])
-        .output()?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Boots the agent as iPXE would (its script's command line), until the VM reboots.
-fn boot_vm(ns: &Netns, boot: &Path, disk: &Path, log: &Path) -> Result<String> {
-    let script = script(ns)?;
-    let token = script
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("fleetboot.token="))
-        .with_context(|| format!("the script does not boot the agent:\n{script}"))?;
-    let append = format!(
-        "console=ttyS0 quiet fleetboot.url=http://{SERVER}:8080 fleetboot.mac={MAC} fleetboot.token={token} \
-         fleetboot.ip={VM_IP} fleetboot.netmask=255.255.255.0 fleetboot.on_failure=poweroff"
-    );
+/// Powers the VM on: it network-boots (NIC first, disk second) and runs until it powers off —
+/// which the demo image does once it has printed its marker. Returns the serial console.
+fn boot_vm(
+    ns: &Netns,
+    disk: &Path,
+    log: &Path,
+    marker: &str,
+    expect_agent: bool,
+) -> Result<String> {
     let status = ns
         .cmd("timeout")
-        .arg("300")
+        .arg("400")
         .args([
             "qemu-system-x86_64",
             "-accel",
@@ -227,34 +204,52 @@ fn boot_vm(ns: &Netns, boot: &Path, disk: &Path, log: &Path) -> Result<String> {
             "-smp",
             "1",
             "-m",
-            "512",
+            "768",
             "-nographic",
-            "-no-reboot",
         ])
-        .arg("-kernel")
-        .arg(boot.join("fleetboot-vmlinuz"))
-        .arg("-initrd")
-        .arg(boot.join("fleetboot-initrd.img"))
-        .args(["-append", &append])
         .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
-        .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={MAC}")])
+        .args([
+            "-device",
+            &format!("virtio-net-pci,netdev=n0,mac={MAC},bootindex=1"),
+        ])
         .arg("-drive")
         .arg(format!("file={},format=raw,if=none,id=d0", disk.display()))
-        .args(["-device", "virtio-blk-pci,drive=d0"])
+        .args(["-device", "virtio-blk-pci,drive=d0,bootindex=2"])
         .stdin(Stdio::null())
         .stdout(fs::File::create(log)?)
         .stderr(Stdio::null())
         .status()?;
-    let text = fs::read_to_string(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(&fs::read(log).unwrap_or_default()).into_owned();
     let console: String = text
         .lines()
-        .filter(|l| l.contains("fleetboot-agent"))
-        .map(|l| format!("{l}\n"))
+        .filter(|l| l.contains("fleetboot-agent") || l.contains("FLEETBOOT-MARKER"))
+        .map(|l| {
+            format!(
+                "{}\n",
+                l.trim_start_matches(|c: char| c.is_control() || c == '[' || c == '?')
+            )
+        })
         .collect();
     print!("{console}");
-    if !status.success() || !text.contains("installed; rebooting") {
+    let agent_ran = text.contains("fleetboot-agent: starting");
+    if !status.success() {
         bail!(
-            "the VM did not install ({status}); console in {}",
+            "the VM did not power off by itself ({status}); console in {}",
+            log.display()
+        );
+    }
+    if expect_agent && !text.contains("installed; rebooting") {
+        bail!("the agent did not install; console in {}", log.display());
+    }
+    if !expect_agent && agent_ran {
+        bail!(
+            "the agent ran although the host was installed; console in {}",
+            log.display()
+        );
+    }
+    if !text.contains(&format!("FLEETBOOT-MARKER {marker}")) {
+        bail!(
+            "the VM did not boot {marker} from its disk; console in {}",
             log.display()
         );
     }

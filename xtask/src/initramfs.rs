@@ -143,6 +143,14 @@ pub fn build(boot_dir: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((vmlinuz, initrd))
 }
 
+/// The kernel image and its version (downloaded and unpacked once).
+pub fn kernel_image() -> Result<(PathBuf, String)> {
+    let work = root().join("target/initramfs");
+    fs::create_dir_all(&work)?;
+    let (kernel, _, version) = kernel(&work)?;
+    Ok((kernel, version))
+}
+
 /// Downloads and unpacks the kernel `linux-image-amd64` points to (once); returns its image, its
 /// module folder (with `depmod`'s index) and its version.
 fn kernel(work: &Path) -> Result<(PathBuf, PathBuf, String)> {

@@ -8,6 +8,7 @@ mod bench_store;
 mod boot_assets;
 mod demo;
 mod e2e;
+mod images;
 mod initramfs;
 mod os_images;
 mod setup;
@@ -24,6 +25,7 @@ tasks:
   setup         install the Debian packages and Rust targets the project needs
   boot-assets   copy the pinned iPXE boot loaders from Debian's ipxe package into boot/
   e2e           the agent in a QEMU VM: install, reinstall moving only what changed, local boot
+  images        the demo disk images (bootable, print a marker) into images/out
   initramfs     the agent's kernel and initramfs (Debian's kernel, static agent as /init) in boot/
   bench deploy  the agent vs curl | zstd -d | dd and casync, full and delta, on images A and B
   bench store   build three related Debian disk images and compare fleetboot's store
@@ -50,6 +52,7 @@ fn run() -> Result<()> {
         ["boot-assets", rest @ ..] => boot_assets::run(rest),
         ["initramfs", rest @ ..] => initramfs::run(rest),
         ["e2e", rest @ ..] => e2e::run(rest),
+        ["images", rest @ ..] => images::run(rest),
         ["bench", "store", rest @ ..] => bench_store::run(rest),
         ["bench", "deploy", rest @ ..] => bench_deploy::run(rest),
         ["bench", "serve", rest @ ..] => bench_serve::run(rest),
