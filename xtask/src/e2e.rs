@@ -8,6 +8,7 @@
 //! 2. `demo@2` (a small change) is assigned: the VM is reimaged — reusing far more from its disk
 //!    than it fetches — and prints `demo@2`'s marker;
 //! 3. it boots once more: straight to its disk, no agent.
+//!
 //! It ends with one summary line (times per phase, bytes fetched and reused).
 
 use crate::util::{self, root};
