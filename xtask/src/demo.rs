@@ -1,8 +1,8 @@
-//! `cargo xtask demo`: the main job, as far as it goes today — build two versions of a small
-//! ext4 disk image, import both into a fresh store, show what the store holds and what a reimage
-//! from one to the other moves, export the second back and check it byte for byte.
-//!
-//! (A later issue makes the demo PXE-boot a VM and image it.)
+//! `cargo xtask demo`: the main job, visibly. First the combined image store: two versions of a
+//! small ext4 image imported, listed, compared, exported back byte for byte. Then the appliance:
+//! `fleetboot serve` on a bridge in a network namespace, and a QEMU VM that PXE-boots from it, is
+//! imaged with demo@1 by the agent, boots it, is reimaged to demo@2 (only what changed moves) and
+//! boots that — the agent's progress and each first boot shown from the VM's serial console.
 
 use crate::util::{self, root};
 use anyhow::{bail, Context, Result};
@@ -71,8 +71,21 @@ pub fn run() -> Result<()> {
         store.display()
     );
     println!(
-        "try: target/release/fleetboot --store {} image list",
+        "try: target/release/fleetboot --store {} image list\n",
         store.display()
+    );
+
+    println!("demo: now a VM PXE-boots from fleetboot serve and is imaged (about a minute under TCG)...\n");
+    crate::e2e::run(&[])?;
+    println!(
+        "\ndemo: what happened: the VM's firmware (SeaBIOS + iPXE) got an address and its script from \
+         fleetboot serve, booted the agent, which wrote demo@1 to its disk (every chunk verified) and \
+         rebooted into it; demo@2 was then assigned and the next boot moved only what changed; the \
+         last boot went straight to the disk. Logs and disks: target/e2e/.\n\n\
+         On a real network: import your image (fleetboot image import NAME FILE), write a configuration \
+         like config/fleetboot.yaml (interface; dhcp mode proxy beside your DHCP server, or full; hosts \
+         by MAC), run `cargo xtask boot-assets` and `cargo xtask initramfs` to fill boot/, then \
+         `fleetboot serve --config FILE` as root, and power the machines on."
     );
     Ok(())
 }
