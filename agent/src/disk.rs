@@ -10,6 +10,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
 nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
+nix::ioctl_none!(blkrrpart, 0x12, 95);
 
 /// Finds the disk `spec` names: `auto` (the one non-removable disk at least `size` bytes big),
 /// a path, or a serial number or WWN as /sys reports them.
@@ -138,11 +139,24 @@ impl Disk {
         Ok(buf)
     }
 
-    /// Flushes everything to the medium.
+    /// Flushes everything to the medium and, on a device, has the kernel re-read its partition
+    /// table (the new image brings its own).
     pub fn sync(&self) -> Result<()> {
         self.file
             .sync_all()
-            .with_context(|| format!("cannot sync {}", self.path.display()))
+            .with_context(|| format!("cannot sync {}", self.path.display()))?;
+        if self.is_device {
+            use std::os::fd::AsRawFd;
+            // SAFETY: BLKRRPART takes no argument. A busy or partitionless device refuses it,
+            // which does not make the written image wrong: say so and go on.
+            if let Err(e) = unsafe { blkrrpart(self.file.as_raw_fd()) } {
+                eprintln!(
+                    "fleetboot-agent: {} keeps its old partition table until reboot ({e})",
+                    self.path.display()
+                );
+            }
+        }
+        Ok(())
     }
 
     /// BLAKE3 of the image as it reads back now: its data extents read from the disk, its zero
