@@ -3,6 +3,7 @@
 //!
 //! Called by whatever needs the loaders (the demo, the end-to-end test), so nobody has to remember
 //! it. A Debian update that changes a binary fails here loudly instead of booting something new.
+//! Also builds `fleetboot-localboot.efi` (UEFI local boot) from Debian's GRUB.
 
 use crate::util::root;
 use anyhow::{bail, Context, Result};
@@ -68,6 +69,7 @@ pub fn install(dir: &Path) -> Result<()> {
         record.push_str(&format!("{sha256}  {name}\n"));
     }
     fs::write(dir.join("ASSETS.sha256"), record)?;
+    local_boot_efi(dir)?;
     eprintln!("boot assets: iPXE {version} loaders in {}", dir.display());
     Ok(())
 }
@@ -85,4 +87,32 @@ fn sha256_of(path: &Path) -> Result<String> {
         .next()
         .unwrap_or_default()
         .to_string())
+}
+
+/// Builds `fleetboot-localboot.efi`: a standalone GRUB (Debian's grub-efi-amd64-bin) that finds
+/// the disk holding `\EFI\BOOT\BOOTX64.EFI` and chainloads it. Under UEFI, iPXE's `exit` leaves
+/// OVMF in its setup menu (PXE-LAB.md); this is how the local-disk script boots the disk.
+fn local_boot_efi(dir: &Path) -> Result<()> {
+    crate::setup::apt_install(&[
+        ("grub-efi-amd64-bin", "/usr/lib/grub/x86_64-efi/chain.mod"),
+        ("grub-common", "grub-mkstandalone"),
+    ])?;
+    let cfg = dir.join(".localboot-grub.cfg");
+    fs::write(
+        &cfg,
+        "search --no-floppy --file /EFI/BOOT/BOOTX64.EFI --set=root\nchainloader /EFI/BOOT/BOOTX64.EFI\nboot\n",
+    )?;
+    let out = dir.join("fleetboot-localboot.efi");
+    let status = Command::new("grub-mkstandalone")
+        .args(["-O", "x86_64-efi", "--locales=", "--fonts=", "--themes="])
+        .arg("-o")
+        .arg(&out)
+        .arg(format!("boot/grub/grub.cfg={}", cfg.display()))
+        .status()
+        .context("cannot run grub-mkstandalone")?;
+    fs::remove_file(&cfg)?;
+    if !status.success() {
+        bail!("grub-mkstandalone failed");
+    }
+    Ok(())
 }

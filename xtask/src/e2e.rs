@@ -10,6 +10,10 @@
 //! 3. it boots once more: straight to its disk, no agent.
 //!
 //! It ends with one summary line (times per phase, bytes fetched and reused).
+//!
+//! `--uefi` runs the same with OVMF (its own PXE → TFTP snponly.efi → iPXE → agent) on NVMe. Not
+//! yet in CI: the install works, but the local boot (iPXE chaining a standalone GRUB that should
+//! find `\EFI\BOOT\BOOTX64.EFI`) does not see the disk under OVMF and stops at `grub>`.
 
 use crate::util::{self, root};
 use anyhow::{bail, Context, Result};
@@ -71,10 +75,16 @@ impl Drop for Daemon {
     }
 }
 
-pub fn run(_args: &[&str]) -> Result<()> {
+pub fn run(args: &[&str]) -> Result<()> {
+    let uefi = match args {
+        [] => false,
+        ["--uefi"] => true,
+        _ => bail!("usage: cargo xtask e2e [--uefi]"),
+    };
     crate::setup::apt_install(&[
         ("qemu-system-x86", "qemu-system-x86_64"),
-        ("e2fsprogs", "mkfs.ext4"),
+        ("ipxe-qemu", "/usr/lib/ipxe/qemu/efi-virtio.rom"),
+        ("ovmf", "/usr/share/OVMF/OVMF_CODE_4M.fd"),
     ])?;
     let started = Instant::now();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -107,63 +117,155 @@ pub fn run(_args: &[&str]) -> Result<()> {
     }
 
     let ns = Netns::create()?;
-    write_config(&work, &boot, "demo@1")?;
+    let mut lab = Lab {
+        ns,
+        work: work.clone(),
+        boot: boot.clone(),
+        fleetboot: fleetboot.clone(),
+        store,
+        assigned: vec![(Firmware::Bios, "demo@1"), (Firmware::Uefi, "demo@1")],
+        server: None,
+    };
+    lab.write_config()?;
     let log = fs::File::create(work.join("serve.log"))?;
-    let server = Daemon(
-        ns.cmd(fleetboot.to_str().context("path")?)
+    lab.server = Some(Daemon(
+        lab.ns
+            .cmd(fleetboot.to_str().context("path")?)
             .current_dir(&work)
             .args(["serve", "--config", "fleetboot.yaml"])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?,
-    );
-    wait_http(&ns)?;
-
-    let disk = work.join("disk.img");
-    fs::File::create(&disk)?.set_len(256 << 20)?;
-    let t1 = Instant::now();
-    let first = boot_vm(&ns, &disk, &work.join("vm-1.log"), "demo@1", true)?;
-    let install_1 = t1.elapsed();
-    check_disk(&fleetboot, &store, "demo@1", &disk, &work)?;
-
-    write_config(&work, &boot, "demo@2")?;
-    util::run(Command::new("kill").args(["-HUP", &server.0.id().to_string()]))?;
-    std::thread::sleep(Duration::from_millis(300));
-    let t2 = Instant::now();
-    let second = boot_vm(&ns, &disk, &work.join("vm-2.log"), "demo@2", true)?;
-    let install_2 = t2.elapsed();
-    check_disk(&fleetboot, &store, "demo@2", &disk, &work)?;
-    let (fetched, reused) = figures(&second)?;
-    if reused < 4 * fetched {
-        bail!("the reimage fetched {fetched} bytes and reused only {reused}");
-    }
-
-    let t3 = Instant::now();
-    boot_vm(&ns, &disk, &work.join("vm-3.log"), "demo@2", false)?;
-    let local = t3.elapsed();
-    let (f1, _) = figures(&first)?;
+    ));
+    wait_http(&lab.ns)?;
+    let bios = lab.scenario(Firmware::Bios)?;
+    let uefi = lab.scenario(Firmware::Uefi)?;
     println!(
-        "e2e: PASS in {:.0} s — PXE + install demo@1 + boot it {:.1} s (fetched {f1} bytes), reimage to demo@2 \
-         + boot it {:.1} s (fetched {fetched}, reused {reused}), local boot {:.1} s",
-        started.elapsed().as_secs_f64(),
-        install_1.as_secs_f64(),
-        install_2.as_secs_f64(),
-        local.as_secs_f64()
+        "e2e: PASS in {:.0} s — {bios}; {uefi}",
+        started.elapsed().as_secs_f64()
     );
     Ok(())
 }
 
-fn write_config(work: &Path, boot: &Path, image: &str) -> Result<()> {
-    fs::write(
-        work.join("fleetboot.yaml"),
-        format!(
-            "interface: br0\nhttp_port: 8080\nboot_dir: {}\nstore: store\nstate_dir: state\nrouter_advertisements: true\n\
-             dhcp: {{ mode: full, range: [10.77.0.100, 10.77.0.150], router: 10.77.0.1 }}\n\
-             hosts:\n  \"{MAC}\": {{ image: {image}, hostname: e2e-01 }}\n",
-            boot.display()
-        ),
-    )?;
-    Ok(())
+/// BIOS: SeaBIOS, then the iPXE ROM of the virtio NIC (the iPXE branch of the boot decision).
+/// UEFI: OVMF with the NIC's ROM removed, so its own PXE fetches snponly.efi over TFTP first.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Firmware {
+    Bios,
+    Uefi,
+}
+
+impl Firmware {
+    fn mac(self) -> &'static str {
+        match self {
+            Firmware::Bios => MAC,
+            Firmware::Uefi => "52:54:00:e2:e0:02",
+        }
+    }
+}
+
+struct Lab {
+    ns: Netns,
+    work: PathBuf,
+    boot: PathBuf,
+    fleetboot: PathBuf,
+    store: PathBuf,
+    assigned: Vec<(Firmware, &'static str)>,
+    server: Option<Daemon>,
+}
+
+impl Lab {
+    fn write_config(&self) -> Result<()> {
+        let hosts: String = self
+            .assigned
+            .iter()
+            .map(|(fw, image)| {
+                format!(
+                    "  \"{}\": {{ image: {image}, hostname: e2e-{fw:?} }}\n",
+                    fw.mac()
+                )
+            })
+            .collect();
+        fs::write(
+            self.work.join("fleetboot.yaml"),
+            format!(
+                "interface: br0\nhttp_port: 8080\nboot_dir: {}\nstore: store\nstate_dir: state\n\
+                 router_advertisements: true\nboot_files: {{ uefi: snponly.efi }}\n\
+                 dhcp: {{ mode: full, range: [10.77.0.100, 10.77.0.150], router: 10.77.0.1 }}\nhosts:\n{hosts}",
+                self.boot.display()
+            ),
+        )?;
+        Ok(())
+    }
+
+    fn assign(&mut self, fw: Firmware, image: &'static str) -> Result<()> {
+        for a in self.assigned.iter_mut().filter(|a| a.0 == fw) {
+            a.1 = image;
+        }
+        self.write_config()?;
+        if let Some(server) = &self.server {
+            util::run(Command::new("kill").args(["-HUP", &server.0.id().to_string()]))?;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(())
+    }
+
+    /// Install demo@1, reimage to demo@2, boot locally; returns the phase summary.
+    fn scenario(&mut self, fw: Firmware) -> Result<String> {
+        let name = format!("{fw:?}").to_lowercase();
+        let disk = self.work.join(format!("disk-{name}.img"));
+        fs::File::create(&disk)?.set_len(256 << 20)?;
+        let t1 = Instant::now();
+        let first = boot_vm(
+            &self.ns,
+            fw,
+            &self.work,
+            &disk,
+            &self.work.join(format!("vm-{name}-1.log")),
+            "demo@1",
+            true,
+        )?;
+        let install_1 = t1.elapsed();
+        check_disk(&self.fleetboot, &self.store, "demo@1", &disk, &self.work)?;
+
+        self.assign(fw, "demo@2")?;
+        let t2 = Instant::now();
+        let second = boot_vm(
+            &self.ns,
+            fw,
+            &self.work,
+            &disk,
+            &self.work.join(format!("vm-{name}-2.log")),
+            "demo@2",
+            true,
+        )?;
+        let install_2 = t2.elapsed();
+        check_disk(&self.fleetboot, &self.store, "demo@2", &disk, &self.work)?;
+        let (fetched, reused) = figures(&second)?;
+        if reused < 4 * fetched {
+            bail!("{name}: the reimage fetched {fetched} bytes and reused only {reused}");
+        }
+
+        let t3 = Instant::now();
+        boot_vm(
+            &self.ns,
+            fw,
+            &self.work,
+            &disk,
+            &self.work.join(format!("vm-{name}-3.log")),
+            "demo@2",
+            false,
+        )?;
+        let local = t3.elapsed();
+        let (f1, _) = figures(&first)?;
+        Ok(format!(
+            "{name}: PXE + install demo@1 + its first boot {:.1} s (fetched {f1} B), reimage to demo@2 + boot \
+             {:.1} s (fetched {fetched} B, reused {reused} B), local boot {:.1} s",
+            install_1.as_secs_f64(),
+            install_2.as_secs_f64(),
+            local.as_secs_f64()
+        ))
+    }
 }
 
 fn wait_http(ns: &Netns) -> Result<()> {
@@ -190,14 +292,15 @@ fn wait_http(ns: &Netns) -> Result<()> {
 /// which the demo image does once it has printed its marker. Returns the serial console.
 fn boot_vm(
     ns: &Netns,
+    fw: Firmware,
+    work: &Path,
     disk: &Path,
     log: &Path,
     marker: &str,
     expect_agent: bool,
 ) -> Result<String> {
-    let status = ns
-        .cmd("timeout")
-        .arg("400")
+    let mut qemu = ns.cmd("timeout");
+    qemu.arg("400")
         .args([
             "qemu-system-x86_64",
             "-accel",
@@ -205,30 +308,61 @@ fn boot_vm(
             "-smp",
             "1",
             "-m",
-            "768",
+            "1024",
             "-nographic",
         ])
-        .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
-        .args([
-            "-device",
-            &format!("virtio-net-pci,netdev=n0,mac={MAC},bootindex=1"),
-        ])
+        .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"]);
+    match fw {
+        Firmware::Bios => {
+            qemu.args([
+                "-device",
+                &format!("virtio-net-pci,netdev=n0,mac={},bootindex=1", fw.mac()),
+            ]);
+        }
+        Firmware::Uefi => {
+            let vars = work.join("OVMF_VARS.fd");
+            if !vars.exists() {
+                fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars)?;
+            }
+            qemu.args(["-machine", "q35"])
+                .args([
+                    "-drive",
+                    "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+                ])
+                .arg("-drive")
+                .arg(format!("if=pflash,format=raw,file={}", vars.display()))
+                .args(["-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n"])
+                .args([
+                    "-device",
+                    &format!(
+                        "virtio-net-pci,netdev=n0,mac={},romfile=,bootindex=1",
+                        fw.mac()
+                    ),
+                ]);
+        }
+    }
+    // BIOS: a virtio disk; UEFI: NVMe (OVMF then hands GRUB the disk to search).
+    let disk_device = match fw {
+        Firmware::Bios => "virtio-blk-pci,drive=d0,bootindex=2",
+        Firmware::Uefi => "nvme,drive=d0,serial=fleetboot-e2e,bootindex=2",
+    };
+    let status = qemu
         .arg("-drive")
         .arg(format!("file={},format=raw,if=none,id=d0", disk.display()))
-        .args(["-device", "virtio-blk-pci,drive=d0,bootindex=2"])
+        .args(["-device", disk_device])
         .stdin(Stdio::null())
         .stdout(fs::File::create(log)?)
         .stderr(Stdio::null())
         .status()?;
     let text = String::from_utf8_lossy(&fs::read(log).unwrap_or_default()).into_owned();
+    // The agent's lines and the installed image's marker, without the firmware's terminal codes.
     let console: String = text
         .lines()
-        .filter(|l| l.contains("fleetboot-agent") || l.contains("FLEETBOOT-MARKER"))
-        .map(|l| {
-            format!(
-                "{}\n",
-                l.trim_start_matches(|c: char| c.is_control() || c == '[' || c == '?')
-            )
+        .filter_map(|l| {
+            let at = l
+                .find("fleetboot-agent")
+                .or_else(|| l.find("FLEETBOOT-MARKER"))?;
+            Some(format!("vm: {}\n", &l[at..]))
         })
         .collect();
     print!("{console}");

@@ -1,5 +1,6 @@
-//! `cargo xtask images`: the demo disk images the end-to-end test installs — small bootable BIOS
-//! disks made without mounting anything: an MBR, one FAT16 partition with SYSLINUX, the same
+//! `cargo xtask images`: the demo disk images the end-to-end test installs — small disks bootable
+//! by BIOS and UEFI, made without mounting anything: an MBR, one FAT16 partition with SYSLINUX
+//! (and syslinux.efi as `\EFI\BOOT\BOOTX64.EFI`), the same
 //! Debian kernel as the agent's and a tiny initramfs (busybox) whose `/init` prints
 //! `FLEETBOOT-MARKER <name>` on the serial console and powers off.
 
@@ -22,6 +23,7 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("fdisk", "sfdisk"),
     ("busybox-static", "busybox"),
     ("cpio", "cpio"),
+    ("syslinux-efi", "/usr/lib/SYSLINUX.EFI/efi64/syslinux.efi"),
 ];
 
 pub fn run(_args: &[&str]) -> Result<()> {
@@ -74,10 +76,36 @@ pub fn build(dir: &Path, name: &str, extra: &str) -> Result<PathBuf> {
     let cfg = work.join("syslinux.cfg");
     fs::write(
         &cfg,
-        "SERIAL 0 115200\nDEFAULT demo\nPROMPT 0\nTIMEOUT 0\nLABEL demo\n  KERNEL vmlinuz\n  INITRD initrd.img\n  APPEND root=disk console=ttyS0 quiet\n",
+        "SERIAL 0 115200\nDEFAULT demo\nPROMPT 0\nTIMEOUT 0\nLABEL demo\n  KERNEL /vmlinuz\n  INITRD /initrd.img\n  APPEND root=disk console=ttyS0 quiet\n",
     )?;
     let note = work.join("version.txt");
     fs::write(&note, format!("{name}\n{extra}"))?;
+    // UEFI: the same partition carries \EFI\BOOT\BOOTX64.EFI (syslinux.efi) and its config.
+    util::run(
+        Command::new("mmd")
+            .arg("-i")
+            .arg(&part)
+            .args(["::EFI", "::EFI/BOOT"]),
+    )?;
+    for (from, to) in [
+        (
+            "/usr/lib/SYSLINUX.EFI/efi64/syslinux.efi",
+            "::EFI/BOOT/BOOTX64.EFI",
+        ),
+        (
+            "/usr/lib/syslinux/modules/efi64/ldlinux.e64",
+            "::EFI/BOOT/ldlinux.e64",
+        ),
+    ] {
+        util::run(Command::new("mcopy").arg("-i").arg(&part).arg(from).arg(to))?;
+    }
+    util::run(
+        Command::new("mcopy")
+            .arg("-i")
+            .arg(&part)
+            .arg(&cfg)
+            .arg("::EFI/BOOT/syslinux.cfg"),
+    )?;
     for f in [&kernel, &initrd, &cfg, &note] {
         let dest = match f.file_name().and_then(|n| n.to_str()) {
             Some(n) if n.starts_with("vmlinuz") => "::vmlinuz".to_string(),
