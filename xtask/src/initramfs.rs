@@ -154,10 +154,18 @@ pub fn kernel_image() -> Result<(PathBuf, String)> {
 /// Downloads and unpacks the kernel `linux-image-amd64` points to (once); returns its image, its
 /// module folder (with `depmod`'s index) and its version.
 fn kernel(work: &Path) -> Result<(PathBuf, PathBuf, String)> {
-    let out = Command::new("apt-cache")
-        .args(["depends", "linux-image-amd64"])
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let depends = || -> Result<String> {
+        let out = Command::new("apt-cache")
+            .args(["depends", "linux-image-amd64"])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let mut text = depends()?;
+    if !text.contains("Depends: linux-image-") {
+        // A fresh machine may not have the package lists yet.
+        util::run(Command::new("apt-get").args(["update", "-q"]))?;
+        text = depends()?;
+    }
     let Some(pkg) = text
         .lines()
         .filter_map(|l| l.trim().strip_prefix("Depends: "))
