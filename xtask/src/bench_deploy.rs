@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 const MAC: &str = "52:54:00:be:9c:01";
 const PORT: u16 = 18_730;
+/// Runs of each measurement; the best is kept (a 2-core machine jitters by ±20 %).
+const RUNS: usize = 3;
 
 struct Server(Child);
 
@@ -151,50 +153,82 @@ pub fn run(_args: &[&str]) -> Result<()> {
     wait_http(&format!("{url}/metrics"))?;
     let out = dir.join("out.img");
 
-    // Full deploy of B.
-    let _ = fs::remove_file(&out);
-    settle()?;
-    let (agent_full, agent_full_fetched, _) = agent(&agent_bin, &out)?;
-    check_identical(&b.image, &out, "fleetboot-agent")?;
-    fs::remove_file(&out)?;
-    settle()?;
-    let curl_full = sh(&format!(
-        "curl -sf {url}/boot/b.img.zst | zstd -q -d | dd of={} bs=4M conv=fsync status=none",
-        out.display()
-    ))?;
-    check_identical(&b.image, &out, "curl | zstd -d | dd")?;
-    fs::remove_file(&out)?;
-    settle()?;
-    let casync_full = sh(&format!(
-        "casync extract --store={} {} {} && sync",
-        castore.display(),
-        dir.join("b.caibx").display(),
-        out.display()
-    ))?;
-    check_identical(&b.image, &out, "casync extract")?;
+    // Full deploy of B, best of RUNS each.
+    let reimage = || -> Result<()> {
+        crate::util::run(Command::new(&fleetboot).current_dir(&dir).args([
+            "reimage",
+            "--config",
+            "fleetboot.yaml",
+            MAC,
+        ]))
+    };
+    let (mut agent_full, mut agent_full_fetched) = (Duration::MAX, 0);
+    for i in 0..RUNS {
+        let _ = fs::remove_file(&out);
+        if i > 0 {
+            reimage()?;
+        }
+        settle()?;
+        let (t, fetched, _) = agent(&agent_bin, &out)?;
+        check_identical(&b.image, &out, "fleetboot-agent")?;
+        if t < agent_full {
+            (agent_full, agent_full_fetched) = (t, fetched);
+        }
+    }
+    let mut curl_full = Duration::MAX;
+    for _ in 0..RUNS {
+        let _ = fs::remove_file(&out);
+        settle()?;
+        curl_full = curl_full.min(sh(&format!(
+            "curl -sf {url}/boot/b.img.zst | zstd -q -d | dd of={} bs=4M conv=fsync status=none",
+            out.display()
+        ))?);
+        check_identical(&b.image, &out, "curl | zstd -d | dd")?;
+    }
+    let mut casync_full = Duration::MAX;
+    for _ in 0..RUNS {
+        let _ = fs::remove_file(&out);
+        settle()?;
+        casync_full = casync_full.min(sh(&format!(
+            "casync extract --store={} {} {} && sync",
+            castore.display(),
+            dir.join("b.caibx").display(),
+            out.display()
+        ))?);
+        check_identical(&b.image, &out, "casync extract")?;
+    }
 
     // Delta: the target holds A (installed by the agent, so the appliance knows it), then B.
-    fs::remove_file(&out)?;
-    config(&dir, "a")?;
-    reload(&_server)?;
-    agent(&agent_bin, &out)?;
-    check_identical(&a.image, &out, "fleetboot-agent (A)")?;
-    config(&dir, "b")?;
-    reload(&_server)?;
-    settle()?;
-    let (agent_delta, delta_fetched, delta_reused) = agent(&agent_bin, &out)?;
-    check_identical(&b.image, &out, "fleetboot-agent (A -> B)")?;
+    let (mut agent_delta, mut delta_fetched, mut delta_reused) = (Duration::MAX, 0, 0);
+    let _ = fs::remove_file(&out);
+    for _ in 0..RUNS {
+        config(&dir, "a")?;
+        reload(&_server)?;
+        agent(&agent_bin, &out)?;
+        check_identical(&a.image, &out, "fleetboot-agent (A)")?;
+        config(&dir, "b")?;
+        reload(&_server)?;
+        settle()?;
+        let (t, fetched, reused) = agent(&agent_bin, &out)?;
+        check_identical(&b.image, &out, "fleetboot-agent (A -> B)")?;
+        if t < agent_delta {
+            (agent_delta, delta_fetched, delta_reused) = (t, fetched, reused);
+        }
+    }
     // casync writes a new file, taking what it can from the seed.
-    fs::remove_file(&out)?;
-    settle()?;
-    let casync_delta = sh(&format!(
-        "casync extract --store={} --seed={} {} {} && sync",
-        castore.display(),
-        a.image.display(),
-        dir.join("b.caibx").display(),
-        out.display()
-    ))?;
-    check_identical(&b.image, &out, "casync extract --seed")?;
+    let mut casync_delta = Duration::MAX;
+    for _ in 0..RUNS {
+        let _ = fs::remove_file(&out);
+        settle()?;
+        casync_delta = casync_delta.min(sh(&format!(
+            "casync extract --store={} --seed={} {} {} && sync",
+            castore.display(),
+            a.image.display(),
+            dir.join("b.caibx").display(),
+            out.display()
+        ))?);
+        check_identical(&b.image, &out, "casync extract --seed")?;
+    }
     fs::remove_file(&out)?;
 
     let mut s = String::new();
@@ -202,7 +236,7 @@ pub fn run(_args: &[&str]) -> Result<()> {
         s,
         "## Deploy benchmark: image B (2 GiB ext4, Debian) over loopback HTTP\n"
     )?;
-    writeln!(s, "Times include syncing the target; every result compared byte for byte with B. MB = 10^6 bytes.\n")?;
+    writeln!(s, "Times include syncing the target; best of {RUNS} runs; every result compared byte for byte with B. MB = 10^6 bytes.\n")?;
     writeln!(
         s,
         "| full deploy of B | time (s) | fetched (MB) | fleetboot-agent is faster by |"
