@@ -41,6 +41,11 @@ struct Appliance {
 impl Appliance {
     /// An appliance assigning `image` to MAC, serving HTTP on 127.0.0.1.
     fn start(versions: &[Vec<u8>]) -> Appliance {
+        Self::start_after(versions, std::time::Duration::ZERO)
+    }
+
+    /// The same, but listening only after `delay` (an appliance that is restarting).
+    fn start_after(versions: &[Vec<u8>], delay: std::time::Duration) -> Appliance {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path().join("store"));
         for (i, v) in versions.iter().enumerate() {
@@ -49,10 +54,12 @@ impl Appliance {
             import(&store, "os", &p, &Default::default(), &|_, _| {}).unwrap();
         }
         let runtime = tokio::runtime::Runtime::new().unwrap();
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        // The port is chosen now and listened on after the delay.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
             .unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let url = format!("http://{addr}");
         let config = write_config(dir.path(), "os@1");
         let fleet = FleetState::open(&config.state_dir).unwrap();
         let state = Arc::new(AppState {
@@ -65,7 +72,11 @@ impl Appliance {
             packs: Default::default(),
         });
         let router = app(state.clone());
-        runtime.spawn(async move { axum::serve(listener, router).await });
+        runtime.spawn(async move {
+            tokio::time::sleep(delay).await;
+            let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+            axum::serve(listener, router).await
+        });
         Appliance {
             dir,
             url,
@@ -163,6 +174,25 @@ fn installs_then_reinstalls_moving_only_what_changed() {
     let (fetched, reused) = figures(&out);
     assert!(reused > 20 * fetched, "fetched {fetched}, reused {reused}");
     assert_eq!(app.status().1.as_deref(), Some("os@2"));
+}
+
+#[test]
+fn the_agent_waits_for_an_appliance_that_is_not_up_yet() {
+    let v1 = image(3, &[]);
+    let app = Appliance::start_after(
+        std::slice::from_ref(&v1),
+        std::time::Duration::from_millis(1500),
+    );
+    let target = app.dir.path().join("disk.img");
+    let out = app.deploy(&target);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("retrying"),
+        "the first attempts failed and were retried: {err}"
+    );
+    assert_eq!(std::fs::read(&target).unwrap(), v1);
+    assert_eq!(app.status().0, HostStatus::Installed);
 }
 
 #[test]
