@@ -100,7 +100,10 @@ fn local_boot_efi(dir: &Path) -> Result<()> {
     let cfg = dir.join(".localboot-grub.cfg");
     fs::write(
         &cfg,
-        "search --no-floppy --file /EFI/BOOT/BOOTX64.EFI --set=root\nchainloader /EFI/BOOT/BOOTX64.EFI\nboot\n",
+        // The modules are loaded by hand: without them `search` finds no device.
+        "insmod part_msdos\ninsmod part_gpt\ninsmod fat\ninsmod search_fs_file\ninsmod chain\n\
+         search --no-floppy --file /EFI/BOOT/BOOTX64.EFI --set=root\n\
+         chainloader /EFI/BOOT/BOOTX64.EFI\nboot\n",
     )?;
     let out = dir.join("fleetboot-localboot.efi");
     let status = Command::new("grub-mkstandalone")

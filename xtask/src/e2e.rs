@@ -11,9 +11,10 @@
 //!
 //! It ends with one summary line (times per phase, bytes fetched and reused).
 //!
-//! `--uefi` runs the same with OVMF (its own PXE → TFTP snponly.efi → iPXE → agent) on NVMe. Not
-//! yet in CI: the install works, but the local boot (iPXE chaining a standalone GRUB that should
-//! find `\EFI\BOOT\BOOTX64.EFI`) does not see the disk under OVMF and stops at `grub>`.
+//! Then the same again under UEFI: OVMF (NIC ROM removed, so its own PXE fetches snponly.efi over
+//! TFTP, then iPXE takes over) with an NVMe disk; its local boot is iPXE chaining
+//! `fleetboot-localboot.efi`, a standalone GRUB that chainloads the disk's `\EFI\BOOT\BOOTX64.EFI`.
+//! `--bios-only` skips the UEFI run.
 
 use crate::util::{self, root};
 use anyhow::{bail, Context, Result};
@@ -77,9 +78,9 @@ impl Drop for Daemon {
 
 pub fn run(args: &[&str]) -> Result<()> {
     let uefi = match args {
-        [] => false,
-        ["--uefi"] => true,
-        _ => bail!("usage: cargo xtask e2e [--uefi]"),
+        [] => true,
+        ["--bios-only"] => false,
+        _ => bail!("usage: cargo xtask e2e [--bios-only]"),
     };
     crate::setup::apt_install(&[
         ("qemu-system-x86", "qemu-system-x86_64"),
