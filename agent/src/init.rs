@@ -89,9 +89,36 @@ fn setup_and_install() -> Result<()> {
     say(&format!("loaded {} driver modules", loaded.len()));
 
     let ifname = netconf::wait_for_nic(&mac, Duration::from_secs(15))?;
-    let ip = cmdline.need("ip")?;
-    let netmask = cmdline.get("netmask").unwrap_or("255.255.255.0");
-    netconf::configure(&ifname, ip, netmask, cmdline.get("gateway"))?;
+    netconf::link_up(&ifname)?;
+    let (ip, netmask, gateway) = match cmdline.get("ip") {
+        Some(ip) => (
+            ip.to_string(),
+            cmdline
+                .get("netmask")
+                .unwrap_or("255.255.255.0")
+                .to_string(),
+            cmdline.get("gateway").map(str::to_string),
+        ),
+        None => {
+            say(&format!(
+                "no fleetboot.ip= on the command line: asking DHCP on {ifname}"
+            ));
+            let bytes: Vec<u8> = mac
+                .split(':')
+                .filter_map(|b| u8::from_str_radix(b, 16).ok())
+                .collect();
+            let mac_bytes: [u8; 6] = bytes
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("bad fleetboot.mac {mac}"))?;
+            let lease = crate::dhcp::lease(&ifname, mac_bytes, Duration::from_secs(60))?;
+            (
+                lease.ip.to_string(),
+                lease.netmask.to_string(),
+                lease.gateway.map(|g| g.to_string()),
+            )
+        }
+    };
+    netconf::configure(&ifname, &ip, &netmask, gateway.as_deref())?;
     say(&format!("{ifname} ({mac}) up as {ip}/{netmask}"));
 
     let report = deploy::deploy(&deploy::Settings {

@@ -10,6 +10,7 @@
 
 mod client;
 mod deploy;
+mod dhcp;
 mod disk;
 mod init;
 mod modules;

@@ -63,14 +63,8 @@ fn ioctl(fd: i32, request: u64, arg: *mut libc::c_void, what: &str) -> Result<()
     Ok(())
 }
 
-/// Sets `ifname` up as `ip`/`netmask` with an optional default gateway, then waits for carrier.
-pub fn configure(ifname: &str, ip: &str, netmask: &str, gateway: Option<&str>) -> Result<()> {
-    let ip: Ipv4Addr = ip
-        .parse()
-        .with_context(|| format!("bad fleetboot.ip {ip:?}"))?;
-    let mask: Ipv4Addr = netmask
-        .parse()
-        .with_context(|| format!("bad fleetboot.netmask {netmask:?}"))?;
+/// Sets `lo` and `ifname` up (no address yet), then waits for carrier (e1000e takes ~2 s).
+pub fn link_up(ifname: &str) -> Result<()> {
     let sock = std::net::UdpSocket::bind("0.0.0.0:0").context("no socket for interface set-up")?;
     let fd = sock.as_raw_fd();
     for name in ["lo", ifname] {
@@ -90,6 +84,30 @@ pub fn configure(ifname: &str, ip: &str, netmask: &str, gateway: Option<&str>) -
             "set up",
         )?;
     }
+    let carrier = format!("/sys/class/net/{ifname}/carrier");
+    let until = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&carrier)
+        .map(|c| c.trim() != "1")
+        .unwrap_or(true)
+    {
+        if Instant::now() >= until {
+            bail!("{ifname} has no link (no carrier after 10 s)");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Gives the (up) `ifname` the address `ip`/`netmask` and an optional default gateway.
+pub fn configure(ifname: &str, ip: &str, netmask: &str, gateway: Option<&str>) -> Result<()> {
+    let ip: Ipv4Addr = ip
+        .parse()
+        .with_context(|| format!("bad fleetboot.ip {ip:?}"))?;
+    let mask: Ipv4Addr = netmask
+        .parse()
+        .with_context(|| format!("bad fleetboot.netmask {netmask:?}"))?;
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").context("no socket for interface set-up")?;
+    let fd = sock.as_raw_fd();
     let mut req = ifreq(ifname)?;
     req.ifr_ifru.ifru_addr = sockaddr(ip);
     ioctl(
@@ -122,17 +140,6 @@ pub fn configure(ifname: &str, ip: &str, netmask: &str, gateway: Option<&str>) -
             (&mut rt as *mut libc::rtentry).cast(),
             "add the default route",
         )?;
-    }
-    let carrier = format!("/sys/class/net/{ifname}/carrier");
-    let until = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(&carrier)
-        .map(|c| c.trim() != "1")
-        .unwrap_or(true)
-    {
-        if Instant::now() >= until {
-            bail!("{ifname} has no link (no carrier after 10 s)");
-        }
-        std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
 }
