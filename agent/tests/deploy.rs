@@ -1,6 +1,7 @@
 //! The agent against the real appliance (its HTTP side, in-process on loopback): a full install,
 //! a reinstall that moves only what changed, a damaged pack, a disk too small.
 
+use axum::response::IntoResponse;
 use fleetboot::config::Config;
 use fleetboot::fleet::{FleetState, HostStatus};
 use fleetboot::http::{app, AppState};
@@ -46,6 +47,12 @@ impl Appliance {
 
     /// The same, but listening only after `delay` (an appliance that is restarting).
     fn start_after(versions: &[Vec<u8>], delay: std::time::Duration) -> Appliance {
+        Self::start_with(versions, delay, 0)
+    }
+
+    /// The same, and the first `failing` pack requests get 503 (an appliance restarting, or a
+    /// proxy losing its upstream, in the middle of an install).
+    fn start_with(versions: &[Vec<u8>], delay: std::time::Duration, failing: usize) -> Appliance {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path().join("store"));
         for (i, v) in versions.iter().enumerate() {
@@ -71,7 +78,28 @@ impl Appliance {
             admin_token: None,
             packs: Default::default(),
         });
-        let router = app(state.clone());
+        let failures = Arc::new(std::sync::atomic::AtomicUsize::new(failing));
+        let router = app(state.clone()).layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let failures = failures.clone();
+                async move {
+                    let pack = req.uri().path().starts_with("/store/packs/");
+                    let fail = pack
+                        && failures
+                            .fetch_update(
+                                std::sync::atomic::Ordering::SeqCst,
+                                std::sync::atomic::Ordering::SeqCst,
+                                |n| n.checked_sub(1),
+                            )
+                            .is_ok();
+                    if fail {
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response()
+                    } else {
+                        next.run(req).await
+                    }
+                }
+            },
+        ));
         runtime.spawn(async move {
             tokio::time::sleep(delay).await;
             let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
@@ -190,6 +218,23 @@ fn the_agent_waits_for_an_appliance_that_is_not_up_yet() {
     assert!(
         err.contains("retrying"),
         "the first attempts failed and were retried: {err}"
+    );
+    assert_eq!(std::fs::read(&target).unwrap(), v1);
+    assert_eq!(app.status().0, HostStatus::Installed);
+}
+
+#[test]
+fn pack_requests_failing_mid_install_are_retried() {
+    let v1 = image(4, &[]);
+    let app = Appliance::start_with(std::slice::from_ref(&v1), std::time::Duration::ZERO, 3);
+    let target = app.dir.path().join("disk.img");
+    let out = app.deploy(&target);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        err.matches("503").count(),
+        3,
+        "three failed requests, each retried: {err}"
     );
     assert_eq!(std::fs::read(&target).unwrap(), v1);
     assert_eq!(app.status().0, HostStatus::Installed);
