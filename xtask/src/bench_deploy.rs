@@ -90,16 +90,7 @@ pub fn run(_args: &[&str]) -> Result<()> {
     let base = root().join("target/bench/store");
     let images = os_images::build(&base)?;
     let (a, b) = (&images[0], &images[1]);
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    crate::util::run(Command::new(&cargo).current_dir(root()).args([
-        "build",
-        "--release",
-        "-p",
-        "fleetboot",
-        "-p",
-        "fleetboot-agent",
-    ]))?;
-    let fleetboot = root().join("target/release/fleetboot");
+    let fleetboot = crate::util::build_release(&["fleetboot", "fleetboot-agent"])?;
     let agent_bin = root().join("target/release/fleetboot-agent");
 
     let dir = root().join("target/bench/deploy");

@@ -281,18 +281,7 @@ fn atftpd_binary(dir: &Path) -> Result<PathBuf> {
 
 /// `cargo build --release -p fleetboot`; returns the binary.
 fn build_fleetboot() -> Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    crate::util::run(Command::new(&cargo).current_dir(root()).args([
-        "build",
-        "--release",
-        "-p",
-        "fleetboot",
-    ]))?;
-    let bin = root().join("target/release/fleetboot");
-    if !bin.is_file() {
-        bail!("{} is missing after the build", bin.display());
-    }
-    Ok(bin)
+    crate::util::build_release(&["fleetboot"])
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -164,18 +164,7 @@ pub fn run(args: &[&str]) -> Result<()> {
 
 /// `cargo build --release -p fleetboot`; returns the binary.
 fn build_fleetboot() -> Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    crate::util::run(Command::new(&cargo).current_dir(root()).args([
-        "build",
-        "--release",
-        "-p",
-        "fleetboot",
-    ]))?;
-    let bin = root().join("target/release/fleetboot");
-    if !bin.is_file() {
-        bail!("{} is missing after the build", bin.display());
-    }
-    Ok(bin)
+    crate::util::build_release(&["fleetboot"])
 }
 
 fn fleetboot_cmd(bin: &Path, store: &Path) -> Command {

@@ -13,13 +13,7 @@ use std::process::Command;
 pub fn run() -> Result<()> {
     crate::setup::run()?;
     let root = root();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    util::run(Command::new(&cargo).current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "fleetboot",
-    ]))?;
+    util::build_release(&["fleetboot"])?;
     let bin = root.join("target/release/fleetboot");
     let work = root.join("target/demo");
     if work.exists() {

@@ -88,14 +88,7 @@ pub fn run(args: &[&str]) -> Result<()> {
         ("ovmf", "/usr/share/OVMF/OVMF_CODE_4M.fd"),
     ])?;
     let started = Instant::now();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    util::run(Command::new(&cargo).current_dir(root()).args([
-        "build",
-        "--release",
-        "-p",
-        "fleetboot",
-    ]))?;
-    let fleetboot = root().join("target/release/fleetboot");
+    let fleetboot = util::build_release(&["fleetboot"])?;
     let boot = root().join("boot");
     crate::initramfs::build(&boot)?;
     crate::boot_assets::install(&boot)?;

@@ -41,3 +41,21 @@ pub fn have(name: &str) -> bool {
         .map(|paths| std::env::split_paths(&paths).any(|p| p.join(name).is_file()))
         .unwrap_or(false)
 }
+
+/// `cargo build --release -p P...` in the workspace; returns the path of the first package's binary.
+pub fn build_release(packages: &[&str]) -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root()).args(["build", "--release"]);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    run(&mut cmd)?;
+    let bin = root()
+        .join("target/release")
+        .join(packages.first().copied().unwrap_or("fleetboot"));
+    if !bin.is_file() {
+        bail!("{} is missing after the build", bin.display());
+    }
+    Ok(bin)
+}
