@@ -1,4 +1,4 @@
-//! Facts about the machine's network interfaces (getifaddrs), for binding to one interface.
+//! Facts about the machine's network interfaces (getifaddrs), and UDP sockets bound to one.
 
 use std::ffi::CStr;
 use std::io;
@@ -55,6 +55,18 @@ pub fn interface_ipv4(name: &str) -> io::Result<Option<InterfaceAddr>> {
     // SAFETY: `list` came from getifaddrs and is freed once.
     unsafe { libc::freeifaddrs(list) };
     Ok(found)
+}
+
+/// A blocking UDP socket on `ip:port` that sees and sends only on `interface` (SO_BINDTODEVICE),
+/// with SO_REUSEADDR and SO_BROADCAST: what DHCP and TFTP both listen on.
+pub fn udp_on(interface: &str, ip: Ipv4Addr, port: u16) -> io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_address(true)?;
+    s.set_broadcast(true)?;
+    s.bind_device(Some(interface.as_bytes()))?;
+    s.bind(&SockAddr::from(std::net::SocketAddr::from((ip, port))))?;
+    Ok(s.into())
 }
 
 #[cfg(test)]

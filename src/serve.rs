@@ -4,15 +4,13 @@
 
 use crate::config::{Config, DhcpMode};
 use crate::dhcp::{DhcpServer, DhcpSockets};
-use crate::fleet::FleetState;
 use crate::http::{self, AppState};
-use crate::metrics::Metrics;
 use crate::net::interface_ipv4;
 use crate::store::Store;
 use anyhow::{bail, Context, Result};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -46,8 +44,6 @@ pub async fn run(options: ServeOptions) -> Result<()> {
     let netmask = iface.map_or(Ipv4Addr::new(255, 255, 255, 0), |i| i.netmask);
     let dhcp_mode = config.dhcp.mode;
     let interface = config.interface.clone();
-    let fleet = FleetState::open(&config.state_dir)?;
-    let store = Store::new(&config.store);
     let http_port = config.http_port;
     let base_url = if http_port == 80 {
         format!("http://{address}")
@@ -58,15 +54,7 @@ pub async fn run(options: ServeOptions) -> Result<()> {
         .admin_token
         .clone()
         .or(options.admin_token_env.clone());
-    let state = Arc::new(AppState {
-        config: RwLock::new(Arc::new(config)),
-        store,
-        fleet: Mutex::new(fleet),
-        metrics: Arc::new(Metrics::default()),
-        base_url: base_url.clone(),
-        admin_token,
-        packs: Default::default(),
-    });
+    let state = AppState::new(config, base_url.clone(), admin_token)?;
 
     let listener = tokio::net::TcpListener::bind(SocketAddr::from((address, http_port)))
         .await
@@ -89,7 +77,7 @@ pub async fn run(options: ServeOptions) -> Result<()> {
     {
         let config = state.config();
         let port = config.tftp.port;
-        let socket = crate::tftp::bind(&interface, address, port)
+        let socket = crate::net::udp_on(&interface, address, port)
             .with_context(|| format!("cannot bind TFTP on {address}:{port} ({interface})"))?;
         let (boot_dir, limits, metrics) = (
             config.boot_dir.clone(),

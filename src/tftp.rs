@@ -13,7 +13,7 @@
 use crate::bootfiles::{resolve_beneath, BootFileError};
 use crate::config::Tftp;
 use crate::metrics::Metrics;
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use crate::net::udp_on;
 use std::fs::File;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
@@ -51,19 +51,6 @@ struct Ctx {
     limits: Tftp,
     active: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
-}
-
-/// The listening socket: `address:port` on `interface` only.
-pub fn bind(interface: &str, address: Ipv4Addr, port: u16) -> io::Result<UdpSocket> {
-    udp(interface, address, port)
-}
-
-fn udp(interface: &str, address: Ipv4Addr, port: u16) -> io::Result<UdpSocket> {
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    s.set_reuse_address(true)?;
-    s.bind_device(Some(interface.as_bytes()))?;
-    s.bind(&SockAddr::from(SocketAddr::from((address, port))))?;
-    Ok(s.into())
 }
 
 /// Serves requests arriving on `socket` for as long as the process runs.
@@ -215,7 +202,7 @@ fn error_packet(code: u16, msg: &str) -> Vec<u8> {
 
 /// Sends one file to `client` from a socket of its own.
 fn transfer(ctx: &Ctx, client: SocketAddr, req: &Request) -> io::Result<()> {
-    let socket = udp(&ctx.interface, ctx.address, 0)?;
+    let socket = udp_on(&ctx.interface, ctx.address, 0)?;
     socket.connect(client)?;
     let refuse = |code: u16, why: String| -> io::Error {
         ctx.metrics.tftp_refused.inc();

@@ -4,12 +4,11 @@
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use fleetboot::config::Config;
-use fleetboot::fleet::{FleetState, HostStatus};
+use fleetboot::fleet::HostStatus;
 use fleetboot::http::{app, AppState};
-use fleetboot::metrics::Metrics;
 use fleetboot::store::{import::import, ImportOptions, Store};
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use tempfile::TempDir;
 use tower::ServiceExt;
 
@@ -50,16 +49,7 @@ fn rig(extra_yaml: &str) -> Rig {
     std::fs::write(&path, &yaml).unwrap();
     let config = Config::load(&path).unwrap();
     config.check_images(&store).unwrap();
-    let fleet = FleetState::open(&config.state_dir).unwrap();
-    let state = Arc::new(AppState {
-        config: RwLock::new(Arc::new(config)),
-        store,
-        fleet: Mutex::new(fleet),
-        metrics: Arc::new(Metrics::default()),
-        base_url: BASE.into(),
-        admin_token: Some("s3cret".into()),
-        packs: Default::default(),
-    });
+    let state = AppState::new(config, BASE.into(), Some("s3cret".into())).unwrap();
     Rig {
         _dir: dir,
         state,

@@ -33,6 +33,20 @@ pub struct Report {
     pub digest: String,
 }
 
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} written to {}: fetched {} bytes, reused {} bytes from the disk, digest {}",
+            self.image,
+            self.target.display(),
+            self.bytes_fetched,
+            self.bytes_reused,
+            self.digest
+        )
+    }
+}
+
 /// Installs the host's assigned image on the target and reports the outcome.
 pub fn deploy(s: &Settings) -> Result<Report> {
     let client = Client::new(&s.server, &s.mac, s.token.clone())?;

@@ -127,14 +127,7 @@ fn setup_and_install() -> Result<()> {
         token: Some(token),
         target: None,
     })?;
-    say(&format!(
-        "{} written to {}: fetched {} bytes, reused {} bytes, digest {}",
-        report.image,
-        report.target.display(),
-        report.bytes_fetched,
-        report.bytes_reused,
-        report.digest
-    ));
+    say(&report.to_string());
     Ok(())
 }
 

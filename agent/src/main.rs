@@ -62,14 +62,7 @@ fn run() -> Result<()> {
                 token,
                 target: Some(target.into()),
             })?;
-            println!(
-                "installed {} on {}: fetched {} bytes, reused {} bytes from the disk, digest {}",
-                report.image,
-                report.target.display(),
-                report.bytes_fetched,
-                report.bytes_reused,
-                report.digest
-            );
+            println!("{report}");
             Ok(())
         }
         _ => bail!("{USAGE}"),

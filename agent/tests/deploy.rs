@@ -3,13 +3,13 @@
 
 use axum::response::IntoResponse;
 use fleetboot::config::Config;
-use fleetboot::fleet::{FleetState, HostStatus};
+use fleetboot::fleet::HostStatus;
 use fleetboot::http::{app, AppState};
-use fleetboot::metrics::Metrics;
+
 use fleetboot::store::{import::import, Store};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
 const MAC: &str = "52:54:00:ab:cd:01";
 
@@ -68,16 +68,7 @@ impl Appliance {
             .unwrap();
         let url = format!("http://{addr}");
         let config = write_config(dir.path(), "os@1");
-        let fleet = FleetState::open(&config.state_dir).unwrap();
-        let state = Arc::new(AppState {
-            config: RwLock::new(Arc::new(config)),
-            store,
-            fleet: Mutex::new(fleet),
-            metrics: Arc::new(Metrics::default()),
-            base_url: url.clone(),
-            admin_token: None,
-            packs: Default::default(),
-        });
+        let state = AppState::new(config, url.clone(), None).unwrap();
         let failures = Arc::new(std::sync::atomic::AtomicUsize::new(failing));
         let router = app(state.clone()).layer(axum::middleware::from_fn(
             move |req: axum::extract::Request, next: axum::middleware::Next| {

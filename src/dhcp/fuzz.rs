@@ -4,13 +4,10 @@
 
 use super::server::DhcpServer;
 use crate::config::Config;
-use crate::fleet::FleetState;
 use crate::http::AppState;
-use crate::metrics::Metrics;
-use crate::store::Store;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Mutex, OnceLock};
 
 static SERVER: OnceLock<Mutex<DhcpServer>> = OnceLock::new();
 
@@ -22,16 +19,7 @@ fn server() -> &'static Mutex<DhcpServer> {
                     dhcp: { mode: full, range: [10.9.0.10, 10.9.0.20], router: 10.9.0.1 }\n\
                     hosts:\n  \"52:54:00:12:34:56\": { hostname: fuzz, ip: 10.9.0.5 }\n";
         let config = Config::parse(&dir.join("fleetboot.yaml"), yaml).expect("fuzz config");
-        let fleet = FleetState::open(&config.state_dir).expect("fuzz state");
-        let state = Arc::new(AppState {
-            store: Store::new(&config.store),
-            config: RwLock::new(Arc::new(config)),
-            fleet: Mutex::new(fleet),
-            metrics: Arc::new(Metrics::default()),
-            base_url: "http://10.9.0.1".into(),
-            admin_token: None,
-            packs: Default::default(),
-        });
+        let state = AppState::new(config, "http://10.9.0.1".into(), None).expect("fuzz state");
         let server = DhcpServer::new(
             state,
             Ipv4Addr::new(10, 9, 0, 1),

@@ -11,8 +11,8 @@ use crate::config::{Config, DhcpMode};
 use crate::fleet::{dhcp_boot, DhcpBoot, Firmware, FleetState, StateError, Write};
 use crate::http::AppState;
 use crate::mac::Mac;
+use crate::net::udp_on;
 use dhcproto::v4::{DhcpOption, MessageType};
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -34,27 +34,14 @@ impl DhcpSockets {
         pxe_port: u16,
     ) -> io::Result<DhcpSockets> {
         Ok(DhcpSockets {
-            main: udp_on(interface, port)?,
+            main: udp_on(interface, Ipv4Addr::UNSPECIFIED, port)?,
             pxe: if mode == DhcpMode::Proxy {
-                Some(udp_on(interface, pxe_port)?)
+                Some(udp_on(interface, Ipv4Addr::UNSPECIFIED, pxe_port)?)
             } else {
                 None
             },
         })
     }
-}
-
-fn udp_on(interface: &str, port: u16) -> io::Result<std::net::UdpSocket> {
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    s.set_reuse_address(true)?;
-    s.set_broadcast(true)?;
-    s.bind_device(Some(interface.as_bytes()))?;
-    s.set_nonblocking(true)?;
-    s.bind(&SockAddr::from(SocketAddr::from((
-        Ipv4Addr::UNSPECIFIED,
-        port,
-    ))))?;
-    Ok(s.into())
 }
 
 /// The DHCP service.
@@ -127,7 +114,6 @@ impl DhcpServer {
         let server = Arc::new(Mutex::new(self));
         let all = std::iter::once((sockets.main, false)).chain(sockets.pxe.map(|s| (s, true)));
         for (socket, on_pxe) in all {
-            socket.set_nonblocking(false)?;
             let server = server.clone();
             std::thread::Builder::new()
                 .name(if on_pxe { "dhcp-4011" } else { "dhcp-67" }.into())

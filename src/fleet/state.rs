@@ -198,19 +198,9 @@ impl FleetState {
         &self,
         mac: Mac,
         ip: Option<Ipv4Addr>,
-        arch: Option<&str>,
+        arch: Option<&'static str>,
     ) -> Result<(), StateError> {
-        let t = now();
-        self.wrap(|db| {
-            let new = db.execute(
-                "INSERT INTO hosts (mac, ip, arch, first_seen, last_seen) VALUES (?1, ?2, ?3, ?4, ?4)
-                 ON CONFLICT(mac) DO UPDATE SET last_seen = ?4,
-                    ip = COALESCE(?2, ip), arch = COALESCE(?3, arch)",
-                params![mac.to_string(), ip.map(|i| i.to_string()), arch, t],
-            )?;
-            let _ = new;
-            Ok(())
-        })
+        self.apply(&[Write::Seen { mac, ip, arch }])
     }
 
     /// The record of `mac`, if it was ever seen.

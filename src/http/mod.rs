@@ -52,6 +52,25 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The state for `config`: its store, its fleet database (opened here), fresh counters.
+    /// `base_url` is how machines reach the appliance; no `admin_token`: the admin API is off.
+    pub fn new(
+        config: Config,
+        base_url: String,
+        admin_token: Option<String>,
+    ) -> Result<Arc<AppState>, crate::fleet::StateError> {
+        let fleet = FleetState::open(&config.state_dir)?;
+        Ok(Arc::new(AppState {
+            store: Store::new(&config.store),
+            config: RwLock::new(Arc::new(config)),
+            fleet: Mutex::new(fleet),
+            metrics: Arc::new(Metrics::default()),
+            base_url,
+            admin_token,
+            packs: Default::default(),
+        }))
+    }
+
     pub fn config(&self) -> Arc<Config> {
         self.config
             .read()

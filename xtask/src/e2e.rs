@@ -505,5 +505,5 @@ fn figures(console: &str) -> Result<(u64, u64)> {
             .with_context(|| format!("no {key:?} in {line:?}"))?;
         Ok(line[..at].split_whitespace().last().unwrap_or("").parse()?)
     };
-    Ok((num(" bytes, reused")?, num(" bytes, digest")?))
+    Ok((num(" bytes, reused")?, num(" bytes from the disk")?))
 }
