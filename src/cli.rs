@@ -159,7 +159,7 @@ pub fn run() -> Result<()> {
     let cli = Cli::parse();
     let store = Store::new(&cli.store);
     match cli.command {
-        Command::Image(c) => image(&store, c),
+        Command::Image(c) => image(&store, &cli.config, c),
         Command::Store(c) => store_cmd(&store, c),
         Command::Serve => serve(cli.config),
         Command::Host(HostCommand::List { json }) => host_list(&cli.config, json),
@@ -191,7 +191,13 @@ fn serve(config: PathBuf) -> Result<()> {
 fn host_list(config: &std::path::Path, json: bool) -> Result<()> {
     let config = crate::config::Config::load(config)?;
     let fleet = crate::fleet::FleetState::open(&config.state_dir)?;
-    let views = crate::http::api::host_views(&config, &fleet.hosts()?);
+    let (store, catalog) = (
+        Store::new(&config.store),
+        crate::appliance::ImageCatalog::default(),
+    );
+    let views = crate::http::api::host_views(&config, &fleet.hosts()?, &|r| {
+        catalog.resolve(&store, r).ok().map(|x| x.id)
+    });
     if json {
         return print_json(&views);
     }
@@ -202,18 +208,25 @@ fn host_list(config: &std::path::Path, json: bool) -> Result<()> {
         "MAC", "HOSTNAME", "ASSIGNED", "INSTALLED", "STATUS", "%"
     )?;
     for v in views {
+        let assigned = match (&v.image, &v.target) {
+            (Some(written), Some(t)) if *written != t.to_string() => format!("{written}={t}"),
+            (Some(written), _) => written.clone(),
+            (None, _) => "-".into(),
+        };
         writeln!(
             out,
             "{:<17} {:<12} {:<14} {:<14} {:<10} {:>4}  {}{}",
             v.mac,
             v.hostname.unwrap_or_default(),
-            v.image.unwrap_or_else(|| "-".into()),
-            v.installed.unwrap_or_else(|| "-".into()),
+            assigned,
+            v.installed.map_or_else(|| "-".into(), |i| i.to_string()),
             v.status,
             v.progress_pct,
             v.detail.unwrap_or_default(),
             if v.reimage {
                 " (reimage requested)"
+            } else if v.pending {
+                " (pending: installs at its next boot)"
             } else {
                 ""
             },
@@ -234,11 +247,63 @@ fn reimage(config: &std::path::Path, macs: &[String], group: Option<&str>) -> Re
     Ok(())
 }
 
+/// After an import: hosts assigned the plain name (the latest version) now install the new
+/// version at their next boot — that is how a rollout works — so say how many.
+fn announce_rollout(store: &Store, config_path: &std::path::Path, report: &store::ImportReport) {
+    if !config_path.is_file() {
+        return;
+    }
+    let config = match crate::config::Config::load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hosts not counted: {e}");
+            return;
+        }
+    };
+    let same_store = |a: &std::path::Path, b: &std::path::Path| {
+        std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok()
+    };
+    if !same_store(&config.store, store.root()) {
+        return;
+    }
+    let name = &report.image.name;
+    let installed: std::collections::HashMap<crate::mac::Mac, Option<String>> =
+        match crate::fleet::FleetState::open(&config.state_dir).and_then(|f| f.hosts()) {
+            Ok(records) => records
+                .into_iter()
+                .map(|r| (r.mac, r.installed.map(|i| i.digest)))
+                .collect(),
+            Err(e) => {
+                eprintln!("hosts not counted: {e}");
+                return;
+            }
+        };
+    let following: Vec<_> = config
+        .hosts
+        .values()
+        .filter(|h| {
+            h.image
+                .as_ref()
+                .is_some_and(|i| i.name == *name && i.version.is_none())
+        })
+        .collect();
+    let reinstall = following
+        .iter()
+        .filter(|h| installed.get(&h.mac).cloned().flatten().as_deref() != Some(&report.digest))
+        .count();
+    eprintln!(
+        "{reinstall} of {} hosts assigned `{name}` will install {} at their next boot ({})",
+        following.len(),
+        report.image,
+        config_path.display()
+    );
+}
+
 fn parse_ref(s: &str) -> Result<ImageRef> {
     s.parse::<ImageRef>().map_err(Into::into)
 }
 
-fn image(store: &Store, command: ImageCommand) -> Result<()> {
+fn image(store: &Store, config: &std::path::Path, command: ImageCommand) -> Result<()> {
     match command {
         ImageCommand::Import { name, file, tuning } => {
             let options = tuning.options()?;
@@ -261,6 +326,7 @@ fn image(store: &Store, command: ImageCommand) -> Result<()> {
                 human(report.new_stored_bytes),
             );
             println!("{}", report.image);
+            announce_rollout(store, config, &report);
         }
         ImageCommand::Export {
             image,

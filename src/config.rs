@@ -34,6 +34,10 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// Send IPv6 router advertisements on the interface (iPXE waits ~12 s without any).
     pub router_advertisements: bool,
+    /// How long an install token stays valid after the script hands it out.
+    pub install_token_ttl: std::time::Duration,
+    /// Who may read manifests and packs over HTTP.
+    pub store_access: StoreAccess,
     pub dhcp: Dhcp,
     pub boot_files: BootFiles,
     pub tftp: Tftp,
@@ -142,6 +146,20 @@ impl Default for Tftp {
     }
 }
 
+/// Who may read the store's manifests and packs over HTTP.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreAccess {
+    /// A live install token (from the address it is bound to) or the admin token.
+    #[default]
+    Token,
+    /// Anyone on the network (an HTTP cache in front of the appliance).
+    Open,
+}
+
+/// Default of `install_token_ttl`.
+pub const INSTALL_TOKEN_TTL_DEFAULT: std::time::Duration = std::time::Duration::from_secs(4 * 3600);
+
 /// What a machine that is not in `hosts` gets.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum UnknownHosts {
@@ -221,6 +239,10 @@ struct RawConfig {
     admin_token: Option<String>,
     #[serde(default)]
     router_advertisements: bool,
+    #[serde(default)]
+    install_token_ttl: Option<Spanned<String>>,
+    #[serde(default)]
+    store_access: StoreAccess,
     #[serde(default)]
     dhcp: Dhcp,
     #[serde(default)]
@@ -346,6 +368,21 @@ impl Config {
                 },
             },
         };
+        let install_token_ttl = match &raw.install_token_ttl {
+            None => INSTALL_TOKEN_TTL_DEFAULT,
+            Some(s) => humantime::parse_duration(&s.value)
+                .ok()
+                .filter(|d| d.as_secs() >= 60)
+                .ok_or_else(|| {
+                    at(
+                        &s.referenced,
+                        format!(
+                            "install_token_ttl is {:?}; expected a duration of at least a minute, e.g. 4h or 90m",
+                            s.value
+                        ),
+                    )
+                })?,
+        };
         let defaults = Assignment {
             image: raw.defaults.image.as_ref().map(&mut image).transpose()?,
             disk: raw.defaults.disk.clone(),
@@ -442,6 +479,8 @@ impl Config {
             state_dir: base.join(raw.state_dir),
             admin_token: raw.admin_token,
             router_advertisements: raw.router_advertisements,
+            install_token_ttl,
+            store_access: raw.store_access,
             dhcp: raw.dhcp,
             boot_files: raw.boot_files,
             tftp: raw.tftp,

@@ -1,10 +1,11 @@
 //! fleetboot: a bare-metal provisioning appliance.
 //!
 //! This crate is the appliance. Its modules:
+//! - [`appliance`]: the core the front-ends call: shared state, the boot policy, install tokens.
 //! - [`store`]: the combined image store (import, export, list, verify, gc, stats).
 //! - [`config`]: the YAML configuration of `fleetboot serve`.
 //! - [`dhcp`]: full DHCP and ProxyDHCP on one interface.
-//! - [`fleet`]: the boot decision and the fleet's observed state (SQLite).
+//! - [`fleet`]: the fleet's observed state (SQLite).
 //! - [`http`]: iPXE scripts, boot files, the store by range, agent and admin APIs, metrics.
 //! - [`mac`]: Ethernet addresses.
 //! - [`metrics`]: counters for `/metrics`.
@@ -15,6 +16,7 @@
 //! - [`tftp`]: TFTP of `boot_dir`, read-only, beneath its root.
 //! - [`cli`]: the command line, the only place that reads flags and the environment.
 
+pub mod appliance;
 pub mod bootfiles;
 pub mod cli;
 pub mod config;

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub http_scripts: Counter,
     pub installs_done: Counter,
     pub installs_failed: Counter,
+    /// Bookkeeping writes to SQLite that failed (logged; the boot went on).
+    pub state_errors: Counter,
 }
 
 impl Metrics {
@@ -82,6 +84,11 @@ impl Metrics {
                 "fleetboot_installs_failed_total",
                 "installs that failed",
                 &self.installs_failed,
+            ),
+            (
+                "fleetboot_state_errors_total",
+                "bookkeeping writes to the state database that failed",
+                &self.state_errors,
             ),
         ];
         for (name, help, c) in counters {

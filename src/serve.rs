@@ -60,12 +60,7 @@ pub async fn run(options: ServeOptions) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {address}:{http_port}"))?;
     tracing::info!(%base_url, "serving HTTP");
-    let app = http::app(state.clone());
-    let http = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-    });
+    let http = tokio::spawn(http::serve(listener, state.clone(), shutdown_signal()));
     if dhcp_mode != DhcpMode::Off {
         let sockets = DhcpSockets::bind(&interface, dhcp_mode, 67, 4011)
             .with_context(|| format!("cannot bind the DHCP ports on {interface}"))?;

@@ -2,6 +2,7 @@
 //! whole conversation, reimage, unknown hosts, boot files, the store by range, metrics.
 
 use axum::body::Body;
+use axum::extract::connect_info::MockConnectInfo;
 use axum::http::{Request, StatusCode};
 use fleetboot::config::Config;
 use fleetboot::fleet::HostStatus;
@@ -57,8 +58,22 @@ fn rig(extra_yaml: &str) -> Rig {
     }
 }
 
+/// The address the host under test fetches from (DHCP gave it this one).
+const HOST_IP: &str = "10.9.0.50";
+/// Another machine on the same network.
+const NEIGHBOUR_IP: &str = "10.9.0.66";
+
 async fn call(rig: &Rig, req: Request<Body>) -> (StatusCode, Vec<u8>) {
-    let resp = app(rig.state.clone()).oneshot(req).await.unwrap();
+    call_from(rig, HOST_IP, req).await
+}
+
+async fn call_from(rig: &Rig, ip: &str, req: Request<Body>) -> (StatusCode, Vec<u8>) {
+    let peer: std::net::SocketAddr = format!("{ip}:40000").parse().unwrap();
+    let resp = app(rig.state.clone())
+        .layer(MockConnectInfo(peer))
+        .oneshot(req)
+        .await
+        .unwrap();
     let status = resp.status();
     let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
         .await
@@ -125,9 +140,12 @@ async fn the_agent_conversation_installs_then_boots_local_then_reimages() {
     let (s, body) = call(&rig, req(&token)).await;
     assert_eq!(s, StatusCode::OK);
     let a: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(a["image"], "demo@1");
+    assert_eq!(a["image"]["name"], "demo");
+    assert_eq!(a["image"]["version"], 1);
     assert_eq!(a["size"], rig.image.len() as u64);
-    assert_eq!(a["digest"], blake3::hash(&rig.image).to_hex().as_str());
+    let digest = blake3::hash(&rig.image).to_hex().to_string();
+    assert_eq!(a["image"]["digest"], digest.as_str());
+    let image = a["image"].clone();
     let manifest_url = a["manifest_url"].as_str().unwrap();
     assert_eq!(
         manifest_url,
@@ -136,10 +154,17 @@ async fn the_agent_conversation_installs_then_boots_local_then_reimages() {
 
     // The manifest and a pack, by range, exactly as the agent will fetch them.
     let path = manifest_url.strip_prefix(BASE).unwrap();
+    let with_token = |uri: &str| {
+        Request::get(uri)
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::empty())
+            .unwrap()
+    };
     let (s, m) = call(
         &rig,
         Request::get(path)
             .header("range", "bytes=0-7")
+            .header("authorization", format!("Bearer {token}"))
             .body(Body::empty())
             .unwrap(),
     )
@@ -148,7 +173,12 @@ async fn the_agent_conversation_installs_then_boots_local_then_reimages() {
         (s, m.as_slice()),
         (StatusCode::PARTIAL_CONTENT, &b"FBMANIFS"[..])
     );
-    let (_, full) = call(&rig, Request::get(path).body(Body::empty()).unwrap()).await;
+    assert_eq!(
+        get(&rig, path).await.0,
+        StatusCode::UNAUTHORIZED,
+        "the store is not served without a token"
+    );
+    let (_, full) = call(&rig, with_token(path)).await;
     let manifest = fleetboot_image::Manifest::decode(&full).unwrap();
     let e = manifest.entries[0];
     let pack_uri = format!("/store/packs/{}.pack", manifest.packs[e.pack as usize]);
@@ -161,14 +191,18 @@ async fn the_agent_conversation_installs_then_boots_local_then_reimages() {
         &rig,
         Request::get(&pack_uri)
             .header("range", range)
+            .header("authorization", format!("Bearer {token}"))
             .body(Body::empty())
             .unwrap(),
     )
     .await;
     assert_eq!(s, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(get(&rig, &pack_uri).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(frame.len(), e.frame_stored as usize);
     assert_eq!(
-        get(&rig, "/store/packs/../fleet.sqlite").await.0,
+        call(&rig, with_token("/store/packs/../fleet.sqlite"))
+            .await
+            .0,
         StatusCode::NOT_FOUND
     );
 
@@ -184,8 +218,17 @@ async fn the_agent_conversation_installs_then_boots_local_then_reimages() {
     assert_eq!((h.status, h.progress_pct), (HostStatus::Imaging, 25));
 
     // A wrong digest is not taken for an install.
-    let (s, _) = post(&rig, &format!("/api/agent/{MAC}/done"), &token,
-        serde_json::json!({"image": "demo@1", "digest": "00", "bytes_fetched": 1, "bytes_reused": 0})).await;
+    let report = |digest: &str| {
+        serde_json::json!({"image": image, "target": "/dev/vda", "digest": digest,
+            "bytes_fetched": 10, "bytes_reused": 5, "seconds": 1.0})
+    };
+    let (s, _) = post(
+        &rig,
+        &format!("/api/agent/{MAC}/done"),
+        &token,
+        report("00"),
+    )
+    .await;
     assert_eq!(s, StatusCode::CONFLICT);
     assert_eq!(
         rig.state.fleet().host(mac).unwrap().unwrap().status,
@@ -204,14 +247,18 @@ async fn the_agent_conversation_installs_then_boots_local_then_reimages() {
     )
     .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "an old token is dead");
-    let digest = blake3::hash(&rig.image).to_hex().to_string();
-    let (s, _) = post(&rig, &format!("/api/agent/{MAC}/done"), &token2,
-        serde_json::json!({"image": "demo@1", "digest": digest, "bytes_fetched": 10, "bytes_reused": 5})).await;
+    let (s, _) = post(
+        &rig,
+        &format!("/api/agent/{MAC}/done"),
+        &token2,
+        report(&digest),
+    )
+    .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     let h = rig.state.fleet().host(mac).unwrap().unwrap();
     assert_eq!(
-        (h.status, h.installed.as_deref()),
-        (HostStatus::Installed, Some("demo@1"))
+        (h.status, h.installed.map(|i| i.to_string())),
+        (HostStatus::Installed, Some("demo@1".into()))
     );
 
     // Installed: the next boot goes to the local disk, and the token is gone.
@@ -270,7 +317,15 @@ async fn the_agent_conversation_installs_then_boots_local_then_reimages() {
     assert_eq!(s, StatusCode::OK);
     let hosts: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(hosts[0]["hostname"], "web-01");
-    assert_eq!(hosts[0]["installed"], "demo@1");
+    assert_eq!(
+        hosts[0]["installed"],
+        serde_json::Value::Null,
+        "the reimage's agent holds a token: the disk is unknown until it reports done"
+    );
+    assert_eq!(hosts[0]["status"], "booting");
+    assert_eq!(hosts[0]["pending"], true);
+    assert_eq!(hosts[0]["target"]["digest"], digest.as_str());
+    assert_eq!(hosts[0]["report"]["bytes_fetched"], 10);
     assert_eq!(get(&rig, "/api/hosts").await.0, StatusCode::UNAUTHORIZED);
 
     let (_, metrics) = get(&rig, "/metrics").await;
@@ -362,7 +417,8 @@ fn the_rig_store_is_real() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packs_are_served_whole_or_by_range_and_large_ones_streamed() {
-    let rig = rig("");
+    // `store_access: open` (an HTTP cache in front): no token needed.
+    let rig = rig("store_access: open\n");
     let id = "0123456789abcdef0123456789abcdef";
     let data: Vec<u8> = (0..20u32 << 20).map(|i| (i % 253) as u8).collect();
     std::fs::write(
@@ -411,4 +467,172 @@ async fn packs_are_served_whole_or_by_range_and_large_ones_streamed() {
             .0,
         StatusCode::NOT_FOUND
     );
+}
+
+/// Issue 8, item 5: fetching the script again while the agent installs (a firmware retry, a
+/// power cut, anyone) hands out the same token and leaves the install running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_script_fetch_during_an_install_does_not_disturb_it() {
+    let rig = rig("");
+    let mac = MAC.parse().unwrap();
+    let (_, script) = get(&rig, &format!("/boot/{MAC}.ipxe")).await;
+    let token = token_of(&script);
+    let (s, _) = post(
+        &rig,
+        &format!("/api/agent/{MAC}/progress"),
+        &token,
+        serde_json::json!({"done": 100, "total": 200}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, again) = get(&rig, &format!("/boot/{MAC}.ipxe")).await;
+    assert_eq!(token_of(&again), token, "the same install, the same token");
+    let h = rig.state.fleet().host(mac).unwrap().unwrap();
+    assert_eq!(
+        (h.status, h.progress_pct),
+        (HostStatus::Imaging, 50),
+        "progress is not reset"
+    );
+    let (s, _) = post(
+        &rig,
+        &format!("/api/agent/{MAC}/progress"),
+        &token,
+        serde_json::json!({"done": 150, "total": 200}),
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::NO_CONTENT,
+        "the running agent's token still works"
+    );
+}
+
+/// Issue 8, items 6 and 7: a machine other than the one DHCP gave the address to gets no token,
+/// cannot use one, and cannot read the store; the admin token can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbour_gets_no_token_and_cannot_use_one() {
+    let rig = rig("");
+    let mac = MAC.parse().unwrap();
+    rig.state.note_address(mac, HOST_IP.parse().unwrap());
+    let script_req = || {
+        Request::get(format!("/boot/{MAC}.ipxe"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    let (s, body) = call_from(&rig, NEIGHBOUR_IP, script_req()).await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    assert!(!body.contains("token="), "{body}");
+    assert!(
+        rig.state
+            .fleet()
+            .host(mac)
+            .unwrap()
+            .is_none_or(|h| h.token.is_none()),
+        "no install was started"
+    );
+
+    let (s, body) = call(&rig, script_req()).await;
+    assert_eq!(s, StatusCode::OK);
+    let token = token_of(&String::from_utf8_lossy(&body));
+    let digest = blake3::hash(&rig.image).to_hex().to_string();
+    let done = serde_json::json!({
+        "image": {"name": "demo", "version": 1, "digest": digest},
+        "target": "/dev/vda", "digest": digest,
+        "bytes_fetched": 0, "bytes_reused": 0, "seconds": 0.1});
+    let post_from = |ip: &'static str, uri: String, token: String, json: serde_json::Value| {
+        let rig = &rig;
+        async move {
+            let req = Request::post(uri)
+                .header("authorization", format!("Bearer {token}"))
+                .header("content-type", "application/json")
+                .body(Body::from(json.to_string()))
+                .unwrap();
+            call_from(rig, ip, req).await.0
+        }
+    };
+    // The stolen token, used from the neighbour: refused, and the host is not marked installed.
+    let s = post_from(
+        NEIGHBOUR_IP,
+        format!("/api/agent/{MAC}/done"),
+        token.clone(),
+        done.clone(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        rig.state.fleet().host(mac).unwrap().unwrap().installed,
+        None
+    );
+    let manifest = "/store/manifests/demo/1.manifest";
+    let read = |ip: &'static str, token: &str| {
+        let req = Request::get(manifest)
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::empty())
+            .unwrap();
+        let rig = &rig;
+        async move { call_from(rig, ip, req).await.0 }
+    };
+    assert_eq!(read(NEIGHBOUR_IP, &token).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        read(NEIGHBOUR_IP, "s3cret").await,
+        StatusCode::OK,
+        "admin token"
+    );
+    assert_eq!(read(HOST_IP, &token).await, StatusCode::OK);
+
+    // From its own address the agent's calls work.
+    let s = post_from(
+        HOST_IP,
+        format!("/api/agent/{MAC}/done"),
+        token.clone(),
+        done,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(
+        read(HOST_IP, &token).await,
+        StatusCode::UNAUTHORIZED,
+        "an install that ended voids its token"
+    );
+}
+
+/// Issue 8, item 2 at the boot decision: an image removed and its name imported again with
+/// other content gets a new version, and a host that installed the old one reinstalls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_is_current_only_if_its_disk_holds_the_assigned_content() {
+    let rig = rig("");
+    let mac = MAC.parse().unwrap();
+    let (_, script) = get(&rig, &format!("/boot/{MAC}.ipxe")).await;
+    let token = token_of(&script);
+    let digest = blake3::hash(&rig.image).to_hex().to_string();
+    let done = serde_json::json!({
+        "image": {"name": "demo", "version": 1, "digest": digest},
+        "target": "/dev/vda", "digest": digest,
+        "bytes_fetched": 0, "bytes_reused": 0, "seconds": 0.1});
+    let (s, _) = post(&rig, &format!("/api/agent/{MAC}/done"), &token, done).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(local_boot(&get(&rig, &format!("/boot/{MAC}.ipxe")).await.1));
+
+    // rm demo@1, import other content under the same name: it is demo@2, never demo@1 again.
+    let store = &rig.state.store;
+    store.remove(&"demo@1".parse().unwrap()).unwrap();
+    let other = rig._dir.path().join("other.img");
+    std::fs::write(&other, vec![7u8; 64 * 4096]).unwrap();
+    let r = import(store, "demo", &other, &ImportOptions::default(), &|_, _| {}).unwrap();
+    assert_eq!(r.image.to_string(), "demo@2");
+    // The group names demo@1, which is gone; assign plain `demo` (the latest).
+    let path = rig.state.config().path.clone();
+    let yaml = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("demo@1", "demo");
+    std::fs::write(&path, yaml).unwrap();
+    *rig.state.config.write().unwrap() = Arc::new(Config::load(&path).unwrap());
+    let (_, script) = get(&rig, &format!("/boot/{MAC}.ipxe")).await;
+    assert!(
+        script.contains("fleetboot.token="),
+        "new content: the agent installs it"
+    );
+    let h = rig.state.fleet().host(mac).unwrap().unwrap();
+    assert_eq!(h.assigned.map(|a| a.to_string()), Some("demo@2".into()));
 }

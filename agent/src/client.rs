@@ -3,7 +3,7 @@
 //! costs time, not the install.
 
 use anyhow::{bail, Context, Result};
-use fleetboot_image::api::{Assignment, Done, Failed, Progress};
+use fleetboot_image::api::{cmdline, Assignment, Failed, InstallReport, Progress};
 use std::time::Duration;
 
 /// Attempts per request before giving up.
@@ -56,7 +56,8 @@ impl Client {
                 let script = retry("boot script", || {
                     Ok(http.get(&url).call()?.body_mut().read_to_string()?)
                 })?;
-                match script.split_whitespace().find_map(|w| w.strip_prefix("fleetboot.token=")) {
+                let key = format!("{}=", cmdline::TOKEN);
+                match script.split_whitespace().find_map(|w| w.strip_prefix(key.as_str())) {
                     Some(t) => t.to_string(),
                     None => bail!("the appliance has nothing to install on {mac} (its script boots the local disk)"),
                 }
@@ -78,6 +79,11 @@ impl Client {
         format!("Bearer {}", self.token)
     }
 
+    /// The install token (store reads carry it too).
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
     pub fn assignment(&self) -> Result<Assignment> {
         retry("assignment", || {
             let mut resp = self
@@ -92,7 +98,11 @@ impl Client {
     /// Fetches a whole small document (a manifest).
     pub fn fetch(&self, url: &str) -> Result<Vec<u8>> {
         retry(url, || {
-            let mut resp = self.http.get(url).call()?;
+            let mut resp = self
+                .http
+                .get(url)
+                .header("authorization", self.bearer())
+                .call()?;
             Ok(resp.body_mut().with_config().limit(1 << 30).read_to_vec()?)
         })
         .with_context(|| format!("cannot fetch {url}"))
@@ -110,7 +120,7 @@ impl Client {
         }
     }
 
-    pub fn done(&self, done: &Done) -> Result<()> {
+    pub fn done(&self, done: &InstallReport) -> Result<()> {
         retry("done", || {
             self.http
                 .post(self.url("done"))

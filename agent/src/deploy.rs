@@ -8,7 +8,7 @@ use crate::client::Client;
 use crate::disk::Disk;
 use crate::source::HttpPacks;
 use anyhow::{bail, Context, Result};
-use fleetboot_image::api::Done;
+use fleetboot_image::api::InstallReport;
 use fleetboot_image::{restore_with, ChunkId, LocalChunks, Manifest, RestoreOptions};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -24,31 +24,8 @@ pub struct Settings {
     pub target: Option<PathBuf>,
 }
 
-/// What an install did.
-pub struct Report {
-    pub image: String,
-    pub target: PathBuf,
-    pub bytes_fetched: u64,
-    pub bytes_reused: u64,
-    pub digest: String,
-}
-
-impl std::fmt::Display for Report {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} written to {}: fetched {} bytes, reused {} bytes from the disk, digest {}",
-            self.image,
-            self.target.display(),
-            self.bytes_fetched,
-            self.bytes_reused,
-            self.digest
-        )
-    }
-}
-
 /// Installs the host's assigned image on the target and reports the outcome.
-pub fn deploy(s: &Settings) -> Result<Report> {
+pub fn deploy(s: &Settings) -> Result<InstallReport> {
     let client = Client::new(&s.server, &s.mac, s.token.clone())?;
     let result = install(&client, s);
     if let Err(e) = &result {
@@ -57,7 +34,8 @@ pub fn deploy(s: &Settings) -> Result<Report> {
     result
 }
 
-fn install(client: &Client, s: &Settings) -> Result<Report> {
+fn install(client: &Client, s: &Settings) -> Result<InstallReport> {
+    let started = Instant::now();
     let a = client.assignment()?;
     let target = match &s.target {
         Some(t) => t.clone(),
@@ -71,7 +49,7 @@ fn install(client: &Client, s: &Settings) -> Result<Report> {
     );
     let manifest =
         Manifest::decode(&client.fetch(&a.manifest_url)?).context("the image's manifest")?;
-    if manifest.meta.size != a.size || manifest.meta.digest != a.digest {
+    if manifest.meta.size != a.size || manifest.meta.digest != a.image.digest {
         bail!(
             "the manifest does not describe the assigned image {}",
             a.image
@@ -83,15 +61,15 @@ fn install(client: &Client, s: &Settings) -> Result<Report> {
         .as_deref()
         .and_then(|url| client.fetch(url).ok())
         .and_then(|bytes| Manifest::decode(&bytes).ok());
-    let started = Instant::now();
+    let scan_started = Instant::now();
     let local = chunks_on_disk(&manifest, old.as_ref(), &disk)?;
     eprintln!(
         "fleetboot-agent: {} chunks ({} bytes) already on the disk, found in {:.1} s",
         local.chunks.len(),
         local.bytes,
-        started.elapsed().as_secs_f64()
+        scan_started.elapsed().as_secs_f64()
     );
-    let source = HttpPacks::new(&a.packs_url);
+    let source = HttpPacks::new(&a.packs_url, client.token());
     let total = a.size;
     let last = std::cell::Cell::new(Instant::now() - Duration::from_secs(2));
     let progress = |done: u64| {
@@ -121,20 +99,16 @@ fn install(client: &Client, s: &Settings) -> Result<Report> {
             manifest.meta.digest
         );
     }
-    let done = Done {
-        image: a.image.clone(),
-        digest: digest.clone(),
+    let report = InstallReport {
+        image: a.image,
+        target: target.display().to_string(),
+        digest,
         bytes_fetched: source.fetched.load(Ordering::Relaxed),
         bytes_reused: report.bytes_reused,
+        seconds: started.elapsed().as_secs_f64(),
     };
-    client.done(&done)?;
-    Ok(Report {
-        image: a.image,
-        target,
-        bytes_fetched: done.bytes_fetched,
-        bytes_reused: done.bytes_reused,
-        digest,
-    })
+    client.done(&report)?;
+    Ok(report)
 }
 
 /// Chunks of the new image found on the disk, verified, by id.

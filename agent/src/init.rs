@@ -8,6 +8,7 @@
 
 use crate::{deploy, modules, netconf};
 use anyhow::{bail, Context, Result};
+use fleetboot_image::api::cmdline;
 use nix::mount::{mount, MsFlags};
 use std::collections::HashMap;
 use std::path::Path;
@@ -23,7 +24,7 @@ impl Cmdline {
     pub fn parse(text: &str) -> Cmdline {
         let values = text
             .split_whitespace()
-            .filter_map(|w| w.strip_prefix("fleetboot."))
+            .filter(|w| w.starts_with("fleetboot."))
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
@@ -39,7 +40,7 @@ impl Cmdline {
 
     fn need(&self, key: &str) -> Result<&str> {
         self.get(key)
-            .with_context(|| format!("no fleetboot.{key}= on the kernel command line"))
+            .with_context(|| format!("no {key}= on the kernel command line"))
     }
 }
 
@@ -51,7 +52,7 @@ fn say(msg: &str) {
 pub fn run() -> ! {
     let result = setup_and_install();
     let poweroff = std::fs::read_to_string("/proc/cmdline")
-        .map(|c| Cmdline::parse(&c).get("on_failure") == Some("poweroff"))
+        .map(|c| Cmdline::parse(&c).get(cmdline::ON_FAILURE) == Some("poweroff"))
         .unwrap_or(false);
     match result {
         Ok(()) => {
@@ -80,9 +81,14 @@ fn setup_and_install() -> Result<()> {
         &std::fs::read_to_string("/proc/cmdline").context("cannot read /proc/cmdline")?,
     );
     say(&format!("starting (kernel {})", kernel_release()));
-    let url = cmdline.need("url")?.trim_end_matches('/').to_string();
-    let mac = cmdline.need("mac")?.to_lowercase();
-    let token = cmdline.need("token")?.to_string();
+    let url = cmdline
+        .need(cmdline::URL)?
+        .trim_end_matches('/')
+        .to_string();
+    let mac = cmdline.need(cmdline::MAC)?.to_lowercase();
+    // Without a token (booted by other means than the script) the agent fetches its script
+    // itself once the network is up; the appliance hands it only to the host's DHCP address.
+    let token = cmdline.get(cmdline::TOKEN).map(str::to_string);
 
     let loaded =
         modules::load_for_hardware(Path::new("/lib/modules").join(kernel_release()).as_path())?;
@@ -90,14 +96,14 @@ fn setup_and_install() -> Result<()> {
 
     let ifname = netconf::wait_for_nic(&mac, Duration::from_secs(15))?;
     netconf::link_up(&ifname)?;
-    let (ip, netmask, gateway) = match cmdline.get("ip") {
+    let (ip, netmask, gateway) = match cmdline.get(cmdline::IP) {
         Some(ip) => (
             ip.to_string(),
             cmdline
-                .get("netmask")
+                .get(cmdline::NETMASK)
                 .unwrap_or("255.255.255.0")
                 .to_string(),
-            cmdline.get("gateway").map(str::to_string),
+            cmdline.get(cmdline::GATEWAY).map(str::to_string),
         ),
         None => {
             say(&format!(
@@ -124,10 +130,18 @@ fn setup_and_install() -> Result<()> {
     let report = deploy::deploy(&deploy::Settings {
         server: url,
         mac,
-        token: Some(token),
+        token,
         target: None,
     })?;
-    say(&report.to_string());
+    say(&format!(
+        "installed {} on {}: fetched {} bytes, reused {} bytes",
+        report.image, report.target, report.bytes_fetched, report.bytes_reused
+    ));
+    println!(
+        "{}{}",
+        fleetboot_image::api::REPORT_PREFIX,
+        serde_json::to_string(&report)?
+    );
     Ok(())
 }
 
@@ -169,16 +183,16 @@ mod tests {
             "BOOT_IMAGE=x initrd=fleetboot-initrd.img console=ttyS0 fleetboot.url=http://10.0.0.1:8080 \
              fleetboot.mac=52:54:00:12:34:56 fleetboot.token=abc fleetboot.ip=10.0.0.105 fleetboot.gateway=",
         );
-        assert_eq!(c.get("url"), Some("http://10.0.0.1:8080"));
-        assert_eq!(c.get("mac"), Some("52:54:00:12:34:56"));
-        assert_eq!(c.get("ip"), Some("10.0.0.105"));
+        assert_eq!(c.get(cmdline::URL), Some("http://10.0.0.1:8080"));
+        assert_eq!(c.get(cmdline::MAC), Some("52:54:00:12:34:56"));
+        assert_eq!(c.get(cmdline::IP), Some("10.0.0.105"));
         assert_eq!(
-            c.get("gateway"),
+            c.get(cmdline::GATEWAY),
             None,
             "empty (iPXE had none) counts as absent"
         );
         assert!(c
-            .need("disk")
+            .need("fleetboot.disk")
             .unwrap_err()
             .to_string()
             .contains("fleetboot.disk="));

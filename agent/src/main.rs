@@ -62,7 +62,11 @@ fn run() -> Result<()> {
                 token,
                 target: Some(target.into()),
             })?;
-            println!("{report}");
+            println!(
+                "{}{}",
+                fleetboot_image::api::REPORT_PREFIX,
+                serde_json::to_string(&report)?
+            );
             Ok(())
         }
         _ => bail!("{USAGE}"),

@@ -8,15 +8,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// The packs of a store served by the appliance (`{base}/{id}.pack`).
 pub struct HttpPacks {
     base: String,
+    /// `Bearer <install token>`: the appliance serves its store to live installs only.
+    authorization: String,
     http: ureq::Agent,
     /// Bytes received, for the report.
     pub fetched: AtomicU64,
 }
 
 impl HttpPacks {
-    pub fn new(base: &str) -> HttpPacks {
+    pub fn new(base: &str, token: &str) -> HttpPacks {
         HttpPacks {
             base: base.trim_end_matches('/').to_string(),
+            authorization: format!("Bearer {token}"),
             http: crate::client::http(),
             fetched: AtomicU64::new(0),
         }
@@ -28,7 +31,12 @@ impl FrameSource for HttpPacks {
         let url = format!("{}/{}", self.base, pack.file_name());
         let range = format!("bytes={}-{}", offset, offset + u64::from(len) - 1);
         let data = retry(&url, || {
-            let mut resp = self.http.get(&url).header("range", &range).call()?;
+            let mut resp = self
+                .http
+                .get(&url)
+                .header("range", &range)
+                .header("authorization", &self.authorization)
+                .call()?;
             if resp.status().as_u16() != 206 {
                 anyhow::bail!("expected 206 Partial Content, got {}", resp.status());
             }

@@ -7,6 +7,7 @@ use fleetboot::fleet::HostStatus;
 use fleetboot::http::{app, AppState};
 
 use fleetboot::store::{import::import, Store};
+use fleetboot_image::api::{InstallReport, REPORT_PREFIX};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
@@ -94,7 +95,11 @@ impl Appliance {
         runtime.spawn(async move {
             tokio::time::sleep(delay).await;
             let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-            axum::serve(listener, router).await
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .await
         });
         Appliance {
             dir,
@@ -123,7 +128,7 @@ impl Appliance {
             .host(MAC.parse().unwrap())
             .unwrap()
             .unwrap();
-        (h.status, h.installed, h.detail)
+        (h.status, h.installed.map(|i| i.to_string()), h.detail)
     }
 }
 
@@ -137,21 +142,14 @@ fn write_config(dir: &Path, image: &str) -> Config {
     Config::load(&path).unwrap()
 }
 
-/// (bytes fetched, bytes reused) from the agent's last line.
-fn figures(out: &Output) -> (u64, u64) {
+/// The agent's install report (its JSON line on stdout).
+fn report(out: &Output) -> InstallReport {
     let text = String::from_utf8_lossy(&out.stdout);
-    let num = |key: &str| -> u64 {
-        let at = text
-            .find(key)
-            .unwrap_or_else(|| panic!("no {key:?} in {text:?}"));
-        text[..at]
-            .split_whitespace()
-            .last()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    (num(" bytes, reused"), num(" bytes from the disk"))
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix(REPORT_PREFIX))
+        .unwrap_or_else(|| panic!("no report in {text:?}"));
+    serde_json::from_str(line).unwrap()
 }
 
 #[test]
@@ -190,9 +188,81 @@ fn installs_then_reinstalls_moving_only_what_changed() {
         v2,
         "the disk reads back identical to os@2"
     );
-    let (fetched, reused) = figures(&out);
-    assert!(reused > 20 * fetched, "fetched {fetched}, reused {reused}");
+    let r = report(&out);
+    assert!(
+        r.bytes_reused > 20 * r.bytes_fetched,
+        "fetched {}, reused {}",
+        r.bytes_fetched,
+        r.bytes_reused
+    );
+    assert_eq!(r.image.to_string(), "os@2");
+    assert_eq!(r.digest, r.image.digest);
     assert_eq!(app.status().1.as_deref(), Some("os@2"));
+}
+
+/// Issue 8, item 1: host has os@1; os@2 is assigned; its install fails half-way (a damaged
+/// pack); os@1 is assigned again. The disk is half-overwritten: the next boot must run the agent
+/// (not boot the disk as if it held os@1), and that install must make it os@1 again.
+#[test]
+fn a_failed_install_leaves_the_disk_unknown_until_a_verified_install() {
+    // Content that shares nothing, so os@2 has packs of its own to damage.
+    let random = |mut x: u64| -> Vec<u8> {
+        (0..4 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    let (v1, v2) = (random(11), random(12));
+    let app = Appliance::start(&[v1.clone(), v2.clone()]);
+    let target = app.dir.path().join("disk.img");
+    assert!(app.deploy(&target).status.success());
+    assert_eq!(app.status().1.as_deref(), Some("os@1"));
+
+    // Damage the packs os@2 alone uses (the second import's), then install os@2.
+    let m2 = app
+        .state
+        .store
+        .manifest(&"os@2".parse().unwrap())
+        .unwrap()
+        .1;
+    let m1 = app
+        .state
+        .store
+        .manifest(&"os@1".parse().unwrap())
+        .unwrap()
+        .1;
+    let own: Vec<_> = m2.packs.iter().filter(|p| !m1.packs.contains(p)).collect();
+    assert!(!own.is_empty());
+    for p in own {
+        let path = app.state.store.pack_path(p);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() * 3 / 4;
+        bytes[at] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    app.assign("os@2");
+    let out = app.deploy(&target);
+    assert!(!out.status.success(), "the install of os@2 failed");
+    let (status, installed, _) = app.status();
+    assert_eq!((status, installed), (HostStatus::Failed, None));
+
+    app.assign("os@1");
+    let out = app.deploy(&target);
+    assert!(
+        out.status.success(),
+        "the next boot ran the agent again: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&target).unwrap(), v1);
+    assert_eq!(app.status().1.as_deref(), Some("os@1"));
+    assert!(
+        report(&out).bytes_reused > 0,
+        "what was still intact on the disk was reused"
+    );
 }
 
 #[test]

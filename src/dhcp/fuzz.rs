@@ -3,8 +3,8 @@
 //! and by the tests below, which throw random and mutated packets at it on the stable toolchain.
 
 use super::server::DhcpServer;
+use crate::appliance::AppState;
 use crate::config::Config;
-use crate::http::AppState;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};

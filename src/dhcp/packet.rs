@@ -5,7 +5,7 @@
 //! and 152–155 of odd lengths, on `chaddr()` when hlen > 16, and keeps only the first entry of an
 //! option 93 list; [`prevalidate`] rejects such packets first and reads the 93 list itself.
 
-use crate::fleet::Firmware;
+use crate::appliance::Firmware;
 use crate::mac::Mac;
 use dhcproto::v4::{self, DhcpOption, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable};

@@ -7,9 +7,10 @@
 
 use super::leases::{Lease, LeasePool};
 use super::packet::{self, arch_name, reply_to, ClientRequest};
+use crate::appliance::AppState;
+use crate::appliance::{dhcp_boot, DhcpBoot, Firmware};
 use crate::config::{Config, DhcpMode};
-use crate::fleet::{dhcp_boot, DhcpBoot, Firmware, FleetState, StateError, Write};
-use crate::http::AppState;
+use crate::fleet::{FleetState, StateError, Write};
 use crate::mac::Mac;
 use crate::net::udp_on;
 use dhcproto::v4::{DhcpOption, MessageType};
@@ -214,6 +215,15 @@ impl DhcpServer {
             (true, MessageType::Request) | (true, MessageType::Discover) => MessageType::Ack,
             _ => return None,
         };
+        // The address the client is taking (from the site's server): its install token is
+        // handed only to it.
+        if let Some(ip) = req
+            .requested_ip
+            .or((req.ciaddr != Ipv4Addr::UNSPECIFIED).then_some(req.ciaddr))
+            .filter(|_| req.kind == MessageType::Request)
+        {
+            self.state.note_address(req.mac, ip);
+        }
         let mut rep = reply_to(req, kind, self.server_ip);
         rep.set_siaddr(self.server_ip);
         self.add_boot(&mut rep, req, boot, true);
@@ -248,6 +258,7 @@ impl DhcpServer {
                     .or((req.ciaddr != Ipv4Addr::UNSPECIFIED).then_some(req.ciaddr))?;
                 match pool.commit(req.mac, wanted, lease_s, t) {
                     Some(Lease { ip, expires }) => {
+                        self.state.note_address(req.mac, ip);
                         let _ = self.writes.send(Write::SaveLease {
                             mac: req.mac,
                             ip,

@@ -1,14 +1,13 @@
 //! The fleet: which machines exist, what each should run, what each runs now.
 //!
-//! - [`decision`]: the boot decision, a pure function of the client, the configuration and the
-//!   host's recorded state. The DHCP, TFTP and HTTP front-ends only ask it and carry out the plan.
 //! - [`state`]: the observed state in SQLite — hosts, leases, events.
+//! - [`reimage_targets`]: the hosts a reimage request names.
+//!
+//! The boot decision itself lives in the appliance core (`crate::appliance`).
 
-pub mod decision;
 pub mod state;
 
-pub use decision::{dhcp_boot, script_plan, DhcpBoot, Firmware, ScriptPlan};
-pub use state::{FleetState, HostRecord, HostStatus, StateError, Write};
+pub use state::{FleetState, HostRecord, HostStatus, StateError, Token, Write};
 
 use crate::config::Config;
 use crate::mac::Mac;

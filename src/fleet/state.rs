@@ -2,13 +2,19 @@
 //!
 //! The configuration says what each host *should* run; this says what it *does*: when it was
 //! seen, what is installed (image and digest), whether it is imaging and how far, whether a
-//! reimage was requested. `fleetboot serve`, `fleetboot host list` and `fleetboot reimage` all
+//! reimage was requested.
+//!
+//! The rule that keeps a half-written disk from ever being booted: from the moment an agent is
+//! handed an install token ([`FleetState::start_install`]) the host's disk is unknown —
+//! `installed` is cleared — until the agent's verified `done` ([`FleetState::installed`]). A
+//! failed or interrupted install leaves it unknown, so the next boot runs the agent again. `fleetboot serve`, `fleetboot host list` and `fleetboot reimage` all
 //! work on the same database (WAL mode, so the CLI can read while the appliance writes).
 
 use crate::mac::Mac;
+use fleetboot_image::api::{ImageId, InstallReport};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -31,7 +37,13 @@ CREATE TABLE IF NOT EXISTS hosts (
     bytes_total INTEGER NOT NULL DEFAULT 0,
     detail TEXT,
     reimage INTEGER NOT NULL DEFAULT 0,
-    token TEXT
+    token TEXT,
+    assigned_digest TEXT,
+    hint TEXT,
+    hint_digest TEXT,
+    token_ip TEXT,
+    token_expires INTEGER,
+    report TEXT
 );
 CREATE TABLE IF NOT EXISTS leases (
     ip TEXT PRIMARY KEY,
@@ -46,6 +58,9 @@ CREATE TABLE IF NOT EXISTS events (
     detail TEXT
 );
 ";
+
+/// Schema version kept in `PRAGMA user_version`; [`migrate`] brings older files up to it.
+const SCHEMA_VERSION: i64 = 2;
 
 /// Where a host is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -94,11 +109,16 @@ pub struct HostRecord {
     /// Unix seconds.
     pub first_seen: i64,
     pub last_seen: i64,
-    /// The image it was last sent to install (`NAME@N`).
-    pub assigned: Option<String>,
-    /// The image on its disk (`NAME@N`) and its BLAKE3, as the agent verified them.
-    pub installed: Option<String>,
-    pub installed_digest: Option<String>,
+    /// The image it was last sent to install.
+    pub assigned: Option<ImageId>,
+    /// The image on its disk, as the agent verified it; `None` while an install is under way or
+    /// after one that did not finish (the disk is unknown).
+    pub installed: Option<ImageId>,
+    /// The image last verified on the disk, kept through failed installs: where the agent may
+    /// find chunks to reuse (it hashes each before use).
+    pub hint: Option<ImageId>,
+    /// The last install's report.
+    pub report: Option<InstallReport>,
     pub status: HostStatus,
     pub progress_pct: u8,
     pub bytes_done: u64,
@@ -108,7 +128,17 @@ pub struct HostRecord {
     /// A reimage was requested: the next boot installs even if the image is unchanged.
     pub reimage: bool,
     #[serde(skip)]
-    pub token: Option<String>,
+    pub token: Option<Token>,
+}
+
+/// An install token and what it is bound to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Token {
+    pub secret: String,
+    /// The only address the token is handed to and accepted from.
+    pub ip: IpAddr,
+    /// Unix seconds after which it is refused.
+    pub expires: i64,
 }
 
 /// One line of the event log.
@@ -181,7 +211,10 @@ impl FleetState {
         state.wrap(|db| {
             db.pragma_update(None, "journal_mode", "WAL")?;
             db.pragma_update(None, "synchronous", "NORMAL")?;
-            db.execute_batch(SCHEMA)
+            // The CLI and the appliance share the file: wait for the other's write, briefly.
+            db.busy_timeout(std::time::Duration::from_secs(2))?;
+            db.execute_batch(SCHEMA)?;
+            migrate(db)
         })?;
         Ok(state)
     }
@@ -247,20 +280,41 @@ impl FleetState {
         })
     }
 
-    /// The agent was handed to `mac` to install `image`, with this one-time token.
-    pub fn start_install(&self, mac: Mac, image: &str, token: &str) -> Result<(), StateError> {
+    /// The agent was handed to `mac` to install `image` with `token`. From here until a verified
+    /// `done` the disk is unknown: what was installed becomes only a hint for chunk reuse.
+    pub fn start_install(
+        &self,
+        mac: Mac,
+        image: &ImageId,
+        token: &Token,
+    ) -> Result<(), StateError> {
         let t = now();
         self.wrap(|db| {
-            db.execute(
+            let tx = db.unchecked_transaction()?;
+            tx.execute(
                 "INSERT INTO hosts (mac, first_seen, last_seen) VALUES (?1, ?2, ?2) ON CONFLICT(mac) DO NOTHING",
                 params![mac.to_string(), t],
             )?;
-            db.execute(
-                "UPDATE hosts SET assigned = ?2, token = ?3, status = 'booting', progress_pct = 0,
-                    bytes_done = 0, bytes_total = 0, detail = NULL, last_seen = ?4 WHERE mac = ?1",
-                params![mac.to_string(), image, token, t],
+            tx.execute(
+                "UPDATE hosts SET assigned = ?2, assigned_digest = ?3, token = ?4, token_ip = ?5,
+                    token_expires = ?6, status = 'booting', progress_pct = 0, bytes_done = 0,
+                    bytes_total = 0, detail = NULL,
+                    hint = COALESCE(installed, hint),
+                    hint_digest = CASE WHEN installed IS NULL THEN hint_digest ELSE installed_digest END,
+                    installed = NULL, installed_digest = NULL, last_seen = ?7
+                 WHERE mac = ?1",
+                params![
+                    mac.to_string(),
+                    image.to_string(),
+                    image.digest,
+                    token.secret,
+                    token.ip.to_string(),
+                    token.expires,
+                    t
+                ],
             )?;
-            log(db, t, mac, "agent-booted", Some(image))
+            log(&tx, t, mac, "agent-booted", Some(&image.to_string()))?;
+            tx.commit()
         })
     }
 
@@ -279,34 +333,85 @@ impl FleetState {
         })
     }
 
-    /// The agent installed `image` (verified digest `digest`): boots go to the local disk now.
-    pub fn installed(
-        &self,
-        mac: Mac,
-        image: &str,
-        digest: &str,
-        detail: &str,
-    ) -> Result<(), StateError> {
+    /// The agent installed the image its report names, read back with that image's digest
+    /// (the caller checked it): boots go to the local disk now.
+    pub fn installed(&self, mac: Mac, report: &InstallReport) -> Result<(), StateError> {
         let t = now();
+        let json = serde_json::to_string(report).unwrap_or_default();
+        let image = report.image.to_string();
         self.wrap(|db| {
-            db.execute(
+            let tx = db.unchecked_transaction()?;
+            tx.execute(
                 "UPDATE hosts SET status = 'installed', installed = ?2, installed_digest = ?3,
-                    progress_pct = 100, reimage = 0, token = NULL, detail = ?4, last_seen = ?5 WHERE mac = ?1",
-                params![mac.to_string(), image, digest, detail, t],
+                    hint = ?2, hint_digest = ?3, progress_pct = 100, reimage = 0, token = NULL,
+                    token_ip = NULL, token_expires = NULL, detail = ?4, report = ?5, last_seen = ?6
+                 WHERE mac = ?1",
+                params![
+                    mac.to_string(),
+                    image,
+                    report.image.digest,
+                    format!(
+                        "fetched {} bytes, reused {} bytes",
+                        report.bytes_fetched, report.bytes_reused
+                    ),
+                    json,
+                    t
+                ],
             )?;
-            log(db, t, mac, "installed", Some(&format!("{image} {detail}")))
+            log(&tx, t, mac, "installed", Some(&image))?;
+            tx.commit()
         })
     }
 
-    /// The agent failed: the reason is kept and shown.
+    /// The install failed: the reason is kept and shown; the disk stays unknown, so the next
+    /// boot runs the agent again.
     pub fn failed(&self, mac: Mac, reason: &str) -> Result<(), StateError> {
         let t = now();
         self.wrap(|db| {
-            db.execute(
-                "UPDATE hosts SET status = 'failed', detail = ?2, token = NULL, last_seen = ?3 WHERE mac = ?1",
+            let tx = db.unchecked_transaction()?;
+            tx.execute(
+                "UPDATE hosts SET status = 'failed', detail = ?2, token = NULL, token_ip = NULL,
+                    token_expires = NULL, installed = NULL, installed_digest = NULL, last_seen = ?3
+                 WHERE mac = ?1",
                 params![mac.to_string(), reason, t],
             )?;
-            log(db, t, mac, "failed", Some(reason))
+            log(&tx, t, mac, "failed", Some(reason))?;
+            tx.commit()
+        })
+    }
+
+    /// Hosts holding an install token that has not expired, with it (loaded at start, so an
+    /// appliance restarted mid-install keeps accepting its agents).
+    pub fn live_tokens(&self) -> Result<Vec<(Mac, Token)>, StateError> {
+        let t = now();
+        self.wrap(|db| {
+            let mut stmt = db.prepare(
+                "SELECT mac, token, token_ip, token_expires FROM hosts
+                 WHERE token IS NOT NULL AND token_expires > ?1",
+            )?;
+            let rows = stmt.query_map(params![t], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (mac, secret, ip, expires) = row?;
+                if let (Ok(mac), Some(Ok(ip))) = (mac.parse(), ip.map(|i| i.parse())) {
+                    out.push((
+                        mac,
+                        Token {
+                            secret,
+                            ip,
+                            expires,
+                        },
+                    ));
+                }
+            }
+            Ok(out)
         })
     }
 
@@ -414,12 +519,36 @@ fn log(
     Ok(())
 }
 
-const SELECT_HOST: &str = "SELECT mac, ip, arch, first_seen, last_seen, assigned, installed,
-    installed_digest, status, progress_pct, bytes_done, bytes_total, detail, reimage, token FROM hosts";
+const SELECT_HOST: &str = "SELECT mac, ip, arch, first_seen, last_seen, assigned, assigned_digest,
+    installed, installed_digest, hint, hint_digest, status, progress_pct, bytes_done, bytes_total,
+    detail, reimage, token, token_ip, token_expires, report FROM hosts";
+
+/// An image identity from its two columns (`NAME@N`, digest); `None` if either is missing or
+/// the name does not parse (a row written by hand).
+fn image_id(display: Option<String>, digest: Option<String>) -> Option<ImageId> {
+    let r: crate::store::ImageRef = display?.parse().ok()?;
+    Some(ImageId {
+        name: r.name,
+        version: r.version?,
+        digest: digest?,
+    })
+}
 
 fn row_to_host(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostRecord> {
     let mac: String = r.get(0)?;
-    let status: String = r.get(8)?;
+    let status: String = r.get(11)?;
+    let token = match (
+        r.get::<_, Option<String>>(17)?,
+        r.get::<_, Option<String>>(18)?,
+        r.get::<_, Option<i64>>(19)?,
+    ) {
+        (Some(secret), Some(ip), Some(expires)) => ip.parse().ok().map(|ip| Token {
+            secret,
+            ip,
+            expires,
+        }),
+        _ => None,
+    };
     Ok(HostRecord {
         mac: mac.parse().map_err(|e| {
             rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
@@ -428,22 +557,119 @@ fn row_to_host(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostRecord> {
         arch: r.get(2)?,
         first_seen: r.get(3)?,
         last_seen: r.get(4)?,
-        assigned: r.get(5)?,
-        installed: r.get(6)?,
-        installed_digest: r.get(7)?,
+        assigned: image_id(r.get(5)?, r.get(6)?),
+        installed: image_id(r.get(7)?, r.get(8)?),
+        hint: image_id(r.get(9)?, r.get(10)?),
         status: HostStatus::parse(&status),
-        progress_pct: r.get::<_, i64>(9)?.clamp(0, 100) as u8,
-        bytes_done: r.get::<_, i64>(10)?.max(0) as u64,
-        bytes_total: r.get::<_, i64>(11)?.max(0) as u64,
-        detail: r.get(12)?,
-        reimage: r.get::<_, i64>(13)? != 0,
-        token: r.get(14)?,
+        progress_pct: r.get::<_, i64>(12)?.clamp(0, 100) as u8,
+        bytes_done: r.get::<_, i64>(13)?.max(0) as u64,
+        bytes_total: r.get::<_, i64>(14)?.max(0) as u64,
+        detail: r.get(15)?,
+        reimage: r.get::<_, i64>(16)? != 0,
+        token,
+        report: r
+            .get::<_, Option<String>>(20)?
+            .and_then(|j| serde_json::from_str(&j).ok()),
     })
+}
+
+/// Brings a database written by an older fleetboot up to [`SCHEMA_VERSION`].
+fn migrate(db: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = db.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version >= SCHEMA_VERSION {
+        return Ok(());
+    }
+    let mut have = std::collections::HashSet::new();
+    {
+        let mut stmt = db.prepare("PRAGMA table_info(hosts)")?;
+        let names = stmt.query_map([], |r| r.get::<_, String>(1))?;
+        for n in names {
+            have.insert(n?);
+        }
+    }
+    let tx = db.unchecked_transaction()?;
+    for (column, kind) in [
+        ("assigned_digest", "TEXT"),
+        ("hint", "TEXT"),
+        ("hint_digest", "TEXT"),
+        ("token_ip", "TEXT"),
+        ("token_expires", "INTEGER"),
+        ("report", "TEXT"),
+    ] {
+        if !have.contains(column) {
+            tx.execute_batch(&format!("ALTER TABLE hosts ADD COLUMN {column} {kind}"))?;
+        }
+    }
+    // Version 1 kept `installed` through failed and interrupted installs: such a disk is unknown.
+    // Its tokens were bound to no address: they are void.
+    tx.execute_batch(
+        "UPDATE hosts SET hint = installed, hint_digest = installed_digest
+            WHERE installed IS NOT NULL;
+         UPDATE hosts SET installed = NULL, installed_digest = NULL
+            WHERE status IN ('booting', 'imaging', 'failed');
+         UPDATE hosts SET token = NULL WHERE token_ip IS NULL;",
+    )?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn web(version: u32, digest: &str) -> ImageId {
+        ImageId {
+            name: "web".into(),
+            version,
+            digest: digest.into(),
+        }
+    }
+
+    fn report(image: ImageId) -> InstallReport {
+        InstallReport {
+            digest: image.digest.clone(),
+            image,
+            target: "/dev/vda".into(),
+            bytes_fetched: 1,
+            bytes_reused: 2,
+            seconds: 0.5,
+        }
+    }
+
+    /// A database written by the previous version: a host that was imaging (its disk half
+    /// written) must not keep `installed`; an installed one keeps it.
+    #[test]
+    fn an_older_database_is_migrated_without_trusting_unfinished_installs() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        db.execute_batch(
+            "CREATE TABLE hosts (mac TEXT PRIMARY KEY, ip TEXT, arch TEXT, first_seen INTEGER NOT NULL,
+                last_seen INTEGER NOT NULL, assigned TEXT, installed TEXT, installed_digest TEXT,
+                status TEXT NOT NULL DEFAULT 'discovered', progress_pct INTEGER NOT NULL DEFAULT 0,
+                bytes_done INTEGER NOT NULL DEFAULT 0, bytes_total INTEGER NOT NULL DEFAULT 0,
+                detail TEXT, reimage INTEGER NOT NULL DEFAULT 0, token TEXT);
+             INSERT INTO hosts (mac, first_seen, last_seen, assigned, installed, installed_digest, status, token)
+                VALUES ('52:54:00:00:00:01', 1, 1, 'web@2', 'web@1', 'd1', 'imaging', 'old'),
+                       ('52:54:00:00:00:02', 1, 1, 'web@1', 'web@1', 'd1', 'installed', NULL);",
+        )
+        .unwrap();
+        drop(db);
+        let s = FleetState::open(dir.path()).unwrap();
+        let imaging = s
+            .host("52:54:00:00:00:01".parse().unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (imaging.installed, imaging.hint),
+            (None, Some(web(1, "d1")))
+        );
+        assert_eq!(imaging.token, None, "a token bound to no address is void");
+        let done = s
+            .host("52:54:00:00:00:02".parse().unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.installed, Some(web(1, "d1")));
+    }
 
     #[test]
     fn a_host_goes_from_discovered_to_installed_and_back_on_request() {
@@ -459,21 +685,42 @@ mod tests {
             (HostStatus::Discovered, Some("10.0.0.5"), Some("bios"))
         );
 
-        s.start_install(mac, "web@2", "tok").unwrap();
+        let token = Token {
+            secret: "tok".into(),
+            ip: "10.0.0.5".parse().unwrap(),
+            expires: i64::MAX,
+        };
+        s.start_install(mac, &web(2, "d2"), &token).unwrap();
         s.progress(mac, 50, 200).unwrap();
         let h = s.host(mac).unwrap().unwrap();
         assert_eq!(
-            (h.status, h.progress_pct, h.token.as_deref()),
-            (HostStatus::Imaging, 25, Some("tok"))
+            (h.status, h.progress_pct, h.token.as_ref()),
+            (HostStatus::Imaging, 25, Some(&token))
         );
+        assert_eq!(s.live_tokens().unwrap(), vec![(mac, token.clone())]);
 
-        s.installed(mac, "web@2", "abc", "fetched 1 MiB").unwrap();
+        s.installed(mac, &report(web(2, "d2"))).unwrap();
         let h = s.host(mac).unwrap().unwrap();
         assert_eq!(
-            (h.status, h.installed.as_deref(), h.token),
-            (HostStatus::Installed, Some("web@2"), None)
+            (h.status, h.installed.as_ref(), h.token),
+            (HostStatus::Installed, Some(&web(2, "d2")), None)
         );
+        assert_eq!(h.report, Some(report(web(2, "d2"))));
         assert!(!h.reimage);
+        assert!(s.live_tokens().unwrap().is_empty());
+
+        // From the moment an agent holds a token the disk is unknown; a failure leaves it so,
+        // and the last verified image stays only as a hint for chunk reuse.
+        s.start_install(mac, &web(3, "d3"), &token).unwrap();
+        let h = s.host(mac).unwrap().unwrap();
+        assert_eq!((h.installed, h.hint.as_ref()), (None, Some(&web(2, "d2"))));
+        s.failed(mac, "damaged pack").unwrap();
+        s.start_install(mac, &web(2, "d2"), &token).unwrap();
+        s.failed(mac, "power cut").unwrap();
+        let h = s.host(mac).unwrap().unwrap();
+        assert_eq!((h.installed, h.hint.as_ref()), (None, Some(&web(2, "d2"))));
+        s.start_install(mac, &web(2, "d2"), &token).unwrap();
+        s.installed(mac, &report(web(2, "d2"))).unwrap();
 
         assert_eq!(s.request_reimage(&[mac]).unwrap(), 1);
         assert!(s.host(mac).unwrap().unwrap().reimage);
@@ -485,7 +732,7 @@ mod tests {
         );
         let kinds: Vec<String> = s.events(10).unwrap().into_iter().map(|e| e.kind).collect();
         assert_eq!(
-            kinds,
+            kinds[..4],
             ["failed", "reimage-requested", "installed", "agent-booted"]
         );
 

@@ -1,164 +1,165 @@
 //! The agent API (token per boot) and the admin API (admin bearer token), as JSON.
 
-use super::{same_secret, AppError, AppState};
+use super::{bearer, blocking, AppError, AppState, Peer};
+use crate::appliance::{boot_now, same_secret};
 use crate::fleet::HostRecord;
 use crate::mac::Mac;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
-use fleetboot_image::api::{Assignment, Done, Failed, Progress};
+use fleetboot_image::api::{Assignment, Failed, ImageId, InstallReport, Progress};
 use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
 use std::sync::Arc;
-
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get("authorization")?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-}
 
 fn parse_mac(s: &str) -> Result<Mac, AppError> {
     s.parse()
         .map_err(|e| AppError(StatusCode::BAD_REQUEST, format!("{e}")))
 }
 
-/// Checks the per-boot token of `mac`; returns its record.
-fn agent(st: &AppState, mac: &str, headers: &HeaderMap) -> Result<(Mac, HostRecord), AppError> {
+/// Checks an agent call: the live install token of `mac`, used from its address. Returns the
+/// host's record (blocking: SQLite).
+fn agent(
+    st: &AppState,
+    mac: &str,
+    token: Option<&str>,
+    peer: IpAddr,
+) -> Result<(Mac, HostRecord), AppError> {
     let mac = parse_mac(mac)?;
-    let record = st.fleet().host(mac)?;
-    match (&record, bearer(headers)) {
-        (Some(r), Some(given)) if r.token.as_deref().is_some_and(|t| same_secret(t, given)) => {
-            Ok((mac, record.expect("matched Some")))
-        }
-        _ => Err(AppError(
+    st.tokens.check_host(mac, token, peer, boot_now())?;
+    let record = st.fleet().host(mac)?.ok_or_else(|| {
+        AppError(
             StatusCode::UNAUTHORIZED,
-            format!("no valid agent token for {mac}"),
-        )),
-    }
+            format!("no record of {mac} (install token void)"),
+        )
+    })?;
+    Ok((mac, record))
+}
+
+fn manifest_url(st: &AppState, id: &ImageId) -> String {
+    format!(
+        "{}/store/manifests/{}/{}.manifest",
+        st.base_url, id.name, id.version
+    )
 }
 
 pub async fn assignment(
     State(st): State<Arc<AppState>>,
     Path(mac): Path<String>,
+    Peer(peer): Peer,
     headers: HeaderMap,
 ) -> Result<Json<Assignment>, AppError> {
-    let (mac, record) = agent(&st, &mac, &headers)?;
-    let image = record
-        .assigned
-        .ok_or_else(|| AppError(StatusCode::CONFLICT, format!("{mac} has no assignment")))?;
-    let r = image
-        .parse()
-        .map_err(|e| AppError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}")))?;
-    let (v, manifest) = st
-        .store
-        .manifest(&r)
-        .map_err(|e| AppError(StatusCode::NOT_FOUND, e.to_string()))?;
-    let config = st.config();
-    let host = config.hosts.get(&mac);
-    Ok(Json(Assignment {
-        mac: mac.to_string(),
-        image,
-        size: manifest.meta.size,
-        digest: manifest.meta.digest,
-        manifest_url: format!(
-            "{}/store/manifests/{}/{}.manifest",
-            st.base_url, v.name, v.version
-        ),
-        packs_url: format!("{}/store/packs", st.base_url),
-        disk: host
-            .map(|h| h.disk.clone())
-            .or_else(|| config.defaults.disk.clone())
-            .unwrap_or_else(|| "auto".into()),
-        hostname: host.and_then(|h| h.hostname.clone()),
-        installed_manifest_url: record
-            .installed
-            .as_deref()
-            .and_then(|i| i.parse().ok())
-            .and_then(|r| st.store.resolve(&r).ok())
-            .map(|v| {
-                format!(
-                    "{}/store/manifests/{}/{}.manifest",
-                    st.base_url, v.name, v.version
-                )
-            }),
-    }))
+    let token = bearer(&headers).map(str::to_string);
+    blocking(move || {
+        let (mac, record) = agent(&st, &mac, token.as_deref(), peer)?;
+        let image = record
+            .assigned
+            .ok_or_else(|| AppError(StatusCode::CONFLICT, format!("{mac} has no assignment")))?;
+        // Exactly the image the token was issued for: same name, version and content.
+        let resolved = st.images.find(&st.store, &image).ok_or_else(|| {
+            AppError(
+                StatusCode::GONE,
+                format!("image {image} ({}) is no longer in the store", image.digest),
+            )
+        })?;
+        let config = st.config();
+        let host = config.hosts.get(&mac);
+        let hint = record
+            .hint
+            .as_ref()
+            .filter(|h| st.images.find(&st.store, h).is_some())
+            .map(|h| manifest_url(&st, h));
+        Ok(Json(Assignment {
+            mac: mac.to_string(),
+            manifest_url: manifest_url(&st, &image),
+            image,
+            size: resolved.size,
+            packs_url: format!("{}/store/packs", st.base_url),
+            disk: host
+                .map(|h| h.disk.clone())
+                .or_else(|| config.defaults.disk.clone())
+                .unwrap_or_else(|| "auto".into()),
+            hostname: host.and_then(|h| h.hostname.clone()),
+            installed_manifest_url: hint,
+        }))
+    })
+    .await
 }
 
 pub async fn progress(
     State(st): State<Arc<AppState>>,
     Path(mac): Path<String>,
+    Peer(peer): Peer,
     headers: HeaderMap,
     Json(p): Json<Progress>,
 ) -> Result<StatusCode, AppError> {
-    let (mac, _) = agent(&st, &mac, &headers)?;
-    st.fleet().progress(mac, p.done, p.total)?;
-    Ok(StatusCode::NO_CONTENT)
+    let token = bearer(&headers).map(str::to_string);
+    blocking(move || {
+        let mac = parse_mac(&mac)?;
+        st.tokens
+            .check_host(mac, token.as_deref(), peer, boot_now())?;
+        st.fleet().progress(mac, p.done, p.total)?;
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
 }
 
 pub async fn done(
     State(st): State<Arc<AppState>>,
     Path(mac): Path<String>,
+    Peer(peer): Peer,
     headers: HeaderMap,
-    Json(d): Json<Done>,
+    Json(report): Json<InstallReport>,
 ) -> Result<StatusCode, AppError> {
-    let (mac, record) = agent(&st, &mac, &headers)?;
-    if record.assigned.as_deref() != Some(d.image.as_str()) {
-        return Err(AppError(
-            StatusCode::CONFLICT,
-            format!(
-                "{mac} reports {} but was assigned {:?}",
-                d.image, record.assigned
-            ),
-        ));
-    }
-    let expected = image_digest(&st, &d.image)?;
-    if !same_secret(&expected, &d.digest) {
-        st.fleet().failed(
-            mac,
-            &format!(
-                "reported digest {} differs from the image's {expected}",
-                d.digest
-            ),
-        )?;
-        return Err(AppError(StatusCode::CONFLICT, "digest mismatch".into()));
-    }
-    st.fleet().installed(
-        mac,
-        &d.image,
-        &d.digest,
-        &format!(
-            "fetched {} bytes, reused {} bytes",
-            d.bytes_fetched, d.bytes_reused
-        ),
-    )?;
-    st.metrics.installs_done.inc();
-    tracing::info!(%mac, image = %d.image, fetched = d.bytes_fetched, reused = d.bytes_reused, "installed");
-    Ok(StatusCode::NO_CONTENT)
-}
-
-fn image_digest(st: &AppState, image: &str) -> Result<String, AppError> {
-    let r = image
-        .parse()
-        .map_err(|e| AppError(StatusCode::BAD_REQUEST, format!("{e}")))?;
-    let (_, m) = st
-        .store
-        .manifest(&r)
-        .map_err(|e| AppError(StatusCode::NOT_FOUND, e.to_string()))?;
-    Ok(m.meta.digest)
+    let token = bearer(&headers).map(str::to_string);
+    blocking(move || {
+        let (mac, record) = agent(&st, &mac, token.as_deref(), peer)?;
+        if record.assigned.as_ref() != Some(&report.image) {
+            return Err(AppError(
+                StatusCode::CONFLICT,
+                format!(
+                    "{mac} reports {} ({}) but was assigned {:?}",
+                    report.image, report.image.digest, record.assigned
+                ),
+            ));
+        }
+        if !same_secret(&report.image.digest, &report.digest) {
+            let reason = format!(
+                "reported digest {} differs from the image's {}",
+                report.digest, report.image.digest
+            );
+            st.fleet().failed(mac, &reason)?;
+            st.tokens.remove(mac);
+            return Err(AppError(StatusCode::CONFLICT, "digest mismatch".into()));
+        }
+        st.fleet().installed(mac, &report)?;
+        st.tokens.remove(mac);
+        st.metrics.installs_done.inc();
+        tracing::info!(%mac, image = %report.image, fetched = report.bytes_fetched, reused = report.bytes_reused, "installed");
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
 }
 
 pub async fn failed(
     State(st): State<Arc<AppState>>,
     Path(mac): Path<String>,
+    Peer(peer): Peer,
     headers: HeaderMap,
     Json(f): Json<Failed>,
 ) -> Result<StatusCode, AppError> {
-    let (mac, _) = agent(&st, &mac, &headers)?;
-    st.fleet().failed(mac, &f.reason)?;
-    st.metrics.installs_failed.inc();
-    tracing::warn!(%mac, reason = %f.reason, "install failed");
-    Ok(StatusCode::NO_CONTENT)
+    let token = bearer(&headers).map(str::to_string);
+    blocking(move || {
+        let mac = parse_mac(&mac)?;
+        st.tokens
+            .check_host(mac, token.as_deref(), peer, boot_now())?;
+        st.fleet().failed(mac, &f.reason)?;
+        st.tokens.remove(mac);
+        st.metrics.installs_failed.inc();
+        tracing::warn!(%mac, reason = %f.reason, "install failed");
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
 }
 
 fn admin(st: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
@@ -184,50 +185,57 @@ pub struct HostView {
     pub group: Option<String>,
     /// The image the configuration assigns (as written, `NAME` or `NAME@N`).
     pub image: Option<String>,
-    pub installed: Option<String>,
+    /// What that resolves to in the store now.
+    pub target: Option<ImageId>,
+    /// What a verified install put on the disk (`None`: nothing, or an install did not finish).
+    pub installed: Option<ImageId>,
+    /// The next boot installs: the target differs from what is installed (by digest), or a
+    /// reimage was requested.
+    pub pending: bool,
     pub status: String,
     pub progress_pct: u8,
     pub ip: Option<String>,
     pub last_seen: Option<i64>,
     pub detail: Option<String>,
     pub reimage: bool,
+    /// The last install's report.
+    pub report: Option<InstallReport>,
 }
 
-/// Every host the configuration names or the state has seen.
-pub fn host_views(config: &crate::config::Config, records: &[HostRecord]) -> Vec<HostView> {
+/// Every host the configuration names or the state has seen; `resolve` gives the identity of an
+/// image as the configuration names it (`None`: not in the store).
+pub fn host_views(
+    config: &crate::config::Config,
+    records: &[HostRecord],
+    resolve: &dyn Fn(&crate::store::ImageRef) -> Option<ImageId>,
+) -> Vec<HostView> {
+    let empty = |mac: Mac| HostView {
+        mac: mac.to_string(),
+        hostname: None,
+        group: None,
+        image: None,
+        target: None,
+        installed: None,
+        pending: false,
+        status: "unseen".into(),
+        progress_pct: 0,
+        ip: None,
+        last_seen: None,
+        detail: None,
+        reimage: false,
+        report: None,
+    };
     let mut views: std::collections::BTreeMap<Mac, HostView> = std::collections::BTreeMap::new();
     for h in config.hosts.values() {
-        views.insert(
-            h.mac,
-            HostView {
-                mac: h.mac.to_string(),
-                hostname: h.hostname.clone(),
-                group: h.group.clone(),
-                image: h.image.as_ref().map(|i| i.to_string()),
-                installed: None,
-                status: "unseen".into(),
-                progress_pct: 0,
-                ip: None,
-                last_seen: None,
-                detail: None,
-                reimage: false,
-            },
-        );
+        let mut v = empty(h.mac);
+        v.hostname = h.hostname.clone();
+        v.group = h.group.clone();
+        v.image = h.image.as_ref().map(|i| i.to_string());
+        v.target = h.image.as_ref().and_then(resolve);
+        views.insert(h.mac, v);
     }
     for r in records {
-        let v = views.entry(r.mac).or_insert_with(|| HostView {
-            mac: r.mac.to_string(),
-            hostname: None,
-            group: None,
-            image: None,
-            installed: None,
-            status: String::new(),
-            progress_pct: 0,
-            ip: None,
-            last_seen: None,
-            detail: None,
-            reimage: false,
-        });
+        let v = views.entry(r.mac).or_insert_with(|| empty(r.mac));
         v.installed = r.installed.clone();
         v.status = r.status.as_str().to_string();
         v.progress_pct = r.progress_pct;
@@ -235,8 +243,22 @@ pub fn host_views(config: &crate::config::Config, records: &[HostRecord]) -> Vec
         v.last_seen = Some(r.last_seen);
         v.detail = r.detail.clone();
         v.reimage = r.reimage;
+        v.report = r.report.clone();
+    }
+    for v in views.values_mut() {
+        v.pending = v.target.as_ref().is_some_and(|t| {
+            v.reimage || v.installed.as_ref().map(|i| &i.digest) != Some(&t.digest)
+        });
     }
     views.into_values().collect()
+}
+
+/// The views as the appliance sees them now (blocking).
+pub fn current_views(st: &AppState) -> Result<Vec<HostView>, AppError> {
+    let records = st.fleet().hosts()?;
+    Ok(host_views(&st.config(), &records, &|r| {
+        st.images.resolve(&st.store, r).ok().map(|x| x.id)
+    }))
 }
 
 pub async fn hosts(
@@ -244,8 +266,7 @@ pub async fn hosts(
     headers: HeaderMap,
 ) -> Result<Json<Vec<HostView>>, AppError> {
     admin(&st, &headers)?;
-    let records = st.fleet().hosts()?;
-    Ok(Json(host_views(&st.config(), &records)))
+    blocking(move || current_views(&st).map(Json)).await
 }
 
 /// `{"macs": [...]}` or `{"group": "web"}`.
@@ -270,8 +291,11 @@ pub async fn reimage(
     admin(&st, &headers)?;
     let macs = crate::fleet::reimage_targets(&st.config(), &req.macs, req.group.as_deref())
         .map_err(|e| AppError(StatusCode::BAD_REQUEST, e))?;
-    st.fleet().request_reimage(&macs)?;
-    Ok(Json(ReimageAnswer {
-        marked: macs.iter().map(|m| m.to_string()).collect(),
-    }))
+    blocking(move || {
+        st.fleet().request_reimage(&macs)?;
+        Ok(Json(ReimageAnswer {
+            marked: macs.iter().map(|m| m.to_string()).collect(),
+        }))
+    })
+    .await
 }

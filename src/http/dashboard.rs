@@ -1,8 +1,8 @@
 //! The dashboard at `/`: every host, its assigned and installed image and live progress; the
 //! page reloads itself every two seconds.
 
-use super::api::host_views;
-use super::AppState;
+use super::api::current_views;
+use super::{blocking, AppState};
 use axum::extract::State;
 use axum::response::Html;
 use std::fmt::Write;
@@ -16,9 +16,13 @@ fn esc(s: &str) -> String {
 }
 
 pub async fn page(State(st): State<Arc<AppState>>) -> Html<String> {
-    let records = st.fleet().hosts().unwrap_or_default();
-    let views = host_views(&st.config(), &records);
-    let events = st.fleet().events(15).unwrap_or_default();
+    let (views, events) = blocking(move || {
+        let views = current_views(&st).unwrap_or_default();
+        let events = st.fleet().events(15).unwrap_or_default();
+        Ok((views, events))
+    })
+    .await
+    .unwrap_or_default();
     let mut s = String::from(
         "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=2>\
          <title>fleetboot</title><style>body{font-family:sans-serif;margin:2em}\
@@ -41,9 +45,15 @@ pub async fn page(State(st): State<Arc<AppState>>) -> Html<String> {
             host = esc(v.hostname.as_deref().unwrap_or("")),
             group = esc(v.group.as_deref().unwrap_or("")),
             image = esc(v.image.as_deref().unwrap_or("(local disk)")),
-            inst = esc(v.installed.as_deref().unwrap_or("")),
+            inst = esc(&v.installed.as_ref().map(ToString::to_string).unwrap_or_default()),
             status = esc(&v.status),
-            re = if v.reimage { " (reimage requested)" } else { "" },
+            re = if v.reimage {
+                " (reimage requested)"
+            } else if v.pending {
+                " (installs at next boot)"
+            } else {
+                ""
+            },
             pct = v.progress_pct,
             ip = esc(v.ip.as_deref().unwrap_or("")),
             detail = esc(v.detail.as_deref().unwrap_or("")),

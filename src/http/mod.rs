@@ -21,67 +21,24 @@ mod dashboard;
 pub mod packs;
 mod script;
 
+pub use crate::appliance::AppState;
+
+use crate::appliance::boot_now;
 use crate::bootfiles::resolve_beneath;
-use crate::config::Config;
-use crate::fleet::FleetState;
-use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::config::StoreAccess;
+use crate::store::validate_name;
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
-use axum::http::StatusCode;
+use axum::extract::connect_info::{ConnectInfo, MockConnectInfo};
+use axum::extract::{FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use std::sync::{Arc, Mutex, RwLock};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use tower::ServiceExt;
-use tower_http::services::{ServeDir, ServeFile};
-
-/// Everything the handlers share.
-pub struct AppState {
-    /// The configuration in force; replaced whole on reload.
-    pub config: RwLock<Arc<Config>>,
-    pub store: Store,
-    pub fleet: Mutex<FleetState>,
-    pub metrics: Arc<Metrics>,
-    /// How machines reach the appliance, e.g. `http://10.0.0.1:80`.
-    pub base_url: String,
-    /// Bearer token of the admin API (`None`: the admin API answers 403).
-    pub admin_token: Option<String>,
-    /// Pack files kept open for range reads.
-    pub packs: packs::OpenPacks,
-}
-
-impl AppState {
-    /// The state for `config`: its store, its fleet database (opened here), fresh counters.
-    /// `base_url` is how machines reach the appliance; no `admin_token`: the admin API is off.
-    pub fn new(
-        config: Config,
-        base_url: String,
-        admin_token: Option<String>,
-    ) -> Result<Arc<AppState>, crate::fleet::StateError> {
-        let fleet = FleetState::open(&config.state_dir)?;
-        Ok(Arc::new(AppState {
-            store: Store::new(&config.store),
-            config: RwLock::new(Arc::new(config)),
-            fleet: Mutex::new(fleet),
-            metrics: Arc::new(Metrics::default()),
-            base_url,
-            admin_token,
-            packs: Default::default(),
-        }))
-    }
-
-    pub fn config(&self) -> Arc<Config> {
-        self.config
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    pub fn fleet(&self) -> std::sync::MutexGuard<'_, FleetState> {
-        self.fleet.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
+use tower_http::services::ServeFile;
 
 /// An error answer: the status and a short message; details go to the log.
 pub struct AppError(pub StatusCode, pub String);
@@ -97,13 +54,75 @@ impl IntoResponse for AppError {
 
 impl From<crate::fleet::StateError> for AppError {
     fn from(e: crate::fleet::StateError) -> Self {
-        AppError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        AppError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
     }
+}
+
+impl From<crate::appliance::AccessError> for AppError {
+    fn from(e: crate::appliance::AccessError) -> Self {
+        tracing::warn!("refused: {e}");
+        AppError(StatusCode::UNAUTHORIZED, e.to_string())
+    }
+}
+
+/// Runs blocking work (SQLite, the store's files) off the async workers.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AppError> + Send + 'static,
+) -> Result<T, AppError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(AppError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("handler failed: {e}"),
+        ))
+    })
+}
+
+/// The address a request came from (the TCP peer; in `oneshot` tests, `MockConnectInfo`).
+pub struct Peer(pub IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = AppError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Peer, AppError> {
+        let ext = &parts.extensions;
+        ext.get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0)
+            .or_else(|| ext.get::<MockConnectInfo<SocketAddr>>().map(|c| c.0))
+            .map(|a| Peer(crate::appliance::canonical(a.ip())))
+            .ok_or_else(|| {
+                AppError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the peer address is unknown".into(),
+                )
+            })
+    }
+}
+
+/// `Authorization: Bearer …`.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("authorization")?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+/// Whether a request may read the store: `store_access: open`, the admin token, or a live
+/// install token used from its address.
+fn store_access(st: &AppState, headers: &HeaderMap, peer: IpAddr) -> Result<(), AppError> {
+    if st.config().store_access == StoreAccess::Open {
+        return Ok(());
+    }
+    let given = bearer(headers);
+    if let (Some(admin), Some(given)) = (&st.admin_token, given) {
+        if crate::appliance::same_secret(admin, given) {
+            return Ok(());
+        }
+    }
+    Ok(st.tokens.check_any(given, peer, boot_now())?)
 }
 
 /// The router.
 pub fn app(state: Arc<AppState>) -> Router {
-    let store_root = state.store.root().to_path_buf();
     Router::new()
         .route("/", get(dashboard::page))
         .route("/metrics", get(metrics))
@@ -115,18 +134,58 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/api/hosts", get(api::hosts))
         .route("/api/reimage", post(api::reimage))
         .route("/store/packs/{name}", get(packs::get))
-        .nest_service(
-            "/store/manifests",
-            ServeDir::new(store_root.join("manifests")).redirect_to_trailing_slash(false),
-        )
+        .route("/store/manifests/{name}/{file}", get(manifest))
         .with_state(state)
 }
 
+/// `/store/manifests/{name}/{N}.manifest`: an image's descriptive data.
+async fn manifest(
+    State(st): State<Arc<AppState>>,
+    Path((name, file)): Path<(String, String)>,
+    Peer(peer): Peer,
+    req: Request,
+) -> Response {
+    if let Err(e) = store_access(&st, req.headers(), peer) {
+        return e.into_response();
+    }
+    let version = file
+        .strip_suffix(".manifest")
+        .and_then(|v| v.parse::<u32>().ok());
+    let (Ok(()), Some(version)) = (validate_name(&name), version) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let path = st.store.manifest_path(&name, version);
+    match ServeFile::new(path).oneshot(req).await {
+        Ok(resp) => resp.map(Body::new),
+        Err(never) => match never {},
+    }
+}
+
+/// Serves the router on `listener` until `shutdown` completes, with each request's peer address
+/// known (install tokens are bound to it).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
 /// `/boot/…`: a host's script, or a file from `boot_dir`.
-async fn boot(State(st): State<Arc<AppState>>, Path(path): Path<String>, req: Request) -> Response {
+async fn boot(
+    State(st): State<Arc<AppState>>,
+    Path(path): Path<String>,
+    Peer(peer): Peer,
+    req: Request,
+) -> Response {
     if let Some(mac) = path.strip_suffix(".ipxe").and_then(|m| m.parse().ok()) {
         st.metrics.http_scripts.inc();
-        return match script::for_host(&st, mac) {
+        return match script::for_host(st, mac, peer).await {
             Ok(text) => ([("content-type", "text/plain")], text).into_response(),
             Err(e) => e.into_response(),
         };
@@ -143,29 +202,13 @@ async fn boot(State(st): State<Arc<AppState>>, Path(path): Path<String>, req: Re
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
-    let text = st.metrics.render(&st.fleet().hosts().unwrap_or_default());
-    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
-}
-
-/// A random token (hex of 16 bytes from the kernel's CSPRNG).
-pub fn random_token() -> Result<String, AppError> {
-    let mut buf = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
-        .map_err(|e| {
-            AppError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("no randomness: {e}"),
-            )
-        })?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// Compares secrets in constant time.
-pub fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+    let text = blocking(move || {
+        let hosts = st.fleet().hosts().unwrap_or_default();
+        Ok(st.metrics.render(&hosts))
+    })
+    .await;
+    match text {
+        Ok(text) => ([("content-type", "text/plain; version=0.0.4")], text).into_response(),
+        Err(e) => e.into_response(),
+    }
 }

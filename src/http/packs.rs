@@ -4,27 +4,15 @@
 //! reused buffer, and sent as one body. ServeDir opened, stat'ed and read each file in 64 KiB
 //! steps per request; this does one blocking call per request (measured in docs/benchmarks.md).
 
-use super::AppState;
-use crate::store::Store;
+use super::{AppState, Peer};
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use fleetboot_image::PackId;
-use std::collections::HashMap;
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
-/// Open pack files, by id, and the read buffers in circulation.
-#[derive(Default)]
-pub struct OpenPacks {
-    files: Mutex<HashMap<PackId, Arc<(File, u64)>>>,
-    buffers: Arc<Mutex<Vec<Vec<u8>>>>,
-}
-
-/// Buffers kept for reuse.
-const BUFFERS_KEPT_MAX: usize = 64;
 /// Larger reads (a whole pack without Range) are streamed instead of read into memory.
 const BUFFERED_BYTES_MAX: usize = 16 << 20;
 
@@ -45,27 +33,9 @@ impl AsRef<[u8]> for Pooled {
 impl Drop for Pooled {
     fn drop(&mut self) {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < BUFFERS_KEPT_MAX {
+        if pool.len() < crate::store::BUFFERS_KEPT_MAX {
             pool.push(std::mem::take(&mut self.buf));
         }
-    }
-}
-
-impl OpenPacks {
-    fn get(&self, store: &Store, id: &PackId) -> Option<Arc<(File, u64)>> {
-        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = files.get(id) {
-            return Some(f.clone());
-        }
-        let path = store.pack_path(id);
-        let file = File::open(&path).ok()?;
-        let len = file.metadata().ok()?.len();
-        let entry = Arc::new((file, len));
-        if files.len() > 4096 {
-            files.clear();
-        }
-        files.insert(*id, entry.clone());
-        Some(entry)
     }
 }
 
@@ -93,9 +63,13 @@ fn parse_range(value: &str, len: u64) -> Option<(u64, u64)> {
 pub async fn get(
     State(st): State<Arc<AppState>>,
     Path(name): Path<String>,
+    Peer(peer): Peer,
     req: Request,
 ) -> Response {
     let headers = req.headers();
+    if let Err(e) = super::store_access(&st, headers, peer) {
+        return e.into_response();
+    }
     let Some(id) = name
         .strip_suffix(".pack")
         .and_then(|s| s.parse::<PackId>().ok())

@@ -172,7 +172,7 @@ pub fn import(
         new_stored_bytes += pack.len();
         pack.finish(store)?;
     }
-    let version = store.versions_of(name)?.last().map_or(1, |v| v.version + 1);
+    let version = store.issue_version(name)?;
     let manifest = scan.to_manifest(
         &frames,
         Metadata {

@@ -6,6 +6,7 @@
 //! STORE/lock                     writers (import, rm, gc) hold an exclusive lock on it
 //! STORE/packs/<id>.pack          immutable pack files: zstd frames of chunks, appended once
 //! STORE/manifests/<name>/<N>.manifest   descriptive data of image NAME@N
+//! STORE/versions/<name>          the last version number issued for NAME (never reused)
 //! STORE/tmp/                     files being written; renamed into place only when complete
 //! ```
 //! Invariants: a pack or manifest is visible only when complete (temp + fsync + rename); packs are
@@ -18,6 +19,7 @@ mod gc;
 pub mod import;
 mod name;
 mod pack;
+mod pack_files;
 mod report;
 mod restore;
 mod verify;
@@ -26,6 +28,7 @@ pub use chunker::Chunking;
 pub use gc::GcReport;
 pub use import::{ImportOptions, ImportReport};
 pub use name::{validate_name, ImageRef, NameError};
+pub use pack_files::{PackFiles, BUFFERS_KEPT_MAX};
 pub use report::{DiffReport, ImageSummary, StoreStats};
 pub use restore::{ExportOptions, ExportReport};
 pub use verify::VerifyReport;
@@ -116,6 +119,9 @@ impl Store {
     fn manifests_dir(&self) -> PathBuf {
         self.root.join("manifests")
     }
+    fn versions_dir(&self) -> PathBuf {
+        self.root.join("versions")
+    }
     fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
     }
@@ -123,7 +129,8 @@ impl Store {
     pub fn pack_path(&self, id: &PackId) -> PathBuf {
         self.packs_dir().join(id.file_name())
     }
-    fn manifest_path(&self, name: &str, version: u32) -> PathBuf {
+    /// The path of the manifest of `name@version` (the name must be valid).
+    pub fn manifest_path(&self, name: &str, version: u32) -> PathBuf {
         self.manifests_dir()
             .join(name)
             .join(format!("{version}.manifest"))
@@ -159,7 +166,12 @@ impl Store {
             .open(&path)
             .at(&path)?;
         file.lock().at(&path)?;
-        for dir in [self.packs_dir(), self.manifests_dir(), self.tmp_dir()] {
+        for dir in [
+            self.packs_dir(),
+            self.manifests_dir(),
+            self.versions_dir(),
+            self.tmp_dir(),
+        ] {
             fs::create_dir_all(&dir).at(&dir)?;
         }
         let marker = self.root.join(MARKER_FILE);
@@ -279,6 +291,40 @@ impl Store {
         Ok(out)
     }
 
+    /// Issues the next version number of `name` (the caller holds the writers' lock): one more
+    /// than any version ever issued for it, so `rm x@3` followed by an import gives x@4, never a
+    /// second, different x@3 that hosts which installed the first would be taken to have. The
+    /// counter is written (atomically) before the manifest appears; a crash in between only
+    /// skips a number.
+    pub(crate) fn issue_version(&self, name: &str) -> Result<u32, StoreError> {
+        validate_name(name)?;
+        let path = self.versions_dir().join(name);
+        let issued = match fs::read_to_string(&path) {
+            Ok(text) => text
+                .trim()
+                .parse::<u32>()
+                .map_err(|_| StoreError::BadInput {
+                    path: path.clone(),
+                    what: format!("version counter holds {:?}, not a number", text.trim()),
+                })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e).at(&path),
+        };
+        // Stores made before the counter existed: continue after what is there.
+        let present = self.versions_of(name)?.last().map_or(0, |v| v.version);
+        let next = issued
+            .max(present)
+            .checked_add(1)
+            .ok_or_else(|| StoreError::BadInput {
+                path: path.clone(),
+                what: "no version numbers left".into(),
+            })?;
+        let dir = self.versions_dir();
+        fs::create_dir_all(&dir).at(&dir)?;
+        fsutil::write_atomic(&self.tmp_dir(), &path, format!("{next}\n").as_bytes()).at(&path)?;
+        Ok(next)
+    }
+
     /// Removes an image version, or every version of a name; returns what was removed.
     /// The data they used is freed by `gc`.
     pub fn remove(&self, r: &ImageRef) -> Result<Vec<ImageRef>, StoreError> {
@@ -315,7 +361,10 @@ impl Store {
 fn is_empty_dir(dir: &Path) -> Result<bool, StoreError> {
     for entry in fs::read_dir(dir).at(dir)? {
         let name = entry.at(dir)?.file_name();
-        if !matches!(name.to_str(), Some("lock" | "packs" | "manifests" | "tmp")) {
+        if !matches!(
+            name.to_str(),
+            Some("lock" | "packs" | "manifests" | "versions" | "tmp")
+        ) {
             return Ok(false);
         }
     }

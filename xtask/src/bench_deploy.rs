@@ -71,13 +71,8 @@ fn agent(bin: &Path, target: &Path) -> Result<(Duration, u64, u64)> {
             ])
             .arg(target),
     )?;
-    let num = |key: &str| -> Result<u64> {
-        let at = out
-            .find(key)
-            .with_context(|| format!("no {key:?} in {out:?}"))?;
-        Ok(out[..at].split_whitespace().last().unwrap_or("").parse()?)
-    };
-    Ok((took, num(" bytes, reused")?, num(" bytes from the disk")?))
+    let (fetched, reused) = crate::util::install_figures(&out)?;
+    Ok((took, fetched, reused))
 }
 
 fn sh(script: &str) -> Result<Duration> {

@@ -376,7 +376,7 @@ fn make_files(fleetboot: &Path, work: &Path, clients: usize) -> Result<Files> {
     fs::write(
         &files_config,
         format!(
-            "{common}state_dir: {}\ndhcp: {{ mode: off }}\n",
+            "{common}state_dir: {}\ndhcp: {{ mode: off }}\nadmin_token: {BENCH_TOKEN}\n",
             work.join("state-files").display()
         ),
     )
@@ -1283,12 +1283,19 @@ fn best_wrk(net: &Net, url: &str, options: &Options, server: &str) -> Result<Htt
     Ok(best)
 }
 
+/// The admin token of the benchmark's appliance.
+const BENCH_TOKEN: &str = "bench-token";
+
 fn wrk(net: &Net, url: &str, options: &Options, server: &str) -> Result<HttpRun> {
     eprintln!("bench: HTTP: {server}");
     let seconds = options.wrk_duration();
     let mut cmd = net.cli("wrk");
+    // The store is served to token holders: every request carries one (nginx ignores it), so
+    // fleetboot's check is part of what is measured.
     cmd.args(["-c", "50", "-t", "2", "-d", seconds, "-H"])
         .arg(format!("Range: bytes={}-{}", RANGE.0, RANGE.1))
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {BENCH_TOKEN}"))
         .arg(url);
     wait_until_idle()?;
     eprintln!("$ {}", show(&cmd));

@@ -416,18 +416,11 @@ fn agent_without_address(
     log: &Path,
     mac: &str,
 ) -> Result<()> {
-    let out = ns
-        .cmd("curl")
-        .args(["-sf", &format!("http://{SERVER}:8080/boot/{mac}.ipxe")])
-        .output()?;
-    let script = String::from_utf8_lossy(&out.stdout).into_owned();
-    let token = script
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("fleetboot.token="))
-        .with_context(|| format!("the script does not boot the agent:\n{script}"))?;
+    // No token either: the agent fetches its script itself, from the address DHCP gave it (a
+    // token is handed only to that address).
     let append = format!(
         "console=ttyS0 quiet fleetboot.url=http://{SERVER}:8080 fleetboot.mac={mac} \
-         fleetboot.token={token} fleetboot.on_failure=poweroff"
+         fleetboot.on_failure=poweroff"
     );
     let status = ns
         .cmd("timeout")
@@ -493,17 +486,7 @@ fn check_disk(fleetboot: &Path, store: &Path, image: &str, disk: &Path, work: &P
     Ok(())
 }
 
-/// (fetched, reused) from the agent's console line.
+/// (fetched, reused) from the agent's install report on the console.
 fn figures(console: &str) -> Result<(u64, u64)> {
-    let line = console
-        .lines()
-        .find(|l| l.contains(" written to "))
-        .context("no install report on the console")?;
-    let num = |key: &str| -> Result<u64> {
-        let at = line
-            .find(key)
-            .with_context(|| format!("no {key:?} in {line:?}"))?;
-        Ok(line[..at].split_whitespace().last().unwrap_or("").parse()?)
-    };
-    Ok((num(" bytes, reused")?, num(" bytes from the disk")?))
+    crate::util::install_figures(console)
 }

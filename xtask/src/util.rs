@@ -59,3 +59,25 @@ pub fn build_release(packages: &[&str]) -> Result<PathBuf> {
     }
     Ok(bin)
 }
+
+/// (bytes fetched, bytes reused) from the agent's install report: the one line of its output
+/// (stdout on a host, the console in a VM) that starts with `fleetboot-report: ` and carries
+/// the report as JSON.
+pub fn install_figures(output: &str) -> Result<(u64, u64)> {
+    let json = output
+        .lines()
+        .find_map(|l| {
+            l.trim_end_matches('\r')
+                .split_once("fleetboot-report: ")
+                .map(|x| x.1)
+        })
+        .context("no install report (fleetboot-report: {...}) in the agent's output")?;
+    let report: serde_json::Value =
+        serde_json::from_str(json).with_context(|| format!("bad install report {json:?}"))?;
+    let field = |key: &str| {
+        report[key]
+            .as_u64()
+            .with_context(|| format!("no {key} in the install report {json}"))
+    };
+    Ok((field("bytes_fetched")?, field("bytes_reused")?))
+}

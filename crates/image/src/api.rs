@@ -1,32 +1,50 @@
 //! The agent API's wire types (JSON), shared by the appliance and the agent so the two cannot
-//! drift apart.
+//! drift apart, and the kernel command-line keys the boot script hands the agent.
 //!
 //! ```text
-//! GET  /api/agent/{mac}/assignment   -> Assignment     (Authorization: Bearer <per-boot token>)
+//! GET  /api/agent/{mac}/assignment   -> Assignment     (Authorization: Bearer <install token>)
 //! POST /api/agent/{mac}/progress     <- Progress
-//! POST /api/agent/{mac}/done         <- Done
+//! POST /api/agent/{mac}/done         <- InstallReport
 //! POST /api/agent/{mac}/failed       <- Failed
+//! GET  /store/manifests/…, /store/packs/…               (the same bearer token, unless the
+//!                                                        appliance has `store_access: open`)
 //! ```
 
 use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The identity of one stored image version: its name, its version number (never reused for
+/// other content) and the BLAKE3 of its whole content. What a host has installed is matched by
+/// `digest`; `name@version` is for people.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ImageId {
+    pub name: String,
+    pub version: u32,
+    /// BLAKE3 of the whole image, hex.
+    pub digest: String,
+}
+
+impl fmt::Display for ImageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.name, self.version)
+    }
+}
 
 /// What the agent is to install, and where to find it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Assignment {
     pub mac: String,
-    /// `NAME@N`.
-    pub image: String,
+    pub image: ImageId,
     pub size: u64,
-    /// BLAKE3 of the whole image.
-    pub digest: String,
     /// The manifest (descriptive data); then the packs by range: `{packs_url}/{id}.pack`.
     pub manifest_url: String,
     pub packs_url: String,
     /// `auto`, a path, `/dev/disk/by-id/…`, a serial or a WWN.
     pub disk: String,
     pub hostname: Option<String>,
-    /// The image the appliance recorded as installed on this disk, if it is still in the store:
-    /// the agent reuses its chunks from the disk instead of fetching them.
+    /// The image last verified on this disk (or being written over it), if it is still in the
+    /// store: a hint of where chunks may already lie. The agent hashes every chunk it reuses,
+    /// so a stale hint costs time, never correctness.
     #[serde(default)]
     pub installed_manifest_url: Option<String>,
 }
@@ -38,14 +56,18 @@ pub struct Progress {
     pub total: u64,
 }
 
-/// The image is on the disk and reads back with this digest.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Done {
-    pub image: String,
-    /// BLAKE3 of what the agent read back from the disk.
+/// What an install did: sent as `done`, printed by the agent as one JSON line, kept by the
+/// appliance with the host. Tests, the end-to-end run and the benchmarks read this structure.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InstallReport {
+    pub image: ImageId,
+    /// The disk (or file) written.
+    pub target: String,
+    /// BLAKE3 of what the agent read back from the disk (bypassing the page cache).
     pub digest: String,
     pub bytes_fetched: u64,
     pub bytes_reused: u64,
+    pub seconds: f64,
 }
 
 /// The install failed; nothing was reported done.
@@ -53,3 +75,17 @@ pub struct Done {
 pub struct Failed {
     pub reason: String,
 }
+
+/// Kernel command-line keys of the agent (the boot script writes them, `/init` reads them).
+pub mod cmdline {
+    pub const URL: &str = "fleetboot.url";
+    pub const MAC: &str = "fleetboot.mac";
+    pub const TOKEN: &str = "fleetboot.token";
+    pub const IP: &str = "fleetboot.ip";
+    pub const NETMASK: &str = "fleetboot.netmask";
+    pub const GATEWAY: &str = "fleetboot.gateway";
+    pub const ON_FAILURE: &str = "fleetboot.on_failure";
+}
+
+/// Prefix of the one console line that carries the agent's [`InstallReport`] as JSON.
+pub const REPORT_PREFIX: &str = "fleetboot-report: ";

@@ -7,6 +7,7 @@
 //!    image) or the local disk?
 
 use crate::config::{BootFiles, UnknownHosts};
+use fleetboot_image::api::ImageId;
 
 /// The firmware (or boot loader) behind a DHCP request, from options 60, 77, 93 and 175.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,8 +44,8 @@ pub enum DhcpBoot {
 /// What the per-MAC iPXE script does.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ScriptPlan {
-    /// Boot the agent to install this image (`NAME@N`).
-    Agent { image: String },
+    /// Boot the agent to install this image.
+    Agent { image: ImageId },
     /// Boot the local disk.
     LocalDisk,
 }
@@ -72,18 +73,22 @@ pub fn dhcp_boot(
     }
 }
 
-/// Decides what iPXE boots. `assigned` is the host's image resolved to `NAME@N` (`None`: the
+/// Decides what iPXE boots. `assigned` is the host's image as resolved now (`None`: the
 /// configuration gives it none, or the host is unknown and not to be installed); `installed` is
-/// what the fleet state says is on its disk.
+/// what the fleet state says a verified install put on its disk — `None` while an install is
+/// under way or after one that did not finish. Matched by digest: the same name and version
+/// with other content (or a disk whose install never finished) is not "installed".
 pub fn script_plan(
-    assigned: Option<&str>,
-    installed: Option<&str>,
+    assigned: Option<&ImageId>,
+    installed: Option<&ImageId>,
     reimage_requested: bool,
 ) -> ScriptPlan {
     match assigned {
-        Some(image) if reimage_requested || installed != Some(image) => ScriptPlan::Agent {
-            image: image.to_string(),
-        },
+        Some(image) if reimage_requested || installed.map(|i| &i.digest) != Some(&image.digest) => {
+            ScriptPlan::Agent {
+                image: image.clone(),
+            }
+        }
         _ => ScriptPlan::LocalDisk,
     }
 }
@@ -189,15 +194,31 @@ mod tests {
 
     #[test]
     fn script_plan_installs_only_what_differs_or_was_requested() {
-        let agent = |s: &str| ScriptPlan::Agent {
-            image: s.to_string(),
+        let id = |name: &str, version: u32, digest: &str| ImageId {
+            name: name.into(),
+            version,
+            digest: digest.into(),
         };
+        let web1 = id("web", 1, "d1");
+        let web2 = id("web", 2, "d2");
+        // web@2 removed and its number issued again to other content would be web@2 with d3.
+        let web2_other = id("web", 2, "d3");
+        let same_bytes_new_name = id("web-copy", 1, "d2");
+        let agent = |i: &ImageId| ScriptPlan::Agent { image: i.clone() };
         let cases = [
-            (Some("web@2"), None, false, agent("web@2")),
-            (Some("web@2"), Some("web@1"), false, agent("web@2")),
-            (Some("web@2"), Some("web@2"), false, ScriptPlan::LocalDisk),
-            (Some("web@2"), Some("web@2"), true, agent("web@2")),
-            (None, Some("web@2"), true, ScriptPlan::LocalDisk),
+            (Some(&web2), None, false, agent(&web2)),
+            (Some(&web2), Some(&web1), false, agent(&web2)),
+            (Some(&web2), Some(&web2), false, ScriptPlan::LocalDisk),
+            (Some(&web2), Some(&web2), true, agent(&web2)),
+            (Some(&web2), Some(&web2_other), false, agent(&web2)),
+            (
+                Some(&same_bytes_new_name),
+                Some(&web2),
+                false,
+                ScriptPlan::LocalDisk,
+            ),
+            (Some(&web1), None, false, agent(&web1)),
+            (None, Some(&web2), true, ScriptPlan::LocalDisk),
             (None, None, false, ScriptPlan::LocalDisk),
         ];
         for (assigned, installed, reimage, want) in cases {

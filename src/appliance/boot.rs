@@ -1,0 +1,161 @@
+//! What a host's iPXE script does, decided and recorded: the agent with an install token, or the
+//! local disk. The HTTP front-end only renders the plan as iPXE text.
+//!
+//! Rules:
+//! - the image is compared by digest with what a *verified* install put on the disk
+//!   ([`super::policy::script_plan`]); an install that did not finish left the disk unknown;
+//! - a token is handed only to the address DHCP gave the host (where DHCP has seen it; else to
+//!   the first address that asks, and only that one afterwards), and is recorded — the disk
+//!   marked unknown — before the script leaves;
+//! - a second fetch of the script while an install runs (a firmware retry, a power cut, a
+//!   curious neighbour) gets the same token back from the same address, and disturbs nothing;
+//! - the local-disk answer never fails because bookkeeping could not be written.
+
+use super::policy::{script_plan, ScriptPlan};
+use super::AppState;
+use crate::config::UnknownHosts;
+use crate::fleet::{StateError, Token};
+use crate::mac::Mac;
+use crate::store::{ImageRef, StoreError};
+use fleetboot_image::api::ImageId;
+use std::net::IpAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// What the script does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BootPlan {
+    /// Boot the agent, which installs `image` using `token`.
+    Agent { image: ImageId, token: String },
+    /// Boot the local disk.
+    LocalDisk,
+}
+
+/// Why a host gets no script.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("unknown host {0}")]
+    UnknownHost(Mac),
+    #[error("host {mac}: image {image}: {error}")]
+    Image {
+        mac: Mac,
+        image: ImageRef,
+        error: Box<StoreError>,
+    },
+    #[error("the install script of {mac} goes only to {leased} (its DHCP address); {peer} asked")]
+    WrongAddress {
+        mac: Mac,
+        leased: IpAddr,
+        peer: IpAddr,
+    },
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("no randomness for a token: {0}")]
+    Random(std::io::Error),
+}
+
+/// Unix seconds now.
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl AppState {
+    /// Decides what `mac` boots, asked from `peer`. Blocking (SQLite, the store): call it from
+    /// `spawn_blocking`.
+    pub fn boot_plan(&self, mac: Mac, peer: IpAddr) -> Result<BootPlan, BootError> {
+        let peer = super::tokens::canonical(peer);
+        let config = self.config();
+        let wanted: Option<ImageRef> = match config.hosts.get(&mac) {
+            Some(h) => h.image.clone(),
+            None => match &config.unknown_hosts {
+                UnknownHosts::Ignore => return Err(BootError::UnknownHost(mac)),
+                UnknownHosts::Discover => None,
+                UnknownHosts::Install(image) => Some(image.clone()),
+            },
+        };
+        let assigned = match &wanted {
+            Some(r) => Some(
+                self.images
+                    .resolve(&self.store, r)
+                    .map_err(|error| BootError::Image {
+                        mac,
+                        image: r.clone(),
+                        error: Box::new(error),
+                    })?
+                    .id,
+            ),
+            None => None,
+        };
+        let fleet = self.fleet();
+        self.bookkeeping("host seen", fleet.seen(mac, None, None));
+        let record = match fleet.host(mac) {
+            Ok(r) => r,
+            // The disk is unknown without the record: only a host with nothing to install can
+            // go on (to its local disk).
+            Err(e) if assigned.is_none() => {
+                self.bookkeeping("host record read", Err(e));
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let plan = script_plan(
+            assigned.as_ref(),
+            record.as_ref().and_then(|r| r.installed.as_ref()),
+            record.as_ref().is_some_and(|r| r.reimage),
+        );
+        let image = match plan {
+            ScriptPlan::LocalDisk => {
+                let detail = assigned.as_ref().map(ToString::to_string);
+                self.bookkeeping(
+                    "local boot",
+                    fleet.event(Some(mac), "local-boot", detail.as_deref()),
+                );
+                return Ok(BootPlan::LocalDisk);
+            }
+            ScriptPlan::Agent { image } => image,
+        };
+        let leased = self
+            .address_of(mac)
+            .map(IpAddr::V4)
+            .or_else(|| record.as_ref()?.ip.as_deref()?.parse().ok());
+        if let Some(leased) = leased {
+            if leased != peer {
+                return Err(BootError::WrongAddress { mac, leased, peer });
+            }
+        }
+        let t = now();
+        // The same install, asked again from its address: the same token, nothing reset.
+        let running = record
+            .as_ref()
+            .filter(|r| r.assigned.as_ref() == Some(&image));
+        if let Some(token) = self.tokens.live(mac, t) {
+            if running.is_some() && token.ip == peer {
+                return Ok(BootPlan::Agent {
+                    image,
+                    token: token.secret,
+                });
+            }
+        }
+        let token = Token {
+            secret: random_token().map_err(BootError::Random)?,
+            ip: peer,
+            expires: t.saturating_add(config.install_token_ttl.as_secs() as i64),
+        };
+        fleet.start_install(mac, &image, &token)?;
+        self.tokens.insert(mac, token.clone());
+        tracing::info!(%mac, %image, %peer, "booting the agent");
+        Ok(BootPlan::Agent {
+            image,
+            token: token.secret,
+        })
+    }
+}
+
+/// A random token (hex of 16 bytes from the kernel's CSPRNG).
+pub fn random_token() -> std::io::Result<String> {
+    let mut buf = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}

@@ -1,0 +1,93 @@
+//! Images as the configuration names them (`NAME` or `NAME@N`), resolved to their identity
+//! (name, version, digest). The digest is read from the manifest once per manifest file (by
+//! path, length and modification time), not on every boot.
+
+use crate::store::{ImageRef, Store, StoreError, VersionPath};
+use fleetboot_image::api::ImageId;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+/// Resolved images, by manifest file.
+#[derive(Default)]
+pub struct ImageCatalog {
+    cache: Mutex<HashMap<PathBuf, Cached>>,
+}
+
+#[derive(Clone)]
+struct Cached {
+    len: u64,
+    modified: Option<SystemTime>,
+    id: ImageId,
+    size: u64,
+}
+
+/// Entries kept; past it the cache starts over.
+const CACHED_MAX: usize = 4096;
+
+/// An image resolved: its identity, size and manifest file.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    pub id: ImageId,
+    pub size: u64,
+    pub version: VersionPath,
+}
+
+impl ImageCatalog {
+    /// The image `r` names now (its latest version if it names none).
+    pub fn resolve(&self, store: &Store, r: &ImageRef) -> Result<Resolved, StoreError> {
+        let version = store.resolve(r)?;
+        let meta = std::fs::metadata(&version.path).ok();
+        let (len, modified) = (
+            meta.as_ref().map_or(0, |m| m.len()),
+            meta.and_then(|m| m.modified().ok()),
+        );
+        {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = cache.get(&version.path) {
+                if c.len == len && c.modified == modified {
+                    return Ok(Resolved {
+                        id: c.id.clone(),
+                        size: c.size,
+                        version,
+                    });
+                }
+            }
+        }
+        let m = store.load_manifest(&version.path)?;
+        let id = ImageId {
+            name: m.meta.name.clone(),
+            version: version.version,
+            digest: m.meta.digest.clone(),
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CACHED_MAX {
+            cache.clear();
+        }
+        cache.insert(
+            version.path.clone(),
+            Cached {
+                len,
+                modified,
+                id: id.clone(),
+                size: m.meta.size,
+            },
+        );
+        Ok(Resolved {
+            id,
+            size: m.meta.size,
+            version,
+        })
+    }
+
+    /// The stored image that is exactly `id` (same name, version and digest), if it is still
+    /// in the store.
+    pub fn find(&self, store: &Store, id: &ImageId) -> Option<Resolved> {
+        let r = ImageRef {
+            name: id.name.clone(),
+            version: Some(id.version),
+        };
+        self.resolve(store, &r).ok().filter(|x| x.id == *id)
+    }
+}

@@ -1,0 +1,124 @@
+//! The appliance core: the state every front-end shares and the whole boot policy.
+//!
+//! DHCP, TFTP and HTTP are front-ends: they receive, call the core, send and log. The core owns
+//! - the configuration in force (replaced whole on reload), the store, the fleet state (SQLite),
+//!   the counters;
+//! - [`policy`]: the boot decision as pure, table-tested functions;
+//! - [`AppState::boot_plan`] (`boot.rs`): what a host's iPXE script does, with the install token
+//!   it carries, recorded before it is handed out;
+//! - the install tokens (`tokens.rs`): bound to one MAC, to the address DHCP gave that MAC, and
+//!   to a lifetime; checked on every agent call and store read;
+//! - the addresses DHCP saw for each MAC;
+//! - the images the configuration names, resolved to their identity (`images.rs`).
+
+mod boot;
+mod images;
+pub mod policy;
+mod tokens;
+
+pub use boot::{now as boot_now, random_token, BootError, BootPlan};
+pub use images::ImageCatalog;
+pub use policy::{dhcp_boot, script_plan, DhcpBoot, Firmware, ScriptPlan};
+pub use tokens::{canonical, same_secret, AccessError, Tokens};
+
+use crate::config::Config;
+use crate::fleet::{FleetState, StateError};
+use crate::mac::Mac;
+use crate::metrics::Metrics;
+use crate::store::{PackFiles, Store};
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, RwLock};
+
+/// Addresses remembered from DHCP; past this many the oldest knowledge is dropped (a flood of
+/// made-up MACs cannot grow it without bound; a real host is seen again at its next request).
+const ADDRESSES_MAX: usize = 65_536;
+
+/// Everything the front-ends share.
+pub struct AppState {
+    /// The configuration in force; replaced whole on reload.
+    pub config: RwLock<Arc<Config>>,
+    pub store: Store,
+    fleet: Mutex<FleetState>,
+    pub metrics: Arc<Metrics>,
+    /// How machines reach the appliance, e.g. `http://10.0.0.1:80`.
+    pub base_url: String,
+    /// Bearer token of the admin API (`None`: the admin API answers 403).
+    pub admin_token: Option<String>,
+    /// Pack files kept open for range reads.
+    pub packs: PackFiles,
+    /// Live install tokens.
+    pub tokens: Tokens,
+    /// Images resolved to their identity, cached by manifest file.
+    pub images: ImageCatalog,
+    /// The address DHCP gave (full mode) or saw (proxy mode) for each MAC.
+    addresses: Mutex<HashMap<Mac, Ipv4Addr>>,
+}
+
+impl AppState {
+    /// The state for `config`: its store, its fleet database (opened here, live install tokens
+    /// loaded from it), fresh counters. `base_url` is how machines reach the appliance; no
+    /// `admin_token`: the admin API is off.
+    pub fn new(
+        config: Config,
+        base_url: String,
+        admin_token: Option<String>,
+    ) -> Result<Arc<AppState>, StateError> {
+        let fleet = FleetState::open(&config.state_dir)?;
+        let tokens = Tokens::default();
+        for (mac, token) in fleet.live_tokens()? {
+            tokens.insert(mac, token);
+        }
+        Ok(Arc::new(AppState {
+            store: Store::new(&config.store),
+            config: RwLock::new(Arc::new(config)),
+            fleet: Mutex::new(fleet),
+            metrics: Arc::new(Metrics::default()),
+            base_url,
+            admin_token,
+            packs: PackFiles::default(),
+            tokens,
+            images: ImageCatalog::default(),
+            addresses: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The fleet database. Blocking: call it from a thread, or from async code through
+    /// `spawn_blocking`.
+    pub fn fleet(&self) -> std::sync::MutexGuard<'_, FleetState> {
+        self.fleet.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// DHCP gave `mac` the address `ip` (full mode), or `mac` asked for it (proxy mode).
+    pub fn note_address(&self, mac: Mac, ip: Ipv4Addr) {
+        let mut map = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= ADDRESSES_MAX && !map.contains_key(&mac) {
+            map.clear();
+        }
+        map.insert(mac, ip);
+    }
+
+    /// The address DHCP knows for `mac`, if any.
+    pub fn address_of(&self, mac: Mac) -> Option<Ipv4Addr> {
+        self.addresses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&mac)
+            .copied()
+    }
+
+    /// Runs bookkeeping that must not stop a boot: a failure is logged and counted.
+    pub fn bookkeeping(&self, what: &str, result: Result<(), StateError>) {
+        if let Err(e) = result {
+            self.metrics.state_errors.inc();
+            tracing::warn!("{what} not recorded: {e}");
+        }
+    }
+}
