@@ -131,6 +131,8 @@ pub struct Tftp {
     pub windowsize_max: u16,
     /// Transfers served at once.
     pub transfers_max: usize,
+    /// Transfers served at once to one client address.
+    pub transfers_per_client_max: usize,
     /// UDP port (69; another for tests and benchmarks beside a system TFTP server).
     pub port: u16,
 }
@@ -141,6 +143,7 @@ impl Default for Tftp {
             blksize_max: 1468,
             windowsize_max: 16,
             transfers_max: 64,
+            transfers_per_client_max: 4,
             port: 69,
         }
     }

@@ -31,6 +31,10 @@ pub fn load_checked(path: &Path) -> Result<Config> {
 /// Runs the appliance until SIGINT or SIGTERM.
 pub async fn run(options: ServeOptions) -> Result<()> {
     let config = load_checked(&options.config)?;
+    match http::limits::raise_open_files_limit() {
+        Ok(n) => tracing::debug!(open_files_max = n, "open files limit"),
+        Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
+    }
     let iface = interface_ipv4(&config.interface)
         .with_context(|| format!("cannot read the addresses of {}", config.interface))?;
     let address = match (config.address, iface) {

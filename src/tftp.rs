@@ -14,14 +14,15 @@ use crate::bootfiles::{resolve_beneath, BootFileError};
 use crate::config::Tftp;
 use crate::metrics::Metrics;
 use crate::net::udp_on;
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 const RRQ: u16 = 1;
 const WRQ: u16 = 2;
@@ -41,6 +42,9 @@ const BLKSIZE_DEFAULT: usize = 512;
 const TIMEOUT_DEFAULT_S: u64 = 2;
 /// Retransmissions of one block or window before the transfer is abandoned.
 const RETRIES_MAX: u32 = 6;
+/// The longest the server waits for an ACK before retransmitting, whatever `timeout` the client
+/// asked for (RFC 2349 allows 255 s: 64 such requests would hold every slot for half an hour).
+const WAIT_MAX: Duration = Duration::from_secs(3);
 
 /// What the service needs, cloned into each transfer.
 #[derive(Clone)]
@@ -50,6 +54,8 @@ struct Ctx {
     address: Ipv4Addr,
     limits: Tftp,
     active: Arc<AtomicUsize>,
+    /// Transfers running per client address.
+    per_client: Arc<Mutex<HashMap<IpAddr, usize>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -71,6 +77,7 @@ pub fn spawn(
         address,
         limits,
         active: Arc::new(AtomicUsize::new(0)),
+        per_client: Arc::new(Mutex::new(HashMap::new())),
         metrics,
     };
     std::thread::Builder::new()
@@ -99,8 +106,7 @@ fn listen(socket: &UdpSocket, ctx: &Ctx) {
                 continue;
             }
         };
-        if ctx.active.fetch_add(1, Ordering::AcqRel) >= ctx.limits.transfers_max {
-            ctx.active.fetch_sub(1, Ordering::AcqRel);
+        if !ctx.admit(client.ip()) {
             ctx.metrics.tftp_refused.inc();
             let _ = socket.send_to(
                 &error_packet(ERR_UNDEFINED, "server busy, try again"),
@@ -115,11 +121,39 @@ fn listen(socket: &UdpSocket, ctx: &Ctx) {
                 if let Err(e) = transfer(&ctx, client, &request) {
                     tracing::info!(%client, file = %request.file, "TFTP transfer ended: {e}");
                 }
-                ctx.active.fetch_sub(1, Ordering::AcqRel);
+                ctx.release(client.ip());
             });
         if spawned.is_err() {
             tracing::warn!("cannot start a TFTP transfer thread");
         }
+    }
+}
+
+impl Ctx {
+    /// Takes a transfer slot for `client`, unless all are taken or it holds its share.
+    fn admit(&self, client: IpAddr) -> bool {
+        let mut per_client = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = per_client.get(&client).copied().unwrap_or(0);
+        if mine >= self.limits.transfers_per_client_max {
+            return false;
+        }
+        if self.active.fetch_add(1, Ordering::AcqRel) >= self.limits.transfers_max {
+            self.active.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        per_client.insert(client, mine + 1);
+        true
+    }
+
+    fn release(&self, client: IpAddr) {
+        let mut per_client = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per_client.get_mut(&client) {
+            *n -= 1;
+            if *n == 0 {
+                per_client.remove(&client);
+            }
+        }
+        self.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -226,8 +260,9 @@ fn transfer(ctx: &Ctx, client: SocketAddr, req: &Request) -> io::Result<()> {
     let window = req
         .windowsize
         .map_or(1, |w| w.min(usize::from(ctx.limits.windowsize_max)));
-    let timeout = Duration::from_secs(req.timeout_s.unwrap_or(TIMEOUT_DEFAULT_S));
-    socket.set_read_timeout(Some(timeout))?;
+    // The client's timeout is acknowledged (it governs its own retransmissions); the server's
+    // wait is bounded.
+    let wait = Duration::from_secs(req.timeout_s.unwrap_or(TIMEOUT_DEFAULT_S)).min(WAIT_MAX);
     let blocks = size / blksize as u64 + 1; // the last block is short, possibly empty
 
     // Option acknowledgement, answered by ACK 0.
@@ -255,13 +290,20 @@ fn transfer(ctx: &Ctx, client: SocketAddr, req: &Request) -> io::Result<()> {
         let mut packet = OACK.to_be_bytes().to_vec();
         packet.extend_from_slice(&oack);
         let mut tries = 0;
-        loop {
+        'oack: loop {
             socket.send(&packet)?;
-            match recv_ack(&socket, &mut ack_buf, false) {
-                Ok(Some(0)) => break,
-                Ok(_) => {}
-                Err(e) if is_timeout(&e) && tries < RETRIES_MAX => tries += 1,
-                Err(e) => return Err(e),
+            let deadline = Instant::now() + wait;
+            // Packets other than ACK 0 do not extend the wait.
+            loop {
+                match recv_ack(&socket, &mut ack_buf, false, deadline) {
+                    Ok(Some(0)) => break 'oack,
+                    Ok(_) => {}
+                    Err(e) if is_timeout(&e) && tries < RETRIES_MAX => {
+                        tries += 1;
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
     }
@@ -287,9 +329,11 @@ fn transfer(ctx: &Ctx, client: SocketAddr, req: &Request) -> io::Result<()> {
             packet[2..4].copy_from_slice(&(i as u16).to_be_bytes());
             socket.send(&packet[..4 + n])?;
         }
-        // Wait for the ACK of some block of this window.
+        // Wait for the ACK of some block of this window; other packets (old or duplicate ACKs,
+        // junk) do not extend the wait.
+        let deadline = Instant::now() + wait;
         loop {
-            match recv_ack(&socket, &mut ack_buf, window == 1) {
+            match recv_ack(&socket, &mut ack_buf, window == 1, deadline) {
                 Ok(Some(a)) => {
                     let delta = u64::from(a.wrapping_sub(acked as u16));
                     if delta >= 1 && delta <= last - acked {
@@ -322,9 +366,14 @@ const SPIN: Duration = Duration::from_micros(200);
 /// The block number of an ACK; `None` for other packets; an ERROR from the client ends it.
 /// With `spin`, polls for [`SPIN`] before sleeping (lock-step transfers only: with a window, the
 /// client has a window's worth of work to do and a spinning server would only take its CPU).
-fn recv_ack(socket: &UdpSocket, buf: &mut [u8], spin: bool) -> io::Result<Option<u16>> {
+fn recv_ack(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+    spin: bool,
+    deadline: Instant,
+) -> io::Result<Option<u16>> {
     use std::os::fd::AsRawFd;
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let spin = if spin { SPIN } else { Duration::ZERO };
     let n = loop {
         // SAFETY: recv into a buffer we own, of its length; MSG_DONTWAIT never blocks.
@@ -344,6 +393,11 @@ fn recv_ack(socket: &UdpSocket, buf: &mut [u8], spin: bool) -> io::Result<Option
             return Err(e);
         }
         if started.elapsed() >= spin {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::from(io::ErrorKind::TimedOut));
+            }
+            socket.set_read_timeout(Some(left))?;
             break socket.recv(buf)?;
         }
         std::thread::yield_now();
@@ -381,6 +435,72 @@ fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 8, item 8: a client holds at most its share of the transfer slots, and its junk
+    /// or its 255-second `timeout` cannot stretch the server's wait.
+    #[test]
+    fn transfers_are_bounded_per_client_and_in_time() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ipxe.efi"), vec![7u8; 100_000]).unwrap();
+        let socket = udp_on("lo", Ipv4Addr::LOCALHOST, 0).unwrap();
+        let server = socket.local_addr().unwrap();
+        let limits = Tftp {
+            transfers_per_client_max: 2,
+            ..Tftp::default()
+        };
+        spawn(
+            socket,
+            "lo",
+            dir.path().to_path_buf(),
+            limits,
+            Arc::new(Metrics::default()),
+        )
+        .unwrap();
+        let rrq = b"\x00\x01ipxe.efi\x00octet\x00timeout\x00255\x00";
+        let ask = |from: &str| {
+            let c = UdpSocket::bind(format!("{from}:0")).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c.send_to(rrq, server).unwrap();
+            let mut buf = [0u8; 1600];
+            let (n, peer) = c.recv_from(&mut buf).unwrap();
+            (c, buf[..n].to_vec(), peer)
+        };
+        let (hog1, first, peer) = ask("127.0.0.1");
+        assert_eq!(&first[..2], &OACK.to_be_bytes());
+        assert!(
+            String::from_utf8_lossy(&first).contains("255"),
+            "timeout acknowledged"
+        );
+        let (_hog2, second, _) = ask("127.0.0.1");
+        assert_eq!(&second[..2], &OACK.to_be_bytes());
+        let (_, third, _) = ask("127.0.0.1");
+        assert_eq!(
+            &third[..2],
+            &ERROR.to_be_bytes(),
+            "a third transfer for the same client"
+        );
+        let (_, other, _) = ask("127.0.0.2");
+        assert_eq!(&other[..2], &OACK.to_be_bytes(), "another client is served");
+
+        // Junk every 300 ms: the server still retransmits its OACK after its own bounded wait
+        // (not after the 255 s the client asked for).
+        let started = Instant::now();
+        hog1.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut buf = [0u8; 1600];
+        loop {
+            hog1.send_to(b"\x00\x09junk", peer).unwrap();
+            if let Ok((n, _)) = hog1.recv_from(&mut buf) {
+                assert_eq!(&buf[..2], &OACK.to_be_bytes(), "{:?}", &buf[..n]);
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "no retransmission: junk extended the wait"
+            );
+        }
+        assert!(started.elapsed() >= WAIT_MAX / 2);
+    }
 
     #[test]
     fn parses_requests_and_options() {

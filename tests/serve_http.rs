@@ -636,3 +636,57 @@ async fn a_host_is_current_only_if_its_disk_holds_the_assigned_content() {
     let h = rig.state.fleet().host(mac).unwrap().unwrap();
     assert_eq!(h.assigned.map(|a| a.to_string()), Some("demo@2".into()));
 }
+
+/// Issue 8, item 9: connections are limited, and one that stalls (half a header) is closed after
+/// the idle timeout, freeing its slot for a real client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_connections_are_bounded_and_closed() {
+    use fleetboot::http::limits::HttpLimits;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::time::{timeout, Duration};
+    let rig = rig("");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let limits = HttpLimits {
+        connections_max: 2,
+        idle_timeout: Duration::from_millis(700),
+        buffered_bytes_max: 1 << 20,
+    };
+    let router = app(rig.state.clone());
+    tokio::spawn(async move {
+        fleetboot::http::serve_router(listener, router, &limits, std::future::pending()).await
+    });
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        stalled.push(s);
+    }
+    let mut real = tokio::net::TcpStream::connect(addr).await.unwrap();
+    real.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    assert!(
+        timeout(Duration::from_millis(300), real.read(&mut buf))
+            .await
+            .is_err(),
+        "both slots are taken: the third connection waits"
+    );
+    for s in &mut stalled {
+        let n = timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("a stalled connection is closed")
+            .unwrap_or(0);
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(!answer.contains("200 OK"), "{answer}");
+    }
+    let mut answer = Vec::new();
+    timeout(Duration::from_secs(5), real.read_to_end(&mut answer))
+        .await
+        .expect("then the real client is served")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+}

@@ -27,7 +27,19 @@ pub struct Settings {
 /// Installs the host's assigned image on the target and reports the outcome.
 pub fn deploy(s: &Settings) -> Result<InstallReport> {
     let client = Client::new(&s.server, &s.mac, s.token.clone())?;
-    let result = install(&client, s);
+    // A panic must become a `failed` report: as process 1 an unwinding agent is a kernel panic,
+    // and the appliance would never hear why.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| install(&client, s)))
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown".into());
+            Err(anyhow::anyhow!(
+                "the agent failed unexpectedly (panic: {what})"
+            ))
+        });
     if let Err(e) = &result {
         client.failed(&format!("{e:#}"));
     }

@@ -12,12 +12,36 @@ use std::path::{Path, PathBuf};
 nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
 nix::ioctl_none!(blkrrpart, 0x12, 95);
 
-/// Finds the disk `spec` names: `auto` (the one non-removable disk at least `size` bytes big),
-/// a path, or a serial number or WWN as /sys reports them.
+/// A disk as /sys describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Kernel name (`vda`, `nvme0n1`).
+    pub name: String,
+    pub bytes: u64,
+    pub removable: bool,
+    /// Serial numbers and WWNs the kernel reports, trimmed.
+    pub ids: Vec<String>,
+}
+
+/// Finds the disk `spec` names: `auto` (the one non-removable disk, which must hold `size`
+/// bytes), a path (which must be an existing block device), or a serial number or WWN as /sys
+/// reports them, matched exactly.
 pub fn choose(spec: &str, size: u64) -> Result<PathBuf> {
     if spec.starts_with('/') {
+        let meta = std::fs::metadata(spec)
+            .with_context(|| format!("disk {spec} does not exist (no such block device)"))?;
+        if !meta.file_type().is_block_device() {
+            bail!("disk {spec} is not a block device");
+        }
         return Ok(PathBuf::from(spec));
     }
+    let name = pick(spec, size, &scan()?)?;
+    Ok(PathBuf::from(format!("/dev/{name}")))
+}
+
+/// The machine's disks, from /sys/block (loop, RAM, optical, floppy, md, dm and nbd devices are
+/// not install targets).
+fn scan() -> Result<Vec<DiskInfo>> {
     let mut disks = Vec::new();
     for e in std::fs::read_dir("/sys/block")
         .context("cannot list /sys/block")?
@@ -36,43 +60,72 @@ pub fn choose(spec: &str, size: u64) -> Result<PathBuf> {
                 .trim()
                 .to_string()
         };
-        let bytes = read("size").parse::<u64>().unwrap_or(0) * 512;
-        let ids = [
-            read("device/serial"),
-            read("device/wwid"),
-            read("wwid"),
-            read("serial"),
-        ];
-        disks.push((name, bytes, read("removable") == "1", ids));
+        let ids = ["device/serial", "device/wwid", "wwid", "serial"]
+            .iter()
+            .map(|f| read(f))
+            .filter(|id| !id.is_empty())
+            .collect();
+        disks.push(DiskInfo {
+            bytes: read("size").parse::<u64>().unwrap_or(0) * 512,
+            removable: read("removable") == "1",
+            name,
+            ids,
+        });
     }
+    disks.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(disks)
+}
+
+/// The disk `spec` names among `disks`. Ambiguity is decided before size: with two candidates
+/// for `auto`, a small internal disk must not make the other (a USB stick claiming to be fixed,
+/// a SAN LUN) the silent choice.
+pub fn pick(spec: &str, size: u64, disks: &[DiskInfo]) -> Result<String> {
     let listing = || {
         disks
             .iter()
-            .map(|(n, b, _, _)| format!("{n} ({b} bytes)"))
+            .map(|d| {
+                format!(
+                    "{} ({} bytes{})",
+                    d.name,
+                    d.bytes,
+                    if d.removable { ", removable" } else { "" }
+                )
+            })
             .collect::<Vec<_>>()
             .join(", ")
     };
-    if spec != "auto" {
-        return match disks
+    let candidates: Vec<&DiskInfo> = if spec == "auto" {
+        disks.iter().filter(|d| !d.removable).collect()
+    } else {
+        disks
             .iter()
-            .find(|d| d.3.iter().any(|id| !id.is_empty() && id.contains(spec)))
-        {
-            Some(d) => Ok(PathBuf::from(format!("/dev/{}", d.0))),
-            None => bail!("no disk matching {spec:?} (found: {})", listing()),
-        };
-    }
-    let fit: Vec<_> = disks.iter().filter(|d| !d.2 && d.1 >= size).collect();
-    match fit.as_slice() {
-        [one] => Ok(PathBuf::from(format!("/dev/{}", one.0))),
-        [] => bail!(
-            "no disk matching auto: none is non-removable and at least {size} bytes (found: {})",
+            .filter(|d| d.ids.iter().any(|id| id == spec))
+            .collect()
+    };
+    let disk = match candidates.as_slice() {
+        [one] => *one,
+        [] if spec == "auto" => bail!(
+            "no disk matching auto: no non-removable disk (found: {})",
             listing()
         ),
+        [] => bail!("no disk with serial or WWN {spec:?} (found: {})", listing()),
         _ => bail!(
-            "several disks could take the image ({}): name one with `disk:` in the configuration",
-            listing()
+            "several disks match {spec:?} ({}): name one with `disk:` in the configuration",
+            candidates
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
+    };
+    if disk.bytes < size {
+        bail!(
+            "disk {} holds {} bytes; the image needs {size}: refusing a disk too small",
+            disk.name,
+            disk.bytes
+        );
     }
+    Ok(disk.name.clone())
 }
 
 /// An open target.
@@ -141,6 +194,26 @@ impl Disk {
 
     /// Flushes everything to the medium and, on a device, has the kernel re-read its partition
     /// table (the new image brings its own).
+    /// Drops the (clean, just synced) cached pages of the target, so the read-back digest reads
+    /// what the disk holds, not what the page cache remembers of the writes.
+    fn drop_cache(&self) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        self.file
+            .sync_all()
+            .with_context(|| format!("cannot sync {}", self.path.display()))?;
+        // SAFETY: an advisory call on a descriptor we own; offset 0, length 0 = the whole file.
+        let r =
+            unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        if r != 0 {
+            bail!(
+                "cannot drop the cached pages of {}: {}",
+                self.path.display(),
+                io::Error::from_raw_os_error(r)
+            );
+        }
+        Ok(())
+    }
+
     pub fn sync(&self) -> Result<()> {
         self.file
             .sync_all()
@@ -165,6 +238,7 @@ impl Disk {
     /// BLAKE3 tree.
     pub fn digest_of(&self, manifest: &fleetboot_image::Manifest) -> Result<String> {
         use blake3::hazmat::{left_subtree_len, merge_subtrees_root, HasherExt, Mode};
+        self.drop_cache()?;
         let size = manifest.meta.size;
         if size <= blake3::CHUNK_LEN as u64 {
             return Ok(self
@@ -262,5 +336,56 @@ impl Target for Disk {
             at += n as u64;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(name: &str, gib: u64, removable: bool, ids: &[&str]) -> DiskInfo {
+        DiskInfo {
+            name: name.into(),
+            bytes: gib << 30,
+            removable,
+            ids: ids.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// Issue 8, item 13: ambiguity is decided first, serials and WWNs match exactly.
+    #[test]
+    fn disk_choice_refuses_ambiguity_before_size_and_matches_ids_exactly() {
+        let small_internal = disk("sda", 8, false, &["S1", "naa.5000c500a1b2c3d4"]);
+        let big_second = disk("sdb", 500, false, &["S12"]);
+        let usb = disk("sdc", 64, true, &["USB1"]);
+        let both = [small_internal.clone(), big_second.clone(), usb.clone()];
+        let err = pick("auto", 20 << 30, &both).unwrap_err().to_string();
+        assert!(err.contains("several disks"), "{err}");
+        let err = pick("auto", 20 << 30, &[small_internal.clone(), usb.clone()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("too small"), "{err}");
+        assert_eq!(
+            pick("auto", 4 << 30, &[small_internal.clone(), usb]).unwrap(),
+            "sda"
+        );
+        assert_eq!(pick("S1", 1, &both).unwrap(), "sda", "not S12");
+        assert_eq!(pick("S12", 1, &both).unwrap(), "sdb");
+        assert_eq!(pick("naa.5000c500a1b2c3d4", 1, &both).unwrap(), "sda");
+        for partial in ["S", "5000c500", "naa."] {
+            assert!(pick(partial, 1, &both).is_err(), "{partial} matched");
+        }
+        assert!(pick("S12", 600 << 30, &both)
+            .unwrap_err()
+            .to_string()
+            .contains("too small"));
+    }
+
+    #[test]
+    fn a_target_path_that_is_not_a_block_device_is_refused() {
+        let err = choose("/nonexistent/disk", 1).unwrap_err().to_string();
+        assert!(err.contains("does not exist"), "{err}");
+        let err = choose("/proc/version", 1).unwrap_err().to_string();
+        assert!(err.contains("not a block device"), "{err}");
     }
 }

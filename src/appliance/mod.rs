@@ -53,6 +53,8 @@ pub struct AppState {
     pub images: ImageCatalog,
     /// The address DHCP gave (full mode) or saw (proxy mode) for each MAC.
     addresses: Mutex<HashMap<Mac, Ipv4Addr>>,
+    /// Bytes of pack data the HTTP side may hold in memory at once.
+    pub http_buffer_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -80,6 +82,9 @@ impl AppState {
             tokens,
             images: ImageCatalog::default(),
             addresses: Mutex::new(HashMap::new()),
+            http_buffer_budget: Arc::new(tokio::sync::Semaphore::new(
+                crate::http::limits::HttpLimits::default().buffered_bytes_max,
+            )),
         }))
     }
 

@@ -55,23 +55,28 @@ mod tests {
         }
     }
 
+    /// A relay on the appliance's subnet is answered through the relay; one on another subnet
+    /// is not (the pool's addresses and mask would be wrong there).
     #[test]
     fn relayed_requests_are_answered_to_the_relay() {
         let mut p = discover([0x52, 0x54, 0, 0x12, 0x34, 0x56], &[]);
-        p[24..28].copy_from_slice(&[10, 50, 0, 1]); // giaddr
         let mut s = server().lock().unwrap();
+        p[24..28].copy_from_slice(&[10, 50, 0, 1]); // giaddr on another subnet
         let src = SocketAddr::from((Ipv4Addr::new(10, 50, 0, 1), 67));
+        assert!(s.handle(&p, src, false).is_none(), "foreign subnet refused");
+        p[24..28].copy_from_slice(&[10, 9, 0, 77]); // giaddr on the appliance's subnet
+        let src = SocketAddr::from((Ipv4Addr::new(10, 9, 0, 77), 67));
         let reply = s.handle(&p, src, false).expect("an offer");
         assert_eq!(
             reply.to,
-            SocketAddr::from((Ipv4Addr::new(10, 50, 0, 1), 67))
+            SocketAddr::from((Ipv4Addr::new(10, 9, 0, 77), 67))
         );
         assert_eq!(
             &reply.bytes[16..20],
             &[10, 9, 0, 5],
             "the host's reservation"
         );
-        assert_eq!(&reply.bytes[24..28], &[10, 50, 0, 1], "giaddr echoed");
+        assert_eq!(&reply.bytes[24..28], &[10, 9, 0, 77], "giaddr echoed");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! every committed lease written to the fleet state so a restart keeps them.
 
 use crate::mac::Mac;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 /// How long an offered address stays held for the client it was offered to, in seconds.
@@ -27,8 +27,11 @@ pub struct LeasePool {
     offers: HashMap<Mac, Lease>,
     /// Who each offered address is held for (so checking an address is O(1), not O(offers)).
     offer_by_ip: HashMap<Ipv4Addr, Mac>,
-    /// Addresses a client declined (in use by someone we do not know), until when.
+    /// Addresses a client declined (in use by someone we do not know), until when. Only the
+    /// client an address was offered or leased to can decline it, so this stays within the range.
     declined: HashMap<Ipv4Addr, i64>,
+    /// Addresses in the range never handed out (the appliance's own, the router's).
+    excluded: HashSet<Ipv4Addr>,
     /// Where the search for a free address starts next.
     cursor: u32,
 }
@@ -47,6 +50,30 @@ impl LeasePool {
         }
     }
 
+    /// Never hands out `ip` (the appliance's or the router's address inside the range).
+    pub fn exclude(&mut self, ip: Ipv4Addr) {
+        self.excluded.insert(ip);
+    }
+
+    /// Takes over the leases and offers of the pool this one replaces (a configuration reload):
+    /// the running pool knows leases whose SQLite writes may still be queued. Those that conflict
+    /// with the new reservations or exclusions are dropped.
+    pub fn adopt(&mut self, old: &LeasePool, now: i64) {
+        for (mac, lease) in &old.leases {
+            if lease.expires > now && self.free_for(*mac, lease.ip, now) {
+                self.restore(*mac, *lease);
+            }
+        }
+        for (mac, offer) in &old.offers {
+            if offer.expires > now && self.free_for(*mac, offer.ip, now) {
+                self.offers.insert(*mac, *offer);
+                self.offer_by_ip.insert(offer.ip, *mac);
+            }
+        }
+        self.declined = old.declined.clone();
+        self.declined.retain(|_, until| *until > now);
+    }
+
     /// Restores a lease read back from the fleet state.
     pub fn restore(&mut self, mac: Mac, lease: Lease) {
         self.by_ip.insert(lease.ip, mac);
@@ -62,7 +89,10 @@ impl LeasePool {
         if let Some(owner) = self.reserved_ips.get(&ip) {
             return *owner == mac;
         }
-        if !self.in_range(ip) || self.declined.get(&ip).is_some_and(|&t| t > now) {
+        if !self.in_range(ip)
+            || self.excluded.contains(&ip)
+            || self.declined.get(&ip).is_some_and(|&t| t > now)
+        {
             return false;
         }
         let leased = self
@@ -154,10 +184,19 @@ impl LeasePool {
         Some(lease)
     }
 
-    /// The client found `ip` in use: keep it out of the pool for a lease time.
-    pub fn decline(&mut self, mac: Mac, ip: Ipv4Addr, hold_s: u32, now: i64) {
+    /// The client found `ip` in use: keep it out of the pool for a lease time. Taken only from
+    /// the client `ip` was offered or leased to (a DECLINE is unauthenticated: any MAC could
+    /// otherwise block any address); returns whether it was taken.
+    pub fn decline(&mut self, mac: Mac, ip: Ipv4Addr, hold_s: u32, now: i64) -> bool {
+        let holds = self.leases.get(&mac).is_some_and(|l| l.ip == ip)
+            || self.offers.get(&mac).is_some_and(|o| o.ip == ip);
+        if !holds {
+            return false;
+        }
         self.release(mac);
+        self.declined.retain(|_, until| *until > now);
         self.declined.insert(ip, now + i64::from(hold_s));
+        true
     }
 
     /// The client chose another server's offer.
@@ -222,10 +261,36 @@ mod tests {
             got == ip(10) || got == ip(12),
             "a released or expired address: {got}"
         );
-        p.decline(mac(4), ip(11), 3600, 100);
+        assert!(p.decline(mac(4), ip(11), 3600, 100), "offered to mac 4");
         assert!(!p.free_for(mac(6), ip(11), 200));
         assert!(p.free_for(mac(6), ip(11), 4000));
         assert_eq!(p.commit(mac(7), ip(99), 3600, 0), None, "outside the range");
+    }
+
+    /// Issue 8, item 10: a spoofed DECLINE blocks nothing; the appliance's and the router's
+    /// addresses are never handed out; a reload keeps leases not yet written to SQLite.
+    #[test]
+    fn declines_exclusions_and_reloads_keep_the_pool_honest() {
+        let mut p = LeasePool::new(ip(10), ip(13), HashMap::new());
+        p.exclude(ip(10));
+        p.exclude(ip(11));
+        let a = p.offer(mac(1), None, 0).unwrap();
+        assert_eq!(a, ip(12), "excluded addresses are skipped");
+        assert!(p.commit(mac(1), a, 3600, 0).is_some());
+        assert!(p.commit(mac(2), ip(10), 3600, 0).is_none());
+        assert!(!p.decline(mac(2), a, 3600, 1), "mac 2 does not hold it");
+        assert!(!p.decline(mac(2), ip(13), 3600, 1), "nor this one");
+        assert!(p.free_for(mac(3), ip(13), 2));
+        assert_eq!(p.offer(mac(1), None, 2), Some(a), "mac 1 keeps its lease");
+
+        let mut reloaded = LeasePool::new(ip(10), ip(13), HashMap::new());
+        reloaded.adopt(&p, 3);
+        assert_eq!(
+            reloaded.offer(mac(4), Some(a), 3),
+            Some(ip(10)),
+            "the lease survives the reload (and exclusions are the new pool's)"
+        );
+        assert!(reloaded.commit(mac(1), a, 3600, 4).is_some());
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub struct DhcpServer {
 
 /// How often a host that keeps asking is written as seen again, in seconds.
 const SEEN_REFRESH_S: i64 = 60;
+/// Hosts remembered as recently seen; past it the stale ones are forgotten.
+const SEEN_MAX: usize = 65_536;
 
 /// An answer and where it goes.
 #[derive(Debug)]
@@ -87,7 +89,6 @@ impl DhcpServer {
         netmask: Ipv4Addr,
     ) -> Result<DhcpServer, StateError> {
         let config = state.config();
-        let pool = pool_for(&config, &state);
         let db = FleetState::open(&config.state_dir)?;
         let (writes, rx) = mpsc::channel::<Write>();
         std::thread::Builder::new()
@@ -97,16 +98,18 @@ impl DhcpServer {
                 path: config.state_dir.clone(),
                 error,
             })?;
-        Ok(DhcpServer {
+        let mut server = DhcpServer {
             state,
             server_ip,
             netmask,
-            pool,
+            pool: None,
             pool_config: config,
             client_port: 68,
             writes,
             seen: HashMap::new(),
-        })
+        };
+        server.pool = server.pool_for(&server.pool_config.clone(), None);
+        Ok(server)
     }
 
     /// Serves each socket on a thread of its own (blocking sockets: the least work per packet)
@@ -137,7 +140,8 @@ impl DhcpServer {
         };
         let config = self.state.config();
         if !Arc::ptr_eq(&config, &self.pool_config) {
-            self.pool = pool_for(&config, &self.state);
+            let old = self.pool.take();
+            self.pool = self.pool_for(&config, old.as_ref());
             self.pool_config = config.clone();
         }
         let known = config.hosts.contains_key(&req.mac);
@@ -168,9 +172,46 @@ impl DhcpServer {
         reply
     }
 
+    /// The pool of full mode: the range minus the appliance's and the router's addresses, the
+    /// reservations from the configuration, and the leases — taken over from the pool it
+    /// replaces on a reload (it knows leases still queued for SQLite), else read from SQLite.
+    fn pool_for(&self, config: &Config, previous: Option<&LeasePool>) -> Option<LeasePool> {
+        let [first, last] = config.dhcp.range?;
+        let reservations: HashMap<_, _> = config
+            .hosts
+            .values()
+            .filter_map(|h| h.ip.map(|ip| (h.mac, ip)))
+            .collect();
+        let mut pool = LeasePool::new(first, last, reservations);
+        pool.exclude(self.server_ip);
+        if let Some(router) = config.dhcp.router {
+            pool.exclude(router);
+        }
+        if let Some(old) = previous {
+            pool.adopt(old, now());
+            return Some(pool);
+        }
+        match self.state.fleet().leases() {
+            Ok(leases) => {
+                for (mac, ip, expires) in leases {
+                    pool.restore(mac, Lease { ip, expires });
+                }
+            }
+            Err(e) => tracing::warn!("cannot read leases back: {e}"),
+        }
+        Some(pool)
+    }
+
     /// Records the host as seen, unless it was recorded as the same thing a moment ago.
     fn note_seen(&mut self, req: &ClientRequest) {
         let t = now();
+        if self.seen.len() >= SEEN_MAX {
+            // A flood of made-up MACs: forget what is stale (it is only a write-saving cache).
+            self.seen.retain(|_, (_, at)| t - *at < SEEN_REFRESH_S);
+            if self.seen.len() >= SEEN_MAX {
+                self.seen.clear();
+            }
+        }
         let fresh = self
             .seen
             .get(&req.mac)
@@ -237,6 +278,16 @@ impl DhcpServer {
     /// Full mode: addresses from the pool (reservations first), boot information to PXE clients.
     fn full(&mut self, config: &Config, req: &ClientRequest, boot: &DhcpBoot) -> Option<Reply> {
         let t = now();
+        let mask = u32::from(config.dhcp.subnet_mask.unwrap_or(self.netmask));
+        if req.giaddr != Ipv4Addr::UNSPECIFIED
+            && u32::from(req.giaddr) & mask != u32::from(self.server_ip) & mask
+        {
+            // The pool is the appliance's own subnet: an address from it would be wrong there.
+            tracing::warn!(mac = %req.mac, relay = %req.giaddr,
+                "not answering a request relayed from another subnet (the pool serves {}'s subnet only)",
+                self.server_ip);
+            return None;
+        }
         let lease_s = config.dhcp.lease_time;
         let host = config.hosts.get(&req.mac);
         let pool = self.pool.as_mut()?;
@@ -275,9 +326,14 @@ impl DhcpServer {
                 return None;
             }
             MessageType::Decline => {
-                if let Some(ip) = req.requested_ip {
-                    pool.decline(req.mac, ip, lease_s, t);
-                    let _ = self.writes.send(Write::DropLease { mac: req.mac });
+                match req.requested_ip {
+                    Some(ip) if pool.decline(req.mac, ip, lease_s, t) => {
+                        tracing::warn!(mac = %req.mac, %ip, "address declined: in use by another machine");
+                        let _ = self.writes.send(Write::DropLease { mac: req.mac });
+                    }
+                    _ => {
+                        tracing::debug!(mac = %req.mac, "ignored a DECLINE for an address it does not hold")
+                    }
                 }
                 return None;
             }
@@ -414,24 +470,4 @@ fn write_behind(db: FleetState, rx: mpsc::Receiver<Write>) {
             tracing::warn!("cannot record {} DHCP state changes: {e}", batch.len());
         }
     }
-}
-
-/// The pool of full mode, with reservations from the configuration and leases from the state.
-fn pool_for(config: &Config, state: &AppState) -> Option<LeasePool> {
-    let [first, last] = config.dhcp.range?;
-    let reservations: HashMap<_, _> = config
-        .hosts
-        .values()
-        .filter_map(|h| h.ip.map(|ip| (h.mac, ip)))
-        .collect();
-    let mut pool = LeasePool::new(first, last, reservations);
-    match state.fleet().leases() {
-        Ok(leases) => {
-            for (mac, ip, expires) in leases {
-                pool.restore(mac, Lease { ip, expires });
-            }
-        }
-        Err(e) => tracing::warn!("cannot read leases back: {e}"),
-    }
-    Some(pool)
 }

@@ -183,10 +183,30 @@ pub enum StateError {
     },
 }
 
+/// Bounds on what unauthenticated traffic can make the database hold.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Events kept; older ones are pruned as new ones arrive.
+    pub events_max: u64,
+    /// Hosts kept; past it the longest-unseen hosts that hold nothing worth keeping (no install,
+    /// no token, no reimage request) are dropped.
+    pub hosts_max: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            events_max: 100_000,
+            hosts_max: 20_000,
+        }
+    }
+}
+
 /// The open database.
 pub struct FleetState {
     path: PathBuf,
     db: Connection,
+    limits: Limits,
 }
 
 fn now() -> i64 {
@@ -207,7 +227,11 @@ impl FleetState {
             path: path.clone(),
             error,
         })?;
-        let state = FleetState { path, db };
+        let state = FleetState {
+            path,
+            db,
+            limits: Limits::default(),
+        };
         state.wrap(|db| {
             db.pragma_update(None, "journal_mode", "WAL")?;
             db.pragma_update(None, "synchronous", "NORMAL")?;
@@ -217,6 +241,12 @@ impl FleetState {
             migrate(db)
         })?;
         Ok(state)
+    }
+
+    /// The same database with other bounds (tests).
+    pub fn with_limits(mut self, limits: Limits) -> FleetState {
+        self.limits = limits;
+        self
     }
 
     fn wrap<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StateError> {
@@ -466,6 +496,9 @@ impl FleetState {
                     }
                 }
             }
+            if writes.iter().any(|w| matches!(w, Write::Seen { .. })) {
+                prune_hosts(&tx, self.limits.hosts_max)?;
+            }
             tx.commit()
         })
     }
@@ -483,7 +516,7 @@ impl FleetState {
                 "INSERT INTO events (ts, mac, kind, detail) VALUES (?1, ?2, ?3, ?4)",
                 params![t, mac.map(|m| m.to_string()), kind, detail],
             )?;
-            Ok(())
+            prune_events(db, self.limits.events_max)
         })
     }
 
@@ -516,6 +549,30 @@ fn log(
         "INSERT INTO events (ts, mac, kind, detail) VALUES (?1, ?2, ?3, ?4)",
         params![t, mac.to_string(), kind, detail],
     )?;
+    prune_events(db, Limits::default().events_max)
+}
+
+/// Keeps the newest `max` events (ids grow with time; the range delete uses the primary key).
+fn prune_events(db: &Connection, max: u64) -> rusqlite::Result<()> {
+    db.prepare_cached("DELETE FROM events WHERE id <= last_insert_rowid() - ?1")?
+        .execute(params![max as i64])?;
+    Ok(())
+}
+
+/// Keeps at most `max` hosts, dropping the longest-unseen ones that hold nothing worth keeping.
+fn prune_hosts(db: &Connection, max: u64) -> rusqlite::Result<()> {
+    let count: i64 = db
+        .prepare_cached("SELECT COUNT(*) FROM hosts")?
+        .query_row([], |r| r.get(0))?;
+    let excess = count - max as i64;
+    if excess > 0 {
+        db.prepare_cached(
+            "DELETE FROM hosts WHERE mac IN (SELECT mac FROM hosts
+                WHERE installed IS NULL AND hint IS NULL AND token IS NULL AND reimage = 0
+                ORDER BY last_seen LIMIT ?1)",
+        )?
+        .execute(params![excess])?;
+    }
     Ok(())
 }
 
@@ -634,6 +691,47 @@ mod tests {
             bytes_reused: 2,
             seconds: 0.5,
         }
+    }
+
+    /// Issue 8, item 11: traffic from unknown machines cannot grow the tables without bound.
+    #[test]
+    fn events_and_discovered_hosts_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FleetState::open(dir.path()).unwrap().with_limits(Limits {
+            events_max: 50,
+            hosts_max: 20,
+        });
+        let keep: Mac = "52:54:00:00:00:01".parse().unwrap();
+        let token = Token {
+            secret: "t".into(),
+            ip: "10.0.0.5".parse().unwrap(),
+            expires: i64::MAX,
+        };
+        s.seen(keep, None, None).unwrap();
+        s.start_install(keep, &web(1, "d1"), &token).unwrap();
+        for i in 0..500u32 {
+            let mac = Mac([0x02, 0, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+            s.apply(&[Write::Seen {
+                mac,
+                ip: None,
+                arch: None,
+            }])
+            .unwrap();
+            s.event(Some(mac), "dhcp", None).unwrap();
+        }
+        assert_eq!(s.hosts().unwrap().len(), 20);
+        assert!(
+            s.host(keep).unwrap().is_some(),
+            "a host mid-install is kept"
+        );
+        let n: i64 =
+            s.db.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+                .unwrap();
+        assert_eq!(n, 50);
+        assert_eq!(
+            s.events(1).unwrap()[0].mac.as_deref(),
+            Some("02:00:00:00:01:f3")
+        );
     }
 
     /// A database written by the previous version: a host that was imaging (its disk half

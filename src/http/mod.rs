@@ -18,6 +18,7 @@
 
 pub mod api;
 mod dashboard;
+pub mod limits;
 pub mod packs;
 mod script;
 
@@ -168,9 +169,27 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_router(
+        listener,
+        app(state),
+        &limits::HttpLimits::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// Serves `router` (the appliance's, maybe with test layers) under `limits`.
+pub async fn serve_router(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    limits: &limits::HttpLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = limits::LimitedListener::new(listener, limits).tap_io(|_| {});
     axum::serve(
         listener,
-        app(state).into_make_service_with_connect_info::<SocketAddr>(),
+        router.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)
     .await

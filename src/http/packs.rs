@@ -22,7 +22,13 @@ struct Pooled {
     buf: Vec<u8>,
     len: usize,
     pool: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// Its share of the bytes buffered at once, given back with the buffer.
+    _budget: tokio::sync::OwnedSemaphorePermit,
 }
+
+/// Buffers larger than this are not kept for reuse (the pool stays within
+/// `BUFFERS_KEPT_MAX` × this).
+const BUFFER_KEPT_BYTES_MAX: usize = 4 << 20;
 
 impl AsRef<[u8]> for Pooled {
     fn as_ref(&self) -> &[u8] {
@@ -33,7 +39,9 @@ impl AsRef<[u8]> for Pooled {
 impl Drop for Pooled {
     fn drop(&mut self) {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < crate::store::BUFFERS_KEPT_MAX {
+        if pool.len() < crate::store::BUFFERS_KEPT_MAX
+            && self.buf.capacity() <= BUFFER_KEPT_BYTES_MAX
+        {
             pool.push(std::mem::take(&mut self.buf));
         }
     }
@@ -108,6 +116,16 @@ pub async fn get(
             Err(never) => match never {},
         };
     }
+    // A bound on the bytes held for responses at once: stalled readers wait here instead of
+    // each pinning another buffer.
+    let Ok(budget) = st
+        .http_buffer_budget
+        .clone()
+        .acquire_many_owned(count as u32)
+        .await
+    else {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    };
     // Packs being served are hot in the page cache: the read is a copy, quicker than a hop to
     // the blocking pool and back. block_in_place keeps a cold read from stalling other tasks.
     let mut buf = st
@@ -128,6 +146,7 @@ pub async fn get(
         buf,
         len: count,
         pool: st.packs.buffers.clone(),
+        _budget: budget,
     });
     let mut resp = Response::new(Body::from(body));
     *resp.status_mut() = status;

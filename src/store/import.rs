@@ -166,18 +166,13 @@ pub fn import(
     let (frames, packs) = written?;
     let scan = scan?;
 
-    // Commit: packs first, the manifest last — the manifest's rename is the moment of visibility.
-    let mut new_stored_bytes = 0;
-    for pack in packs {
-        new_stored_bytes += pack.len();
-        pack.finish(store)?;
-    }
-    let version = store.issue_version(name)?;
-    let manifest = scan.to_manifest(
+    // The descriptive data, checked before anything becomes visible: a manifest past the
+    // format's limit would be refused by every reader.
+    let mut manifest = scan.to_manifest(
         &frames,
         Metadata {
             name: name.to_string(),
-            version,
+            version: 0,
             size,
             digest: digest.clone(),
             created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
@@ -188,6 +183,21 @@ pub fn import(
             chunking: options.chunking.describe(),
         },
     );
+    manifest
+        .check_encodable()
+        .map_err(|e| StoreError::BadInput {
+            path: path.to_path_buf(),
+            what: e.to_string(),
+        })?;
+
+    // Commit: packs first, the manifest last — the manifest's rename is the moment of visibility.
+    let mut new_stored_bytes = 0;
+    for pack in packs {
+        new_stored_bytes += pack.len();
+        pack.finish(store)?;
+    }
+    let version = store.issue_version(name)?;
+    manifest.meta.version = version;
     let dir = store.manifests_dir().join(name);
     if !dir.is_dir() {
         fs::create_dir(&dir).at(&dir)?;

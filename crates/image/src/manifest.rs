@@ -24,7 +24,13 @@ const ZERO_RUN: u32 = u32::MAX;
 const ENTRY_BYTES: usize = 64;
 const EXTENT_BYTES: usize = 12;
 /// Upper bound on a decoded body, so a hostile header cannot make us allocate without limit.
-const BODY_RAW_BYTES_MAX: u64 = 2 << 30;
+/// At 4 KiB chunks it is reached near 108 GiB of distinct data: [`Manifest::check_encodable`]
+/// refuses such an image at import, before anything is written.
+pub const BODY_RAW_BYTES_MAX: u64 = 2 << 30;
+/// Largest raw frame (the import's `--frame-size` is at most this).
+pub const FRAME_RAW_BYTES_MAX: u32 = 64 << 20;
+/// Largest stored frame: a zstd frame of [`FRAME_RAW_BYTES_MAX`] bytes can grow a little.
+pub const FRAME_STORED_BYTES_MAX: u32 = FRAME_RAW_BYTES_MAX + (FRAME_RAW_BYTES_MAX >> 7) + 4096;
 
 /// The metadata part of the descriptive data.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +121,16 @@ pub enum ManifestError {
     Checksum,
     #[error("manifest is corrupt: {0}")]
     Corrupt(String),
+    #[error(
+        "the image needs a manifest of {body} bytes ({entries} distinct chunks, {extents} map \
+         extents); format 1 holds at most {BODY_RAW_BYTES_MAX}: import it with a larger \
+         --chunk-size (fewer, larger chunks)"
+    )]
+    TooLarge {
+        body: u64,
+        entries: u64,
+        extents: u64,
+    },
 }
 
 fn corrupt(msg: impl Into<String>) -> ManifestError {
@@ -132,6 +148,29 @@ impl Manifest {
     }
 
     /// Encodes the manifest (header + zstd-compressed body).
+    /// Fails if the encoded body would pass [`BODY_RAW_BYTES_MAX`] (decoders refuse it), with
+    /// what to do about it.
+    pub fn check_encodable(&self) -> Result<(), ManifestError> {
+        let body = self.body_bytes();
+        if body > BODY_RAW_BYTES_MAX {
+            return Err(ManifestError::TooLarge {
+                body,
+                entries: self.entries.len() as u64,
+                extents: self.extents.len() as u64,
+            });
+        }
+        Ok(())
+    }
+
+    /// Length of the encoded body, before compression.
+    pub fn body_bytes(&self) -> u64 {
+        let meta = serde_json::to_vec(&self.meta).map_or(0, |m| m.len() as u64);
+        32 + meta
+            + self.packs.len() as u64 * 16
+            + self.entries.len() as u64 * ENTRY_BYTES as u64
+            + self.extents.len() as u64 * EXTENT_BYTES as u64
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let meta = serde_json::to_vec(&self.meta).expect("metadata serializes");
         let mut body = Vec::with_capacity(
@@ -268,7 +307,30 @@ impl Manifest {
             {
                 return Err(corrupt(format!("entry {i} lies outside its frame")));
             }
+            if e.frame_stored == 0
+                || e.frame_raw > FRAME_RAW_BYTES_MAX
+                || e.frame_stored > FRAME_STORED_BYTES_MAX
+                || (!e.is_zstd() && e.frame_stored != e.frame_raw)
+                || e.flags & !FLAG_ZSTD != 0
+            {
+                return Err(corrupt(format!(
+                    "entry {i}: frame of {} stored / {} raw bytes, flags {:#x}, is out of bounds",
+                    e.frame_stored, e.frame_raw, e.flags
+                )));
+            }
             entries.push(e);
+        }
+        // Entries in one frame must agree on what the frame is: a reader fetches it once.
+        let mut frames: std::collections::HashMap<(u32, u64), (u32, u32, u32)> =
+            std::collections::HashMap::with_capacity(entries.len() / 8);
+        for (i, e) in entries.iter().enumerate() {
+            let shape = (e.frame_stored, e.frame_raw, e.flags);
+            if *frames.entry((e.pack, e.frame_offset)).or_insert(shape) != shape {
+                return Err(corrupt(format!(
+                    "entry {i} disagrees with another entry on the size of frame {} of pack {}",
+                    e.frame_offset, e.pack
+                )));
+            }
         }
 
         let extent_count = r.u64()?;
@@ -481,6 +543,87 @@ mod tests {
             Manifest::decode(&newer),
             Err(ManifestError::UnsupportedVersion(2))
         ));
+    }
+
+    /// Issue 8, item 14: inconsistent or out-of-bounds frames are refused by decode (the agent
+    /// validates every manifest it receives this way), never left to panic a reader.
+    #[test]
+    fn rejects_inconsistent_and_oversized_frames() {
+        type Damage = Box<dyn Fn(&mut Manifest)>;
+        let bad: Vec<(&str, Damage)> = vec![
+            (
+                "frame sizes disagree",
+                Box::new(|m| m.entries[1].frame_stored = 99),
+            ),
+            (
+                "raw sizes disagree",
+                Box::new(|m| m.entries[1].frame_raw = 4096 * 3),
+            ),
+            (
+                "stored size 0",
+                Box::new(|m| {
+                    for e in &mut m.entries {
+                        e.frame_stored = 0;
+                    }
+                }),
+            ),
+            (
+                "raw past the limit",
+                Box::new(|m| {
+                    for e in &mut m.entries {
+                        e.frame_raw = FRAME_RAW_BYTES_MAX + 1;
+                    }
+                }),
+            ),
+            (
+                "stored past the limit",
+                Box::new(|m| {
+                    for e in &mut m.entries {
+                        e.frame_stored = u32::MAX;
+                    }
+                }),
+            ),
+            (
+                "raw frame stored at another size",
+                Box::new(|m| {
+                    for e in &mut m.entries {
+                        e.flags = 0;
+                    }
+                }),
+            ),
+            (
+                "unknown flag",
+                Box::new(|m| {
+                    for e in &mut m.entries {
+                        e.flags |= 0x80;
+                    }
+                }),
+            ),
+        ];
+        for (what, damage) in bad {
+            let mut m = sample();
+            damage(&mut m);
+            assert!(
+                matches!(
+                    Manifest::decode(&m.encode()),
+                    Err(ManifestError::Corrupt(_))
+                ),
+                "{what} was accepted"
+            );
+        }
+    }
+
+    /// Issue 8, item 16: an image whose manifest would pass the format's limit is refused
+    /// before it is written (decoders would refuse it, and gc with them).
+    #[test]
+    fn a_manifest_past_the_body_limit_is_refused_before_it_is_written() {
+        let mut m = sample();
+        assert!(m.check_encodable().is_ok());
+        let n = (BODY_RAW_BYTES_MAX / ENTRY_BYTES as u64) as usize + 1;
+        m.entries = vec![m.entries[0]; n];
+        let e = m.check_encodable().unwrap_err();
+        assert!(matches!(e, ManifestError::TooLarge { .. }));
+        assert!(e.to_string().contains("--chunk-size"), "{e}");
     }
 
     #[test]
