@@ -1,6 +1,6 @@
 //! IPv6 router advertisements on the provisioning interface (`router_advertisements: true`).
 //!
-//! Debian's iPXE waits ~12 s on "Configuring" when no IPv6 router answers (PXE-LAB.md). A
+//! Debian's iPXE waits ~12 s on "Configuring" when no IPv6 router answers (docs/firmware.md). A
 //! minimal advertisement — router lifetime 0 (not a default router), no prefix, no managed or
 //! other-config flags — tells it at once that IPv6 has nothing to offer here. Sent to all nodes
 //! every few seconds and in answer to every router solicitation, only on the configured interface.

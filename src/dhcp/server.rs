@@ -374,7 +374,7 @@ impl DhcpServer {
         })
     }
 
-    /// Boot file, next server and the vendor options each kind of firmware needs (PXE-LAB.md).
+    /// Boot file, next server and the vendor options each kind of firmware needs (docs/firmware.md).
     fn add_boot(
         &self,
         rep: &mut dhcproto::v4::Message,

@@ -1,7 +1,7 @@
 //! `cargo xtask bench serve`: fleetboot's DHCP, TFTP and HTTP services against the usual servers,
 //! in one run, on a veth pair between two network namespaces the benchmark creates and removes.
 //!
-//! The way of measuring follows shared/BENCH.md:
+//! The way of measuring follows docs/benchmark-method.md:
 //!
 //! - DHCP: full DORA exchanges per second with ISC's `perfdhcp`, single-threaded, acting as a relay
 //!   agent (`-4 -g single -l IFACE -r 40000 -p 10 -R N -M macs.txt`), against fleetboot (full mode,
@@ -59,7 +59,7 @@ const PACK_SOURCE_BYTES: usize = 40 << 20;
 /// The range read over HTTP (1 MiB), as `first-last`.
 const RANGE: (u64, u64) = (1 << 20, (2 << 20) - 1);
 
-/// What BENCH.md measured here for the other servers, for the reader to check the set-up against.
+/// What docs/benchmark-method.md measured here for the other servers, for the reader to check the set-up against.
 const REF_KEA: &str = "23,000–27,000/s";
 const REF_DNSMASQ: &str = "8,700–12,000/s";
 const REF_DNSMASQ_RO: &str = "~14,500/s";
@@ -418,7 +418,7 @@ fn write_random(path: &Path, len: usize, seed: u64) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // The network: two namespaces joined by a veth pair, and the daemons started in them.
 
-/// A server namespace and a client namespace joined by a veth pair (as BENCH.md measured: no
+/// A server namespace and a client namespace joined by a veth pair (as docs/benchmark-method.md says: no
 /// bridge between them). Everything in them is killed and both are deleted on drop.
 struct Net {
     srv: String,
@@ -677,7 +677,7 @@ struct DhcpServer {
     label: &'static str,
     /// Names its logs.
     slug: &'static str,
-    /// BENCH.md's figure for it.
+    /// The reference figure for it.
     reference: &'static str,
 }
 
@@ -1515,7 +1515,7 @@ fn report(
         s,
         "{cores} cores; load average {} before, {} after. Servers in one network namespace, clients \
          in another, joined by a veth pair; every server in the same run, one at a time, measured \
-         as shared/BENCH.md says.{}",
+         as docs/benchmark-method.md says.{}",
         machine.loadavg_before,
         machine.loadavg_after,
         if options.quick {
@@ -1567,7 +1567,7 @@ fn report(
     writeln!(s)?;
     writeln!(
         s,
-        "| server | DORA/s | drops DISCOVER-OFFER | drops REQUEST-ACK | server CPU | leases on disk | BENCH.md | fleetboot ÷ it |"
+        "| server | DORA/s | drops DISCOVER-OFFER | drops REQUEST-ACK | server CPU | leases on disk | reference (docs/benchmark-method.md) | fleetboot ÷ it |"
     )?;
     writeln!(s, "|---|---:|---:|---:|---:|---:|---|---:|")?;
     for (i, run) in dhcp.iter().enumerate() {
@@ -1619,7 +1619,7 @@ fn report(
     writeln!(s)?;
     writeln!(
         s,
-        "| server | curl blksize 1468 (s) | atftp windowsize 16 (s) | BENCH.md | fleetboot speed ÷ its: curl | atftp |"
+        "| server | curl blksize 1468 (s) | atftp windowsize 16 (s) | reference (docs/benchmark-method.md) | fleetboot speed ÷ its: curl | atftp |"
     )?;
     writeln!(s, "|---|---:|---:|---|---:|---:|")?;
     for (i, run) in tftp.iter().enumerate() {

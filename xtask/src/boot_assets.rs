@@ -91,7 +91,7 @@ fn sha256_of(path: &Path) -> Result<String> {
 
 /// Builds `fleetboot-localboot.efi`: a standalone GRUB (Debian's grub-efi-amd64-bin) that finds
 /// the disk holding `\EFI\BOOT\BOOTX64.EFI` and chainloads it. Under UEFI, iPXE's `exit` leaves
-/// OVMF in its setup menu (PXE-LAB.md); this is how the local-disk script boots the disk.
+/// OVMF in its setup menu (docs/firmware.md); this is how the local-disk script boots the disk.
 fn local_boot_efi(dir: &Path) -> Result<()> {
     crate::setup::apt_install(&[
         ("grub-efi-amd64-bin", "/usr/lib/grub/x86_64-efi/chain.mod"),
