@@ -343,7 +343,7 @@ impl FleetState {
                     t
                 ],
             )?;
-            log(&tx, t, mac, "agent-booted", Some(&image.to_string()))?;
+            log(&tx, t, Some(mac), "agent-booted", Some(&image.to_string()), self.limits.events_max)?;
             tx.commit()
         })
     }
@@ -388,7 +388,14 @@ impl FleetState {
                     t
                 ],
             )?;
-            log(&tx, t, mac, "installed", Some(&image))?;
+            log(
+                &tx,
+                t,
+                Some(mac),
+                "installed",
+                Some(&image),
+                self.limits.events_max,
+            )?;
             tx.commit()
         })
     }
@@ -405,7 +412,14 @@ impl FleetState {
                  WHERE mac = ?1",
                 params![mac.to_string(), reason, t],
             )?;
-            log(&tx, t, mac, "failed", Some(reason))?;
+            log(
+                &tx,
+                t,
+                Some(mac),
+                "failed",
+                Some(reason),
+                self.limits.events_max,
+            )?;
             tx.commit()
         })
     }
@@ -511,13 +525,7 @@ impl FleetState {
         detail: Option<&str>,
     ) -> Result<(), StateError> {
         let t = now();
-        self.wrap(|db| {
-            db.execute(
-                "INSERT INTO events (ts, mac, kind, detail) VALUES (?1, ?2, ?3, ?4)",
-                params![t, mac.map(|m| m.to_string()), kind, detail],
-            )?;
-            prune_events(db, self.limits.events_max)
-        })
+        self.wrap(|db| log(db, t, mac, kind, detail, self.limits.events_max))
     }
 
     /// The newest `limit` events, newest first.
@@ -538,18 +546,20 @@ impl FleetState {
     }
 }
 
+/// Appends an event and prunes the log to its newest `events_max`.
 fn log(
     db: &Connection,
     t: i64,
-    mac: Mac,
+    mac: Option<Mac>,
     kind: &str,
     detail: Option<&str>,
+    events_max: u64,
 ) -> rusqlite::Result<()> {
     db.execute(
         "INSERT INTO events (ts, mac, kind, detail) VALUES (?1, ?2, ?3, ?4)",
-        params![t, mac.to_string(), kind, detail],
+        params![t, mac.map(|m| m.to_string()), kind, detail],
     )?;
-    prune_events(db, Limits::default().events_max)
+    prune_events(db, events_max)
 }
 
 /// Keeps the newest `max` events (ids grow with time; the range delete uses the primary key).
