@@ -145,8 +145,14 @@ enum StoreCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove data no image uses.
-    Gc,
+    /// Remove data no image uses. Packs taken out of use are kept readable for a grace period
+    /// (installs and exports that began before gc still read them) and deleted by a later gc.
+    Gc {
+        /// How long a retired pack stays readable before a gc deletes it, e.g. 4h, 30m, 0s
+        /// (0s frees the space at once: only when nothing is installing from the store).
+        #[arg(long, default_value = "4h", value_parser = humantime::parse_duration)]
+        grace: std::time::Duration,
+    },
     /// Logical and stored bytes, dedup and compression ratios.
     Stats {
         #[arg(long)]
@@ -477,15 +483,24 @@ fn store_cmd(store: &Store, command: StoreCommand) -> Result<()> {
                 println!("store is intact");
             }
         }
-        StoreCommand::Gc => {
-            let r = store.gc()?;
+        StoreCommand::Gc { grace } => {
+            let r = store.gc_with_grace(grace)?;
             println!(
-                "removed {} pack(s), rewrote {} pack(s) and {} manifest(s), freed {}",
+                "retired {} unused pack(s), rewrote {} pack(s) and {} manifest(s); freed {} ({} retired pack(s) past their grace period)",
                 r.packs_removed,
                 r.packs_rewritten,
                 r.manifests_rewritten,
-                human(r.bytes_freed)
+                human(r.bytes_freed),
+                r.retired_deleted,
             );
+            if r.retired_waiting > 0 {
+                println!(
+                    "{} retired pack(s), {}, stay readable for installs in flight; a gc after {} frees them (--grace 0s: now)",
+                    r.retired_waiting,
+                    human(r.bytes_waiting),
+                    humantime::format_duration(grace)
+                );
+            }
         }
         StoreCommand::Stats { json } => {
             let s = store.stats()?;
@@ -510,6 +525,13 @@ fn store_cmd(store: &Store, command: StoreCommand) -> Result<()> {
                 s.pack_files,
                 human(s.manifest_bytes)
             );
+            if s.retired_packs > 0 {
+                println!(
+                    "retired         {} in {} packs (readable until a gc after their grace period)",
+                    human(s.retired_bytes),
+                    s.retired_packs
+                );
+            }
             println!("dedup ratio     {:.2}", s.dedup_ratio);
             println!("compression     {:.2}", s.compression_ratio);
             println!("overall ratio   {:.2}", s.total_ratio);

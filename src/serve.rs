@@ -93,6 +93,7 @@ pub async fn run(options: ServeOptions) -> Result<()> {
         tracing::info!(%interface, "sending IPv6 router advertisements");
     }
     tokio::spawn(reload_loop(state.clone(), options.config.clone()));
+    tokio::spawn(close_deleted_packs(state.clone()));
     match http.await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e).context("HTTP server failed"),
@@ -110,6 +111,21 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
     }
     tracing::info!("shutting down");
+}
+
+/// How often kept-open pack files are checked for deletion by gc.
+const DELETED_PACKS_CHECK: Duration = Duration::from_secs(30);
+
+/// Lets go of pack files gc deleted, so their space is freed (see `PackFiles::drop_deleted`).
+async fn close_deleted_packs(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(DELETED_PACKS_CHECK);
+    loop {
+        tick.tick().await;
+        let closed = state.packs.drop_deleted();
+        if closed > 0 {
+            tracing::info!(closed, "closed pack files that gc deleted");
+        }
+    }
 }
 
 /// Reloads on SIGHUP, and when the file's modification time changes (checked every second).

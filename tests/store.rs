@@ -496,16 +496,74 @@ fn gc_frees_what_no_image_uses_and_keeps_the_rest() {
     env.ok(&["image", "rm", "a"]);
     env.ok(&["image", "rm", "b@1"]);
     let report = env.ok(&["store", "gc"]);
-    assert!(report.contains("removed 1 pack"), "{report}");
-    let after = env.json(&["store", "stats", "--json"])["pack_bytes"]
-        .as_u64()
-        .unwrap();
-    assert!(after < before, "gc freed nothing: {before} -> {after}");
+    assert!(report.contains("retired 1 unused pack"), "{report}");
+    let stats = env.json(&["store", "stats", "--json"]);
+    let after = stats["pack_bytes"].as_u64().unwrap();
+    assert!(
+        after < before,
+        "gc took nothing out of use: {before} -> {after}"
+    );
+    // Retired, not yet deleted: an install that loaded a's manifest before gc can finish.
+    let retired = stats["retired_bytes"].as_u64().unwrap();
+    assert!(retired > 0 && retired_dir_bytes(&env) == retired, "{stats}");
+    assert!(report.contains("stay readable"), "{report}");
+    // A second gc within the grace period keeps them; past it (here: none) they go.
+    env.ok(&["store", "gc"]);
+    assert_eq!(retired_dir_bytes(&env), retired);
+    let report = env.ok(&["store", "gc", "--grace", "0s"]);
+    assert!(report.contains("past their grace period"), "{report}");
+    assert_eq!(retired_dir_bytes(&env), 0, "{report}");
     assert_eq!(env.export("c"), c, "c shares b's data, which must survive");
     env.ok(&["store", "verify"]);
     assert!(env
         .fails(&["image", "export", "a", env.path("x").to_str().unwrap()])
         .contains("no image"));
+}
+
+/// Bytes of the packs gc retired.
+fn retired_dir_bytes(env: &Env) -> u64 {
+    std::fs::read_dir(env.path("store/retired"))
+        .map(|d| d.map(|e| e.unwrap().metadata().unwrap().len()).sum())
+        .unwrap_or(0)
+}
+
+/// Issue 8, item 12: verify takes no lock, so it runs beside gc. A pack that gc retires or
+/// deletes while verify reads the store must not be reported as damage.
+#[test]
+fn verify_beside_gc_reports_no_false_damage() {
+    let env = Env::new();
+    let store = fleetboot::store::Store::new(env.path("store"));
+    let keep = synthetic_image(61, 300, 0);
+    env.import("keep", &env.write("keep.img", &keep));
+    let churn: Vec<_> = (0..2)
+        .map(|i| env.write(&format!("churn{i}.img"), &synthetic_image(62 + i, 600, 0)))
+        .collect();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut verifies = 0;
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            for round in 0..12 {
+                env.import("churn", &churn[round % 2]);
+                store.remove(&"churn".parse().unwrap()).unwrap();
+                // Alternately keep retired packs and delete them at once.
+                let grace = if round % 2 == 0 {
+                    Duration::ZERO
+                } else {
+                    Duration::from_secs(3600)
+                };
+                store.gc_with_grace(grace).unwrap();
+            }
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let r = store.verify().unwrap();
+            assert!(r.ok(), "false damage while gc ran: {:?}", r.damaged_images);
+            verifies += 1;
+        }
+        writer.join().unwrap();
+    });
+    eprintln!("{verifies} verify passes beside 12 import/rm/gc rounds");
+    assert_eq!(env.export("keep"), keep);
 }
 
 /// Kills that must land while an import runs, and the most rounds tried to get them.
@@ -525,7 +583,7 @@ fn kill_9_during_import_never_damages_the_store() {
     env.import("probe", &pbig);
     let full = t.elapsed();
     env.ok(&["image", "rm", "probe"]);
-    env.ok(&["store", "gc"]);
+    env.ok(&["store", "gc", "--grace", "0s"]);
 
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -33,6 +33,21 @@ fn image(seed: u32, changed: &[usize]) -> Vec<u8> {
     img
 }
 
+/// Runs on the store before the first pack request is answered.
+type PackHook = Box<dyn FnOnce(&Store) + Send>;
+
+/// 4 MiB that shares nothing with other seeds (xorshift).
+fn random(mut x: u64) -> Vec<u8> {
+    (0..4 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 struct Appliance {
     dir: tempfile::TempDir,
     url: String,
@@ -54,12 +69,28 @@ impl Appliance {
     /// The same, and the first `failing` pack requests get 503 (an appliance restarting, or a
     /// proxy losing its upstream, in the middle of an install).
     fn start_with(versions: &[Vec<u8>], delay: std::time::Duration, failing: usize) -> Appliance {
+        Self::start_full(versions, delay, failing, None)
+    }
+
+    /// The same, and `hook` runs on the store just before the first pack request is answered
+    /// (an operator acting on the store while a machine installs from it).
+    fn start_full(
+        versions: &[Vec<u8>],
+        delay: std::time::Duration,
+        failing: usize,
+        hook: Option<PackHook>,
+    ) -> Appliance {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path().join("store"));
         for (i, v) in versions.iter().enumerate() {
             let p = dir.path().join(format!("v{i}.img"));
             std::fs::write(&p, v).unwrap();
-            import(&store, "os", &p, &Default::default(), &|_, _| {}).unwrap();
+            // Frames of 256 KiB, so a 4 MiB image has several (gc works frame by frame).
+            let options = fleetboot::store::ImportOptions {
+                frame_bytes: 256 << 10,
+                ..Default::default()
+            };
+            import(&store, "os", &p, &options, &|_, _| {}).unwrap();
         }
         let runtime = tokio::runtime::Runtime::new().unwrap();
         // The port is chosen now and listened on after the delay.
@@ -71,11 +102,23 @@ impl Appliance {
         let config = write_config(dir.path(), "os@1");
         let state = AppState::new(config, url.clone(), None).unwrap();
         let failures = Arc::new(std::sync::atomic::AtomicUsize::new(failing));
+        let hook = Arc::new(std::sync::Mutex::new(hook));
+        let hook_store = state.store.clone();
         let router = app(state.clone()).layer(axum::middleware::from_fn(
             move |req: axum::extract::Request, next: axum::middleware::Next| {
                 let failures = failures.clone();
+                let hook = hook.clone();
+                let hook_store = hook_store.clone();
                 async move {
                     let pack = req.uri().path().starts_with("/store/packs/");
+                    let run = if pack {
+                        hook.lock().unwrap().take()
+                    } else {
+                        None
+                    };
+                    if let Some(run) = run {
+                        run(&hook_store);
+                    }
                     let fail = pack
                         && failures
                             .fetch_update(
@@ -206,16 +249,6 @@ fn installs_then_reinstalls_moving_only_what_changed() {
 #[test]
 fn a_failed_install_leaves_the_disk_unknown_until_a_verified_install() {
     // Content that shares nothing, so os@2 has packs of its own to damage.
-    let random = |mut x: u64| -> Vec<u8> {
-        (0..4 << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    };
     let (v1, v2) = (random(11), random(12));
     let app = Appliance::start(&[v1.clone(), v2.clone()]);
     let target = app.dir.path().join("disk.img");
@@ -263,6 +296,88 @@ fn a_failed_install_leaves_the_disk_unknown_until_a_verified_install() {
         report(&out).bytes_reused > 0,
         "what was still intact on the disk was reused"
     );
+}
+
+/// Issue 8, item 12: the operator removes the old version and runs gc while a machine installs
+/// the new one. gc rewrites the pack both versions shared (the new image's manifest now names a
+/// new pack), but the agent holds the manifest from before gc and asks for the old pack: it must
+/// still be served, and the install finish. Once gc deletes it, serve must let go of its handle.
+#[test]
+fn gc_during_an_install_neither_breaks_it_nor_keeps_deleted_packs_open() {
+    // os@2 keeps the first quarter of os@1: with os@1 gone, its pack is mostly unused.
+    let v1 = random(21);
+    let mut v2 = random(22);
+    v2[..1 << 20].copy_from_slice(&v1[..1 << 20]);
+    let gc_report = Arc::new(std::sync::Mutex::new(None));
+    let gc_done = gc_report.clone();
+    let hook: PackHook = Box::new(move |store: &Store| {
+        store.remove(&"os@1".parse().unwrap()).unwrap();
+        *gc_done.lock().unwrap() = Some(store.gc().unwrap());
+    });
+    let app = Appliance::start_full(
+        &[v1.clone(), v2.clone()],
+        std::time::Duration::ZERO,
+        0,
+        Some(hook),
+    );
+    app.assign("os@2");
+    let packs_before = app.state.store.packs().unwrap();
+    let target = app.dir.path().join("disk.img");
+    let out = app.deploy(&target);
+    let gc = gc_report
+        .lock()
+        .unwrap()
+        .take()
+        .expect("gc ran during the install");
+    assert!(
+        gc.packs_rewritten >= 1,
+        "gc rewrote the pack the install was reading: {gc:?}"
+    );
+    assert!(
+        out.status.success(),
+        "the install that began before gc finished: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&target).unwrap(), v2);
+    assert_eq!(app.status().1.as_deref(), Some("os@2"));
+    assert!(app
+        .state
+        .store
+        .packs()
+        .unwrap()
+        .iter()
+        .any(|p| !packs_before.contains(p)));
+
+    // The agent read a retired pack: serve holds it open. Past its grace period gc deletes it,
+    // and serve closes it, so the space is freed.
+    let open_before = app.state.packs.open_count();
+    let freed = app
+        .state
+        .store
+        .gc_with_grace(std::time::Duration::ZERO)
+        .unwrap();
+    assert!(freed.retired_deleted >= 1, "{freed:?}");
+    assert!(app.state.store.retired_packs().unwrap().is_empty());
+    assert!(
+        deleted_packs_held_open() >= 1,
+        "the handle pinned the space"
+    );
+    assert!(app.state.packs.drop_deleted() >= 1);
+    assert_eq!(deleted_packs_held_open(), 0);
+    assert!(app.state.packs.open_count() < open_before);
+    assert!(app.state.store.verify().unwrap().ok());
+}
+
+/// Open file descriptors of this process on deleted pack files.
+fn deleted_packs_held_open() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| {
+            let t = t.to_string_lossy();
+            t.contains(".pack") && t.ends_with("(deleted)")
+        })
+        .count()
 }
 
 #[test]

@@ -108,7 +108,11 @@ pub async fn get(
     let count = (end - start + 1) as usize;
     if count > BUFFERED_BYTES_MAX {
         use tower::ServiceExt;
-        return match tower_http::services::ServeFile::new(st.store.pack_path(&id))
+        let mut path = st.store.pack_path(&id);
+        if !path.exists() {
+            path = st.store.retired_pack_path(&id);
+        }
+        return match tower_http::services::ServeFile::new(path)
             .oneshot(req)
             .await
         {

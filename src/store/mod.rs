@@ -7,6 +7,8 @@
 //! STORE/packs/<id>.pack          immutable pack files: zstd frames of chunks, appended once
 //! STORE/manifests/<name>/<N>.manifest   descriptive data of image NAME@N
 //! STORE/versions/<name>          the last version number issued for NAME (never reused)
+//! STORE/retired/<id>.pack        packs gc took out of use, still readable by installs that
+//!                                began before it; deleted by a gc after the grace period
 //! STORE/tmp/                     files being written; renamed into place only when complete
 //! ```
 //! Invariants: a pack or manifest is visible only when complete (temp + fsync + rename); packs are
@@ -37,6 +39,7 @@ use fleetboot_image::{Manifest, ManifestError, PackId};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 /// Contents of the marker file that makes a folder a store.
 const MARKER: &str = "fleetboot store, format 1\n";
@@ -125,9 +128,28 @@ impl Store {
     fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
     }
+    fn retired_dir(&self) -> PathBuf {
+        self.root.join("retired")
+    }
     /// The path of a pack file.
     pub fn pack_path(&self, id: &PackId) -> PathBuf {
         self.packs_dir().join(id.file_name())
+    }
+    /// Where a pack that gc retired waits out its grace period.
+    pub fn retired_pack_path(&self, id: &PackId) -> PathBuf {
+        self.retired_dir().join(id.file_name())
+    }
+
+    /// Opens pack `id` for reading: from `packs/`, or from `retired/` if gc has taken it out of
+    /// use since the reader loaded its manifest (readers take no lock; a retired pack stays
+    /// readable for the grace period, so an install or export that began before gc finishes).
+    pub fn open_pack(&self, id: &PackId) -> io::Result<File> {
+        match File::open(self.pack_path(id)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                File::open(self.retired_pack_path(id)).map_err(|_| e)
+            }
+            other => other,
+        }
     }
     /// The path of the manifest of `name@version` (the name must be valid).
     pub fn manifest_path(&self, name: &str, version: u32) -> PathBuf {
@@ -171,6 +193,7 @@ impl Store {
             self.manifests_dir(),
             self.versions_dir(),
             self.tmp_dir(),
+            self.retired_dir(),
         ] {
             fs::create_dir_all(&dir).at(&dir)?;
         }
@@ -277,17 +300,23 @@ impl Store {
     /// Pack files present in `packs/`, with their sizes.
     pub fn packs(&self) -> Result<Vec<(PackId, u64)>, StoreError> {
         self.check_exists()?;
-        let dir = self.packs_dir();
-        let mut out = Vec::new();
-        for entry in fs::read_dir(&dir).at(&dir)? {
-            let entry = entry.at(&dir)?;
-            let file = entry.file_name().to_string_lossy().into_owned();
-            let Some(Ok(id)) = file.strip_suffix(".pack").map(str::parse::<PackId>) else {
-                continue;
-            };
-            out.push((id, entry.metadata().at(&entry.path())?.len()));
+        pack_files_in(&self.packs_dir())
+    }
+
+    /// Packs gc retired, with their sizes and when they were retired (a store made before
+    /// `retired/` existed has none).
+    pub fn retired_packs(&self) -> Result<Vec<(PackId, u64, SystemTime)>, StoreError> {
+        self.check_exists()?;
+        let dir = self.retired_dir();
+        if !dir.is_dir() {
+            return Ok(Vec::new());
         }
-        out.sort();
+        let mut out = Vec::new();
+        for (id, len) in pack_files_in(&dir)? {
+            let path = self.retired_pack_path(&id);
+            let when = fs::metadata(&path).and_then(|m| m.modified()).at(&path)?;
+            out.push((id, len, when));
+        }
         Ok(out)
     }
 
@@ -363,10 +392,25 @@ fn is_empty_dir(dir: &Path) -> Result<bool, StoreError> {
         let name = entry.at(dir)?.file_name();
         if !matches!(
             name.to_str(),
-            Some("lock" | "packs" | "manifests" | "versions" | "tmp")
+            Some("lock" | "packs" | "manifests" | "versions" | "tmp" | "retired")
         ) {
             return Ok(false);
         }
     }
     Ok(true)
+}
+
+/// `*.pack` files in `dir`, with their sizes, sorted.
+fn pack_files_in(dir: &Path) -> Result<Vec<(PackId, u64)>, StoreError> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).at(dir)? {
+        let entry = entry.at(dir)?;
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some(Ok(id)) = file.strip_suffix(".pack").map(str::parse::<PackId>) else {
+            continue;
+        };
+        out.push((id, entry.metadata().at(&entry.path())?.len()));
+    }
+    out.sort();
+    Ok(out)
 }

@@ -88,7 +88,7 @@ impl LocalPacks {
         if let Some(f) = open.get(pack) {
             return Ok(f.clone());
         }
-        let f = Arc::new(File::open(self.store.pack_path(pack))?);
+        let f = Arc::new(self.store.open_pack(pack)?);
         open.insert(*pack, f.clone());
         Ok(f)
     }

@@ -1,10 +1,14 @@
 //! Pack files kept open for serving by range (packs are immutable, so a handle stays valid),
 //! and the read buffers the HTTP side circulates.
+//!
+//! A handle outlives gc's moves (a retired pack is the same file), but would keep a deleted
+//! pack's space allocated: `drop_deleted` (run periodically by `serve`) lets those go.
 
 use super::Store;
 use fleetboot_image::PackId;
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex};
 
 /// Buffers kept for reuse.
@@ -26,8 +30,7 @@ impl PackFiles {
         if let Some(f) = files.get(id) {
             return Some(f.clone());
         }
-        let path = store.pack_path(id);
-        let file = File::open(&path).ok()?;
+        let file = store.open_pack(id).ok()?;
         let len = file.metadata().ok()?.len();
         let entry = Arc::new((file, len));
         if files.len() > FILES_KEPT_MAX {
@@ -35,5 +38,19 @@ impl PackFiles {
         }
         files.insert(*id, entry.clone());
         Some(entry)
+    }
+
+    /// Closes the kept handles of packs deleted since they were opened (no link left), so their
+    /// space is freed once the requests still reading them finish. Returns how many.
+    pub fn drop_deleted(&self) -> usize {
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let before = files.len();
+        files.retain(|_, f| f.0.metadata().is_ok_and(|m| m.nlink() > 0));
+        before - files.len()
+    }
+
+    /// How many pack files are held open.
+    pub fn open_count(&self) -> usize {
+        self.files.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }

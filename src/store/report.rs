@@ -38,6 +38,9 @@ pub struct StoreStats {
     pub manifest_bytes: u64,
     /// pack_bytes + manifest_bytes.
     pub stored_bytes: u64,
+    /// Packs gc retired that wait out their grace period (not counted in stored_bytes).
+    pub retired_packs: usize,
+    pub retired_bytes: u64,
     /// data_bytes / unique_bytes.
     pub dedup_ratio: f64,
     /// unique_bytes / pack_bytes.
@@ -134,6 +137,7 @@ impl Store {
             }
         }
         let pack_bytes: u64 = packs.iter().map(|(_, n)| n).sum();
+        let retired = self.retired_packs()?;
         let stored_bytes = pack_bytes + manifest_bytes;
         let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         let names: HashSet<&str> = all.iter().map(|(v, _)| v.name.as_str()).collect();
@@ -148,6 +152,8 @@ impl Store {
             pack_bytes,
             manifest_bytes,
             stored_bytes,
+            retired_packs: retired.len(),
+            retired_bytes: retired.iter().map(|(_, n, _)| n).sum(),
             dedup_ratio: ratio(data_bytes, unique_bytes),
             compression_ratio: ratio(unique_bytes, pack_bytes),
             total_ratio: ratio(logical_bytes, stored_bytes),

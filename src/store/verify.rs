@@ -3,6 +3,10 @@
 //! Each frame is read once, decompressed, and every chunk any manifest places in it is hashed and
 //! compared with its id. Damage is reported by chunk and by the images it affects; pack files no
 //! manifest refers to (left by an interrupted writer before gc) are listed but are not damage.
+//!
+//! verify takes no lock, so gc may run beside it: a pack gc retired is read from `retired/`, and a
+//! pack that is gone altogether is damage only if a manifest visible after the pass still names
+//! it (otherwise a writer changed the store under verify, which is not damage).
 
 use super::pack::{PACK_HEADER_BYTES, PACK_MAGIC};
 use super::{Store, StoreError};
@@ -58,6 +62,13 @@ impl Store {
             report.images_checked += 1;
             let m = match self.load_manifest(&v.path) {
                 Ok(m) => m,
+                // Removed (by `image rm`) since the listing: not damage, not checked.
+                Err(StoreError::Io { error, .. })
+                    if error.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    report.images_checked -= 1;
+                    continue;
+                }
                 Err(e) => {
                     report
                         .damaged_images
@@ -105,7 +116,7 @@ impl Store {
             }
         }
 
-        let packs: HashMap<PackId, u64> = self.packs()?.into_iter().collect();
+        let mut packs: HashMap<PackId, u64> = self.packs()?.into_iter().collect();
         let referenced: BTreeSet<PackId> = frames.keys().map(|(p, _)| *p).collect();
         report.unreferenced_packs = packs
             .keys()
@@ -113,10 +124,20 @@ impl Store {
             .map(|p| p.to_string())
             .collect();
         report.unreferenced_packs.sort();
+        // Packs gc retired after this pass loaded its manifests are still readable.
+        for (id, len, _) in self.retired_packs()? {
+            packs.entry(id).or_insert(len);
+        }
 
         let mut bad_headers = BTreeSet::new();
+        let vanished: Mutex<BTreeSet<PackId>> = Mutex::new(BTreeSet::new());
         for p in &referenced {
-            if packs.contains_key(p) && !header_ok(&self.pack_path(p)) {
+            if !packs.contains_key(p) {
+                vanished
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(*p);
+            } else if !header_ok(self.open_pack(p)) {
                 bad_headers.insert(*p);
             }
         }
@@ -156,9 +177,15 @@ impl Store {
                         }
                         let file = match open.get(&f.pack) {
                             Some(file) => file,
-                            None => match File::open(self.pack_path(&f.pack)) {
+                            None => match self.open_pack(&f.pack) {
                                 Ok(file) => open.entry(f.pack).or_insert(file),
                                 Err(e) => {
+                                    if e.kind() == std::io::ErrorKind::NotFound {
+                                        vanished
+                                            .lock()
+                                            .unwrap_or_else(|p| p.into_inner())
+                                            .insert(f.pack);
+                                    }
                                     bad(format!("pack {}: {e}", f.pack));
                                     continue;
                                 }
@@ -211,7 +238,16 @@ impl Store {
         report.frames_checked = frames_checked;
         report.chunks_checked = chunks_checked;
         report.bytes_checked = bytes_checked;
-        for (i, id, why) in damage.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        let mut damage = damage.into_inner().unwrap_or_else(|p| p.into_inner());
+        let vanished = vanished.into_inner().unwrap_or_else(|p| p.into_inner());
+        if !vanished.is_empty() {
+            let named_now = self.packs_named_now()?;
+            damage.retain(|(i, _, _)| {
+                let pack = frames[*i].pack;
+                !vanished.contains(&pack) || named_now.contains(&pack)
+            });
+        }
+        for (i, id, why) in damage {
             for user in &frames[i].users {
                 report
                     .damaged_images
@@ -229,10 +265,21 @@ impl Store {
     }
 }
 
-fn header_ok(path: &std::path::Path) -> bool {
+impl Store {
+    /// Packs that the manifests visible now name (unreadable manifests name none: they are
+    /// reported as damaged on their own).
+    fn packs_named_now(&self) -> Result<BTreeSet<PackId>, StoreError> {
+        let mut named = BTreeSet::new();
+        for v in self.versions()? {
+            if let Ok(m) = self.load_manifest(&v.path) {
+                named.extend(m.packs.iter().copied());
+            }
+        }
+        Ok(named)
+    }
+}
+
+fn header_ok(file: std::io::Result<File>) -> bool {
     let mut header = [0u8; PACK_HEADER_BYTES as usize];
-    File::open(path)
-        .and_then(|f| f.read_exact_at(&mut header, 0))
-        .is_ok()
-        && header[..8] == PACK_MAGIC
+    file.and_then(|f| f.read_exact_at(&mut header, 0)).is_ok() && header[..8] == PACK_MAGIC
 }
