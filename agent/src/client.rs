@@ -1,13 +1,17 @@
 //! Talking to the appliance: the boot script (for the token), the assignment, progress, done,
-//! failed. Every request is retried with backoff, so a restarting appliance or a dropped link
-//! costs time, not the install.
+//! failed. Every request is retried with backoff for minutes, so a restarting appliance or a
+//! dropped link costs time, not the install; an answer that retrying cannot change (a 4xx: no
+//! such image or pack, a token refused) fails at once.
 
 use anyhow::{bail, Context, Result};
 use fleetboot_image::api::{cmdline, Assignment, Failed, InstallReport, Progress};
 use std::time::Duration;
 
-/// Attempts per request before giving up.
-const ATTEMPTS_MAX: u32 = 8;
+/// How long a request is retried before the agent gives up: an appliance being restarted or
+/// upgraded, or a switch rebooting, takes a minute or two; a machine has nothing better to do.
+const RETRY_FOR: Duration = Duration::from_secs(300);
+/// The longest wait between two attempts.
+const RETRY_WAIT_MAX: Duration = Duration::from_secs(5);
 
 /// The appliance, as one host sees it.
 pub struct Client {
@@ -26,23 +30,45 @@ pub fn http() -> ureq::Agent {
         .into()
 }
 
-/// Runs `f` until it succeeds, waiting 0.25, 0.5, 1, 2 … s (at most 8 s) between attempts.
-pub fn retry<T>(what: &str, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+/// Runs `f` until it succeeds, waiting 0.25, 0.5, 1, 2 … s (at most 5 s) between attempts, for
+/// up to `RETRY_FOR`; an error retrying cannot mend is returned at once.
+pub fn retry<T>(what: &str, f: impl FnMut() -> Result<T>) -> Result<T> {
+    retry_for(what, RETRY_FOR, f)
+}
+
+fn retry_for<T>(what: &str, budget: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let start = std::time::Instant::now();
     let mut wait = Duration::from_millis(250);
     for attempt in 1.. {
         match f() {
             Ok(v) => return Ok(v),
-            Err(e) if attempt >= ATTEMPTS_MAX => {
-                return Err(e.context(format!("{what}: gave up after {attempt} attempts")))
+            Err(e) if is_permanent(&e) => return Err(e.context(what.to_string())),
+            Err(e) if start.elapsed() + wait > budget => {
+                return Err(e.context(format!(
+                    "{what}: gave up after {attempt} attempts in {:.0} s",
+                    start.elapsed().as_secs_f64()
+                )))
             }
             Err(e) => {
                 eprintln!("fleetboot-agent: {what}: {e:#}; retrying in {wait:?}");
                 std::thread::sleep(wait);
-                wait = (wait * 2).min(Duration::from_secs(8));
+                wait = (wait * 2).min(RETRY_WAIT_MAX);
             }
         }
     }
     unreachable!("the loop returns")
+}
+
+/// A 4xx answer (but for timeouts and rate limits) says the request itself is wrong: the image
+/// or pack does not exist, the token is refused. Everything else (no route, refused connection,
+/// 5xx, a cut transfer) may mend itself.
+fn is_permanent(e: &anyhow::Error) -> bool {
+    match e.downcast_ref::<ureq::Error>() {
+        Some(ureq::Error::StatusCode(code)) => {
+            (400..500).contains(code) && !matches!(code, 408 | 425 | 429)
+        }
+        _ => false,
+    }
 }
 
 impl Client {
@@ -141,5 +167,44 @@ impl Client {
                 .send_json(&body)?;
             Ok(())
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_errors_are_retried_and_refusals_are_not() {
+        let mut calls = 0;
+        let r: Result<()> = retry_for("x", Duration::from_secs(10), || {
+            calls += 1;
+            Err(ureq::Error::StatusCode(404).into())
+        });
+        assert!(r.is_err());
+        assert_eq!(calls, 1, "a 404 is not retried");
+
+        let mut calls = 0;
+        let r = retry_for("x", Duration::from_secs(10), || {
+            calls += 1;
+            if calls < 3 {
+                Err(ureq::Error::StatusCode(503).into())
+            } else {
+                Ok(calls)
+            }
+        });
+        assert_eq!(r.unwrap(), 3, "a 503 is retried");
+
+        let mut calls = 0;
+        let r: Result<()> = retry_for("x", Duration::from_millis(600), || {
+            calls += 1;
+            Err(ureq::Error::ConnectionFailed.into())
+        });
+        let e = format!("{:#}", r.unwrap_err());
+        assert!(e.contains("gave up after"), "{e}");
+        assert!(
+            (2..=4).contains(&calls),
+            "retried within the budget: {calls}"
+        );
     }
 }

@@ -43,10 +43,12 @@ pub struct Lab {
     hosts: Vec<String>,
 }
 
-/// A host of the lab: its namespace and its interface name (inside it).
+/// A host of the lab: its namespace, its interface name (inside it) and its port on the switch.
 pub struct Host {
     pub ns: String,
     pub ifname: String,
+    pub switch: String,
+    pub port: String,
 }
 
 impl Lab {
@@ -115,7 +117,12 @@ impl Lab {
         if let Some(a) = addr {
             sh(&["ip", "-n", &ns, "addr", "add", a, "dev", &inside]);
         }
-        Host { ns, ifname: inside }
+        Host {
+            ns,
+            ifname: inside,
+            switch: self.switch.clone(),
+            port: outside,
+        }
     }
 }
 
@@ -137,6 +144,13 @@ impl Drop for Lab {
 }
 
 impl Host {
+    /// Unplugs (`false`) or plugs back (`true`) the host's cable: its port on the switch goes
+    /// down, so the host's link loses carrier, as when a cable or a switch port fails.
+    pub fn plug(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        sh(&["ip", "-n", &self.switch, "link", "set", &self.port, state]);
+    }
+
     /// A command run inside this host's namespace.
     pub fn cmd(&self, program: &str) -> Command {
         let mut c = Command::new("ip");
@@ -186,6 +200,12 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Kills it with SIGKILL (as a crash or `kill -9` would) and reaps it.
+    pub fn kill_9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn log_text(&self) -> String {
