@@ -44,6 +44,7 @@ pub struct Lab {
 }
 
 /// A host of the lab: its namespace, its interface name (inside it) and its port on the switch.
+#[derive(Clone)]
 pub struct Host {
     pub ns: String,
     pub ifname: String,
@@ -200,6 +201,10 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Kills it with SIGKILL (as a crash or `kill -9` would) and reaps it.

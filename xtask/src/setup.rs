@@ -16,6 +16,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "busybox"),
     ("dnsmasq-base", "dnsmasq"),
     ("curl", "curl"),
+    // The DHCP flood test's load generator (ISC's perfdhcp).
+    ("kea-admin", "perfdhcp"),
     // A real browser for the dashboard test.
     ("chromium", "chromium"),
 ];
