@@ -22,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod dhcp;
 pub mod fleet;
+pub mod fuzz;
 pub mod http;
 pub mod mac;
 pub mod metrics;

@@ -225,6 +225,15 @@ fn parse_request(p: &[u8]) -> Result<Request, (u16, &'static str)> {
     Ok(r)
 }
 
+/// The fuzz target's view (`crate::fuzz`): a datagram parsed as the server does (whether it is
+/// a read request) and, if it is, its file resolved beneath `root`: the path the server would send.
+pub fn fuzz_request(p: &[u8], root: &std::path::Path) -> (bool, Option<PathBuf>) {
+    match parse_request(p) {
+        Ok(request) => (true, resolve_beneath(root, &request.file).ok()),
+        Err(_) => (false, None),
+    }
+}
+
 fn error_packet(code: u16, msg: &str) -> Vec<u8> {
     let mut p = Vec::with_capacity(5 + msg.len());
     p.extend_from_slice(&ERROR.to_be_bytes());

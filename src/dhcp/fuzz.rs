@@ -83,27 +83,7 @@ mod tests {
     fn random_and_mutated_packets_never_panic() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let mut answered = 0;
-        let seeds: Vec<Vec<u8>> = vec![
-            discover(
-                [0x52, 0x54, 0, 0x12, 0x34, 0x56],
-                &[b"\x3c\x09PXEClient", b"\x5d\x02\x00\x07"],
-            ),
-            discover(
-                [0x52, 0x54, 0, 0x12, 0x34, 0x56],
-                &[
-                    b"\x35\x01\x03",
-                    b"\x32\x04\x0a\x09\x00\x05",
-                    b"\x36\x04\x0a\x09\x00\x01",
-                ],
-            ),
-            discover(
-                [0x52, 0x54, 0, 0, 0, 1],
-                &[
-                    b"\x4d\x04iPXE",
-                    b"\x61\x11\x00\x01\x02\x03\x04\x05\x06\x07\x08\x09\x0a\x0b\x0c\x0d\x0e\x0f\x10",
-                ],
-            ),
-        ];
+        let seeds = (crate::fuzz::target("dhcp_packet").expect("a target").seeds)();
         for round in 0..20_000u32 {
             let mut p = seeds[round as usize % seeds.len()].clone();
             match round % 4 {

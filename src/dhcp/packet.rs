@@ -241,26 +241,32 @@ pub fn encode(msg: &v4::Message) -> Result<Vec<u8>, PacketError> {
     Ok(out)
 }
 
+/// A DISCOVER as a PXE ROM sends it, with extra raw options appended (for tests and the fuzz
+/// targets' seeds).
+pub fn sample_discover(mac: [u8; 6], extra: &[&[u8]]) -> Vec<u8> {
+    let mut b = vec![0u8; 240];
+    b[0] = 1;
+    b[1] = 1;
+    b[2] = 6;
+    b[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    b[10] = 0x80; // broadcast
+    b[28..34].copy_from_slice(&mac);
+    b[236..240].copy_from_slice(&v4::MAGIC);
+    b.extend_from_slice(&[53, 1, 1]);
+    for o in extra {
+        b.extend_from_slice(o);
+    }
+    b.push(255);
+    b
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
 
     /// A DISCOVER as a PXE ROM sends it, with extra raw options appended.
     pub fn discover(mac: [u8; 6], extra: &[&[u8]]) -> Vec<u8> {
-        let mut b = vec![0u8; 240];
-        b[0] = 1;
-        b[1] = 1;
-        b[2] = 6;
-        b[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
-        b[10] = 0x80; // broadcast
-        b[28..34].copy_from_slice(&mac);
-        b[236..240].copy_from_slice(&v4::MAGIC);
-        b.extend_from_slice(&[53, 1, 1]);
-        for o in extra {
-            b.extend_from_slice(o);
-        }
-        b.push(255);
-        b
+        super::sample_discover(mac, extra)
     }
 
     #[test]

@@ -47,8 +47,9 @@ impl Drop for Pooled {
     }
 }
 
-/// Parses `bytes=a-b`, `bytes=a-` or `bytes=-n` against a file of `len` bytes.
-fn parse_range(value: &str, len: u64) -> Option<(u64, u64)> {
+/// Parses `bytes=a-b`, `bytes=a-` or `bytes=-n` against a file of `len` bytes: the first and
+/// last byte, both within the file.
+pub fn parse_range(value: &str, len: u64) -> Option<(u64, u64)> {
     let spec = value.strip_prefix("bytes=")?;
     if spec.contains(',') {
         return None;

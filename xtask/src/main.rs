@@ -8,6 +8,7 @@ mod bench_store;
 mod boot_assets;
 mod demo;
 mod e2e;
+mod fuzz;
 mod images;
 mod initramfs;
 mod os_images;
@@ -33,6 +34,8 @@ tasks:
   bench serve   DHCP, TFTP and HTTP in network namespaces: fleetboot against kea-dhcp4,
                 dnsmasq, tftpd-hpa, atftpd and nginx (--clients N, --runs N, --repeat N, --quick)
   bench         bench store, then bench serve
+  fuzz          every fuzz target for a set time, executions and crashes
+                (--seconds N, --target NAME, --engine auto|libfuzzer|stable)
 ";
 
 fn main() {
@@ -52,6 +55,7 @@ fn run() -> Result<()> {
         ["boot-assets", rest @ ..] => boot_assets::run(rest),
         ["initramfs", rest @ ..] => initramfs::run(rest),
         ["e2e", rest @ ..] => e2e::run(rest),
+        ["fuzz", rest @ ..] => fuzz::run(rest),
         ["images", rest @ ..] => images::run(rest),
         ["bench", "store", rest @ ..] => bench_store::run(rest),
         ["bench", "deploy", rest @ ..] => bench_deploy::run(rest),

@@ -204,7 +204,13 @@ impl Manifest {
         body.extend_from_slice(&(xs.len() as u64).to_le_bytes());
         put_deltas_u32(&mut body, xs.iter().map(|x| x.entry.unwrap_or(ZERO_RUN)));
         put_deltas_u64(&mut body, xs.iter().map(|x| x.len));
-        let stored = zstd::bulk::compress(&body, 3).expect("in-memory zstd compression");
+        Self::container(&body)
+    }
+
+    /// A manifest file holding `body` (compressed, its length and checksum in the header). Also
+    /// used by the fuzz target to reach the body decoder with any body.
+    pub fn container(body: &[u8]) -> Vec<u8> {
+        let stored = zstd::bulk::compress(body, 3).expect("in-memory zstd compression");
         let mut out = Vec::with_capacity(HEADER_BYTES + stored.len());
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -254,6 +260,16 @@ impl Manifest {
             return Err(corrupt("body length differs from the header"));
         }
         Self::decode_body(&body)
+    }
+
+    /// The body of a manifest file whose container is intact (for the fuzz target's seeds).
+    pub fn body_of(bytes: &[u8]) -> Option<Vec<u8>> {
+        let raw_len = u64::from_le_bytes(bytes.get(24..32)?.try_into().ok()?);
+        zstd::bulk::decompress(
+            bytes.get(HEADER_BYTES..)?,
+            raw_len.min(BODY_RAW_BYTES_MAX) as usize,
+        )
+        .ok()
     }
 
     fn decode_body(body: &[u8]) -> Result<Manifest, ManifestError> {
