@@ -7,9 +7,7 @@
 //! perfdhcp runs single-threaded (its threads would otherwise take the server's cores) and acts as
 //! a relay agent in the server's subnet (docs/benchmark-method.md).
 
-mod lab;
-
-use lab::{can_run, Host, Lab};
+use fleetboot_lab::{can_run, Host, Lab};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -148,16 +146,22 @@ fn a_dhcp_flood_of_known_and_unknown_macs_leaves_the_server_answering() {
     let all_list = dir.path().join("all.txt");
     std::fs::write(&all_list, all.join("\n") + "\n").unwrap();
 
-    let mut lab = Lab::new();
-    let server = lab.host("dsrv", "52:54:00:f1:00:fe", Some("10.79.0.1/16"));
-    let perf = lab.host("dperf", "52:54:00:f1:00:fd", Some("10.79.0.2/16"));
-    let client = lab.host("dcli", CLIENT_MAC, None);
-    let mut daemon = server.spawn(
-        env!("CARGO_BIN_EXE_fleetboot"),
-        &["serve", "--config", config.to_str().unwrap()],
-        &dir.path().join("serve.log"),
-    );
-    daemon.wait_for("serving DHCP", 20);
+    let mut lab = Lab::new("flood").expect("a network lab");
+    let server = lab
+        .host("dsrv", "52:54:00:f1:00:fe", Some("10.79.0.1/16"))
+        .expect("a lab host");
+    let perf = lab
+        .host("dperf", "52:54:00:f1:00:fd", Some("10.79.0.2/16"))
+        .expect("a lab host");
+    let client = lab.host("dcli", CLIENT_MAC, None).expect("a lab host");
+    let mut daemon = server
+        .spawn(
+            env!("CARGO_BIN_EXE_fleetboot"),
+            &["serve", "--config", config.to_str().unwrap()],
+            &dir.path().join("serve.log"),
+        )
+        .expect("a daemon in the lab");
+    daemon.wait_for("serving DHCP", 20).unwrap();
     let pid = daemon.pid();
 
     // The rate this server reaches here and now, known hosts only.

@@ -10,9 +10,7 @@
 //! Every test checks that the disk reads back identical to the image. The agent binary is the
 //! workspace's (`cargo test --workspace` builds it beside `fleetboot`).
 
-mod lab;
-
-use lab::{can_run, Daemon, Host, Lab};
+use fleetboot_lab::{can_run, Daemon, Host, Lab};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -86,13 +84,17 @@ impl Rig {
             ),
         )
         .unwrap();
-        let mut lab = Lab::new();
-        let server = lab.host(
-            "fsrv",
-            "52:54:00:fa:00:fe",
-            Some(&format!("{SERVER_IP}/24")),
-        );
-        let machine = lab.host("fm", MAC, Some("10.78.0.20/24"));
+        let mut lab = Lab::new("faults").expect("a network lab");
+        let server = lab
+            .host(
+                "fsrv",
+                "52:54:00:fa:00:fe",
+                Some(&format!("{SERVER_IP}/24")),
+            )
+            .expect("a lab host");
+        let machine = lab
+            .host("fm", MAC, Some("10.78.0.20/24"))
+            .expect("a lab host");
         let tc = server
             .cmd("tc")
             .args([
@@ -123,12 +125,15 @@ impl Rig {
     fn start_appliance(&mut self) {
         self.starts += 1;
         let log = self.path(&format!("serve-{}.log", self.starts));
-        let mut d = self.server.spawn(
-            env!("CARGO_BIN_EXE_fleetboot"),
-            &["serve", "--config", self.config.to_str().unwrap()],
-            &log,
-        );
-        d.wait_for("serving TFTP", 20);
+        let mut d = self
+            .server
+            .spawn(
+                env!("CARGO_BIN_EXE_fleetboot"),
+                &["serve", "--config", self.config.to_str().unwrap()],
+                &log,
+            )
+            .expect("a daemon in the lab");
+        d.wait_for("serving TFTP", 20).unwrap();
         self.serve = Some(d);
     }
 
@@ -282,11 +287,11 @@ fn the_machine_cut_off_for_20_s_mid_install_finishes() {
     let rig = Rig::new(82);
     let mut agent = rig.boot_agent("1");
     rig.wait_written(&mut agent, 0.25);
-    rig.machine.plug(false);
+    rig.machine.plug(false).expect("the switch port");
     let before = std::fs::metadata(rig.path("disk.img")).unwrap().blocks();
     std::thread::sleep(OUTAGE);
     let during = std::fs::metadata(rig.path("disk.img")).unwrap().blocks();
-    rig.machine.plug(true);
+    rig.machine.plug(true).expect("the switch port");
     assert!(
         agent.child.try_wait().unwrap().is_none(),
         "the agent waits for its link:\n{}",
