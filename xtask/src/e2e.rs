@@ -1,7 +1,7 @@
 //! `cargo xtask e2e`: the whole chain in a real VM, through its own firmware's PXE.
 //!
-//! In a network namespace this task creates — a bridge holding the appliance's address and a tap
-//! device for QEMU — `fleetboot serve` runs in full DHCP mode (router advertisements on), and a
+//! In the switch namespace of a network lab this task creates (`fleetboot-lab`) — a bridge holding
+//! the appliance's address and a tap device for QEMU — `fleetboot serve` runs in full DHCP mode (router advertisements on), and a
 //! QEMU VM (SeaBIOS + the iPXE ROM of its virtio NIC, TCG) with a blank disk network-boots:
 //! 1. `demo@1` is assigned: the VM gets the agent, is imaged, reboots, boots its disk and prints
 //!    `demo@1`'s marker; the disk reads back identical to `fleetboot image export demo@1`;
@@ -17,64 +17,15 @@
 //! `--bios-only` skips the UEFI run.
 
 use crate::util::{self, root};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use fleetboot_lab::{Daemon, Host, Lab};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const MAC: &str = "52:54:00:e2:e0:01";
 const SERVER: &str = "10.77.0.1";
-
-/// The namespace, deleted (with what runs in it) on drop.
-struct Netns(String);
-
-impl Netns {
-    fn create() -> Result<Netns> {
-        let name = format!("fbe2e{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        let ns = Netns(name);
-        for args in [
-            vec!["netns", "add", &ns.0],
-            vec!["-n", &ns.0, "link", "add", "br0", "type", "bridge"],
-            vec!["-n", &ns.0, "addr", "add", "10.77.0.1/24", "dev", "br0"],
-            vec!["-n", &ns.0, "link", "set", "br0", "up"],
-            vec!["-n", &ns.0, "link", "set", "lo", "up"],
-            vec!["-n", &ns.0, "tuntap", "add", "dev", "tap0", "mode", "tap"],
-            vec!["-n", &ns.0, "link", "set", "tap0", "master", "br0"],
-            vec!["-n", &ns.0, "link", "set", "tap0", "up"],
-        ] {
-            util::run(Command::new("ip").args(&args))?;
-        }
-        Ok(ns)
-    }
-
-    fn cmd(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0, program]);
-        c
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Ok(o) = Command::new("ip").args(["netns", "pids", &self.0]).output() {
-            for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                let _ = Command::new("kill").args(["-9", pid]).status();
-            }
-        }
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 pub fn run(args: &[&str]) -> Result<()> {
     let uefi = match args {
@@ -110,9 +61,19 @@ pub fn run(args: &[&str]) -> Result<()> {
         )?;
     }
 
-    let ns = Netns::create()?;
-    let mut lab = Lab {
-        ns,
+    let net = Lab::new("e2e")?;
+    fleetboot_lab::ip(&[
+        "-n",
+        &net.switch().ns,
+        "addr",
+        "add",
+        "10.77.0.1/24",
+        "dev",
+        "br0",
+    ])?;
+    net.tap("tap0")?;
+    let mut lab = Rig {
+        ns: net.switch().clone(),
         work: work.clone(),
         boot: boot.clone(),
         fleetboot: fleetboot.clone(),
@@ -121,16 +82,13 @@ pub fn run(args: &[&str]) -> Result<()> {
         server: None,
     };
     lab.write_config()?;
-    let log = fs::File::create(work.join("serve.log"))?;
-    lab.server = Some(Daemon(
+    lab.server = Some(Daemon::start(
         lab.ns
-            .cmd(fleetboot.to_str().context("path")?)
+            .cmd(&fleetboot)
             .current_dir(&work)
-            .args(["serve", "--config", "fleetboot.yaml"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?,
-    ));
+            .args(["serve", "--config", "fleetboot.yaml"]),
+        &work.join("serve.log"),
+    )?);
     wait_http(&lab.ns)?;
     let mut summary = vec![lab.scenario(Firmware::Bios)?];
     if uefi {
@@ -161,8 +119,10 @@ impl Firmware {
     }
 }
 
-struct Lab {
-    ns: Netns,
+/// The run's state: the switch namespace (where the appliance and the VMs' tap live), files, and
+/// what each VM is assigned.
+struct Rig {
+    ns: Host,
     work: PathBuf,
     boot: PathBuf,
     fleetboot: PathBuf,
@@ -171,7 +131,7 @@ struct Lab {
     server: Option<Daemon>,
 }
 
-impl Lab {
+impl Rig {
     fn write_config(&self) -> Result<()> {
         let hosts: String = self
             .assigned
@@ -201,7 +161,7 @@ impl Lab {
         }
         self.write_config()?;
         if let Some(server) = &self.server {
-            util::run(Command::new("kill").args(["-HUP", &server.0.id().to_string()]))?;
+            util::run(Command::new("kill").args(["-HUP", &server.pid().to_string()]))?;
         }
         std::thread::sleep(Duration::from_millis(300));
         Ok(())
@@ -284,7 +244,7 @@ impl Lab {
     }
 }
 
-fn wait_http(ns: &Netns) -> Result<()> {
+fn wait_http(ns: &Host) -> Result<()> {
     let until = Instant::now() + Duration::from_secs(10);
     while Instant::now() < until {
         let ok = ns
@@ -307,7 +267,7 @@ fn wait_http(ns: &Netns) -> Result<()> {
 /// Powers the VM on: it network-boots (NIC first, disk second) and runs until it powers off —
 /// which the demo image does once it has printed its marker. Returns the serial console.
 fn boot_vm(
-    ns: &Netns,
+    ns: &Host,
     fw: Firmware,
     work: &Path,
     disk: &Path,
@@ -409,13 +369,7 @@ fn boot_vm(
 
 /// Boots the agent's kernel directly with the script's command line minus iPXE's address: the
 /// agent must get one by DHCP, reinstall and reboot.
-fn agent_without_address(
-    ns: &Netns,
-    boot: &Path,
-    disk: &Path,
-    log: &Path,
-    mac: &str,
-) -> Result<()> {
+fn agent_without_address(ns: &Host, boot: &Path, disk: &Path, log: &Path, mac: &str) -> Result<()> {
     // No token either: the agent fetches its script itself, from the address DHCP gave it (a
     // token is handed only to that address).
     let append = format!(
