@@ -70,7 +70,9 @@ enum HostCommand {
 
 #[derive(Subcommand)]
 enum ImageCommand {
-    /// Import a raw disk image as the next version NAME@N; prints NAME@N.
+    /// Import a disk image as the next version NAME@N; prints NAME@N. FILE is raw (a file or a
+    /// block device), qcow2 (v2/v3, plain or zlib/zstd-compressed clusters), or raw compressed
+    /// with xz, zstd or gzip; told apart by its first bytes.
     Import {
         name: String,
         file: PathBuf,
@@ -315,14 +317,16 @@ fn image(store: &Store, config: &std::path::Path, command: ImageCommand) -> Resu
             let options = tuning.options()?;
             let bar = bytes_bar(&format!("importing {name}"));
             let report = store::import::import(store, &name, &file, &options, &|done, total| {
-                bar.set_length(total);
+                // A compressed stream's size is known only at its end.
+                bar.set_length(total.max(done));
                 bar.set_position(done);
             })
             .with_context(|| format!("cannot import {}", file.display()))?;
             bar.finish_and_clear();
             eprintln!(
-                "imported {} in {:.1} s: {} logical, {} data, {} new ({} of {} chunks) stored in {}",
+                "imported {} ({}) in {:.1} s: {} logical, {} data, {} new ({} of {} chunks) stored in {}",
                 report.image,
+                report.format,
                 report.elapsed.as_secs_f64(),
                 human(report.size),
                 human(report.data_bytes),

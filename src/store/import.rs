@@ -1,8 +1,10 @@
-//! Importing a raw disk image: read → cut → hash → dedup → compress → pack → manifest.
+//! Importing a disk image: read → cut → hash → dedup → compress → pack → manifest.
 //!
-//! The pipeline, with bounded channels between stages so memory stays bounded whatever the size:
+//! The image is raw, qcow2, or raw compressed with xz, zstd or gzip (`source.rs` tells them apart
+//! and reads the disk they describe). The pipeline, with bounded channels between stages so memory
+//! stays bounded whatever the size:
 //! ```text
-//!  main thread: read segments (holes skipped by SEEK_DATA/SEEK_HOLE) → cut into zero runs and
+//!  main thread: read segments (holes and zero clusters skipped) → cut into zero runs and
 //!               chunks → BLAKE3 each chunk → look it up (store index, then this image) → new
 //!               chunks appended to the current frame
 //!      ├──> two digest threads: BLAKE3 of the whole image, zero runs included, one per half of
@@ -17,14 +19,14 @@
 use super::chunker::{Chunking, Piece};
 use super::fsutil::write_atomic;
 use super::pack::PackWriter;
+use super::source::{self, Format, Source, Span};
 use super::{validate_name, ImageRef, IoContext, Store, StoreError};
 use fleetboot_image::manifest::FLAG_ZSTD;
-use fleetboot_image::{ChunkId, Entry, Extent, Manifest, Metadata, PackId, BLOCK_BYTES};
+use fleetboot_image::{ChunkId, Entry, Extent, Manifest, Metadata, PackId};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -62,6 +64,8 @@ impl Default for ImportOptions {
 #[derive(Clone, Debug)]
 pub struct ImportReport {
     pub image: ImageRef,
+    /// What the file was: raw, qcow2, or raw compressed with xz, zstd or gzip.
+    pub format: &'static str,
     pub size: u64,
     pub data_bytes: u64,
     /// Chunks in the image (each distinct chunk counted once).
@@ -127,7 +131,8 @@ pub fn import(
 ) -> Result<ImportReport, StoreError> {
     validate_name(name)?;
     let started = Instant::now();
-    let (file, size) = open_image(path)?;
+    let (mut source, format) = open_image(path)?;
+    let known_size = source.size();
     let _lock = store.lock_for_write()?;
     let index = load_index(store)?;
 
@@ -135,13 +140,16 @@ pub fn import(
     let (work_tx, work_rx) = mpsc::sync_channel::<(u32, Vec<u8>)>(options.threads * 2);
     let work_rx = Mutex::new(work_rx);
     let (done_tx, done_rx) = mpsc::sync_channel::<Compressed>(options.threads * 2);
-    let digest = DigestSplit::new(size);
+    let digest = match known_size {
+        Some(size) => DigestSplit::new(size),
+        None => DigestSplit::unsplit(),
+    };
     let (left_tx, left_rx) = mpsc::sync_channel::<DigestInput>(DIGEST_QUEUE_MAX);
     let (right_tx, right_rx) = mpsc::sync_channel::<DigestInput>(DIGEST_QUEUE_MAX);
 
-    let (scan, written, digest) = std::thread::scope(|s| {
+    let (scan, written, halves) = std::thread::scope(|s| {
         let left = s.spawn(move || digest_part(left_rx, 0));
-        let right = s.spawn(move || digest_part(right_rx, digest.left_len));
+        let right = s.spawn(move || digest_part(right_rx, digest.right_offset()));
         for _ in 0..options.threads.max(1) {
             let (work_rx, done_tx, failed) = (&work_rx, done_tx.clone(), &failed);
             s.spawn(move || compress_worker(work_rx, done_tx, failed, options.zstd_level));
@@ -154,17 +162,33 @@ pub fn import(
             right: right_tx,
         };
         let scan = scan_image(
-            &file, path, size, options, &index, &work_tx, &digest_tx, &failed, progress,
+            source.as_mut(),
+            path,
+            options,
+            &index,
+            &work_tx,
+            &digest_tx,
+            &failed,
+            progress,
         );
         drop(work_tx);
         drop(digest_tx);
         let written = writer.join().expect("writer thread panicked");
         let left = left.join().expect("digest thread panicked");
         let right = right.join().expect("digest thread panicked");
-        (scan, written, digest.finish(left, right))
+        (scan, written, (left, right))
     });
     let (frames, packs) = written?;
     let scan = scan?;
+    // Only a whole disk has a digest (halves of a disk read in part would not merge).
+    let digest = digest.finish(halves.0, halves.1);
+    let size = scan.size;
+    if size == 0 {
+        return Err(StoreError::BadInput {
+            path: path.to_path_buf(),
+            what: format!("holds an empty disk ({})", format.name()),
+        });
+    }
 
     // The descriptive data, checked before anything becomes visible: a manifest past the
     // format's limit would be refused by every reader.
@@ -219,6 +243,7 @@ pub fn import(
             name: name.to_string(),
             version: Some(version),
         },
+        format: format.name(),
         size,
         data_bytes: manifest.data_bytes(),
         chunks: scan.rows.len() as u64,
@@ -230,8 +255,9 @@ pub fn import(
     })
 }
 
-/// Opens the image and finds its size; refuses what is not a non-empty file or block device.
-fn open_image(path: &Path) -> Result<(File, u64), StoreError> {
+/// Opens the image as the disk it describes; refuses what is not a non-empty file or block
+/// device, and formats that cannot be read (with the reason).
+fn open_image(path: &Path) -> Result<(Box<dyn Source>, Format), StoreError> {
     let bad = |what: &str| StoreError::BadInput {
         path: path.to_path_buf(),
         what: what.to_string(),
@@ -253,7 +279,7 @@ fn open_image(path: &Path) -> Result<(File, u64), StoreError> {
     if size == 0 {
         return Err(bad("is empty"));
     }
-    Ok((file, size))
+    source::open(file, size, is_block).map_err(|e| bad(&e.to_string()))
 }
 
 /// Every chunk the store's visible images use, and where it lies.
@@ -281,6 +307,8 @@ struct Scan {
     rows: Vec<Row>,
     /// (length, row) pieces; `None` is a zero run.
     map: Vec<(u64, Option<u32>)>,
+    /// The disk's size, as read.
+    size: u64,
 }
 
 impl Scan {
@@ -367,6 +395,14 @@ struct DigestSplit {
 }
 
 impl DigestSplit {
+    /// One thread hashes it all: for a disk whose size is known only at its end (a stream).
+    fn unsplit() -> DigestSplit {
+        DigestSplit {
+            size: u64::MAX,
+            left_len: u64::MAX,
+        }
+    }
+
     fn new(size: u64) -> DigestSplit {
         let left_len = if size > blake3::CHUNK_LEN as u64 {
             blake3::hazmat::left_subtree_len(size)
@@ -374,6 +410,15 @@ impl DigestSplit {
             size
         };
         DigestSplit { size, left_len }
+    }
+
+    /// Where the right half starts (it gets nothing when the disk is not split).
+    fn right_offset(self) -> u64 {
+        if self.left_len == self.size {
+            0
+        } else {
+            self.left_len
+        }
     }
 
     fn finish(self, left: blake3::Hasher, right: blake3::Hasher) -> String {
@@ -455,9 +500,8 @@ fn digest_part(rx: mpsc::Receiver<DigestInput>, offset: u64) -> blake3::Hasher {
 /// Reads the image, cuts and dedups it, and hands new frames to the compressors.
 #[allow(clippy::too_many_arguments)]
 fn scan_image(
-    file: &File,
+    source: &mut dyn Source,
     path: &Path,
-    size: u64,
     options: &ImportOptions,
     index: &HashMap<ChunkId, Loc>,
     work_tx: &mpsc::SyncSender<(u32, Vec<u8>)>,
@@ -468,6 +512,7 @@ fn scan_image(
     let mut scan = Scan {
         rows: Vec::new(),
         map: Vec::new(),
+        size: 0,
     };
     let mut row_of: HashMap<ChunkId, u32> = HashMap::new();
     let mut frame: Vec<u8> = Vec::with_capacity(options.frame_bytes);
@@ -478,24 +523,19 @@ fn scan_image(
         path: path.to_path_buf(),
         error: io::Error::other("import aborted: writing the pack failed"),
     };
+    let total = source.size().unwrap_or(0);
     let seg = options.segment_bytes as u64;
-    let block = BLOCK_BYTES as u64;
     let mut pos = 0u64;
-    while pos < size {
-        let data_start = match seek(file, pos, libc::SEEK_DATA).at(path)? {
-            Some(d) => (d / block * block).clamp(pos, size),
-            None => size,
-        };
-        if data_start > pos {
-            scan.push_zero(data_start - pos);
-            digest_tx.zeros(pos, data_start - pos);
-            pos = data_start;
-            progress(pos, size);
-            continue;
-        }
-        let data_end = match seek(file, pos, libc::SEEK_HOLE).at(path)? {
-            Some(h) => h.div_ceil(block).saturating_mul(block).clamp(pos + 1, size),
-            None => size,
+    'disk: while let Some(span) = source.span(pos).at(path)? {
+        let data_end = match span {
+            Span::Zero(len) => {
+                scan.push_zero(len);
+                digest_tx.zeros(pos, len);
+                pos += len;
+                progress(pos, total);
+                continue;
+            }
+            Span::Data(len) => pos.saturating_add(len),
         };
         while pos < data_end {
             if failed.load(Ordering::Relaxed) {
@@ -503,8 +543,15 @@ fn scan_image(
             }
             let end = data_end.min((pos / seg + 1) * seg);
             let mut buf = buffers.take((end - pos) as usize);
-            file.read_exact_at(Arc::get_mut(&mut buf).expect("a free buffer"), pos)
-                .at(path)?;
+            let got = {
+                let b = Arc::get_mut(&mut buf).expect("a free buffer");
+                let got = source.read(pos, b).at(path)?;
+                b.truncate(got);
+                got
+            };
+            if got == 0 {
+                break 'disk;
+            }
             pieces.clear();
             options.chunking.cut(&buf, &mut pieces);
             for piece in &pieces {
@@ -549,10 +596,22 @@ fn scan_image(
             }
             digest_tx.data(pos, buf.clone());
             buffers.give_back(buf);
-            pos = end;
-            progress(pos, size);
+            pos += got as u64;
+            progress(pos, total);
+            if (got as u64) < end - (pos - got as u64) {
+                break 'disk; // the disk ended inside this read
+            }
         }
     }
+    if let Some(size) = source.size() {
+        if pos != size {
+            return Err(StoreError::BadInput {
+                path: path.to_path_buf(),
+                what: format!("the disk ended at byte {pos} of {size}"),
+            });
+        }
+    }
+    scan.size = pos;
     if !frame.is_empty() {
         work_tx.send((frame_seq, frame)).map_err(|_| aborted())?;
     }
@@ -583,25 +642,6 @@ impl BufferPool {
         if self.free.len() <= 2 * DIGEST_QUEUE_MAX {
             self.free.push(buf);
         }
-    }
-}
-
-/// `lseek` with SEEK_DATA / SEEK_HOLE. `None` when there is no data after `pos` (ENXIO); where
-/// the filesystem or device cannot tell, everything is data.
-fn seek(file: &File, pos: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-    let offset = libc::off_t::try_from(pos).map_err(io::Error::other)?;
-    // SAFETY: lseek on a file descriptor we own; it does not touch memory.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
-    if r >= 0 {
-        return Ok(Some(r as u64));
-    }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::ENXIO) if whence == libc::SEEK_DATA => Ok(None),
-        Some(libc::ENXIO) => Ok(None),
-        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) if whence == libc::SEEK_DATA => Ok(Some(pos)),
-        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(None),
-        _ => Err(err),
     }
 }
 

@@ -22,8 +22,10 @@ pub mod import;
 mod name;
 mod pack;
 mod pack_files;
+mod qcow2;
 mod report;
 mod restore;
+pub mod source;
 mod verify;
 
 pub use chunker::Chunking;

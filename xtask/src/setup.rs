@@ -11,6 +11,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("e2fsprogs", "mkfs.ext4"),
     ("zstd", "zstd"),
     ("util-linux", "mount"),
+    // Images as operators have them: qcow2 made by qemu-img, raw compressed by xz and gzip.
+    ("qemu-utils", "qemu-img"),
+    ("xz-utils", "xz"),
+    ("gzip", "gzip"),
     // Real network peers for the appliance's tests: udhcpc, a site DHCP server, curl's TFTP.
     ("iproute2", "ip"),
     ("busybox-static", "busybox"),
