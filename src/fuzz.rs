@@ -5,6 +5,8 @@
 //! - `tftp_request`: any datagram parsed as a TFTP request and its file resolved beneath a boot
 //!   folder holding a symlink that leads out: what would be served lies inside the folder.
 //! - `http_range`: any `Range` value against any file length: the range given lies in the file.
+//! - `disk_image`: any bytes as an image file to import (qcow2, compressed streams, raw): read
+//!   as the disk it describes, runs that move forward and reads that stay in bounds, or refused.
 //! - `manifest_decode`: any bytes as a manifest file, or as a manifest's body in an intact
 //!   container (so mutations reach the body decoder past the checksum): refused, or decoded into
 //!   one that encodes and decodes back to itself.
@@ -43,6 +45,11 @@ pub const TARGETS: &[Target] = &[
         name: "http_range",
         run: http_range,
         seeds: range_seeds,
+    },
+    Target {
+        name: "disk_image",
+        run: disk_image,
+        seeds: disk_image_seeds,
     },
     Target {
         name: "manifest_decode",
@@ -104,6 +111,68 @@ pub fn http_range(data: &[u8]) -> bool {
         first <= last && last < len,
         "{value:?} against {len} bytes gave {first}-{last}"
     );
+    true
+}
+
+/// An image file in memory (a memfd), as `image import` would open it.
+fn memfd(data: &[u8]) -> Option<std::fs::File> {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create with a valid C string; the descriptor is owned by the File below.
+    let fd = unsafe { libc::memfd_create(c"fleetboot-fuzz".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fd is a fresh descriptor nothing else owns.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.write_all(data).ok()?;
+    // Streams are read from the file's position, as from a freshly opened file.
+    std::io::Seek::rewind(&mut file).ok()?;
+    Some(file)
+}
+
+/// Reads at most this much of a fuzzed image's data.
+const DISK_READ_MAX: u64 = 16 << 20;
+
+pub fn disk_image(data: &[u8]) -> bool {
+    use crate::store::source::{self, Span};
+    let Some(file) = memfd(data) else {
+        return false;
+    };
+    let Ok((mut disk, _)) = source::open(file, data.len() as u64, false) else {
+        return false;
+    };
+    let mut buf = vec![0u8; 64 << 10];
+    let (mut pos, mut read) = (0u64, 0u64);
+    for _ in 0..10_000 {
+        let span = match disk.span(pos) {
+            Ok(Some(span)) => span,
+            Ok(None) | Err(_) => break,
+        };
+        match span {
+            Span::Zero(n) => {
+                assert!(n > 0, "an empty zero run at {pos}");
+                pos = pos.saturating_add(n);
+            }
+            Span::Data(n) => {
+                assert!(n > 0, "an empty data run at {pos}");
+                let want = n.min(buf.len() as u64) as usize;
+                let got = match disk.read(pos, &mut buf[..want]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(got) => got,
+                };
+                assert!(got <= want, "read {got} bytes into {want}");
+                pos += got as u64;
+                read += got as u64;
+                if read > DISK_READ_MAX {
+                    break;
+                }
+            }
+        }
+        if let Some(size) = disk.size() {
+            assert!(pos <= size, "ran to {pos} past the disk's {size} bytes");
+        }
+    }
     true
 }
 
@@ -178,6 +247,69 @@ fn range_seeds() -> Vec<Vec<u8>> {
         s
     })
     .collect()
+}
+
+/// A small qcow2 image (512-byte clusters, 8 of them): a plain data cluster, a zero cluster, a
+/// compressed one (zlib, or zstd with the compression-type header field), the rest unallocated;
+/// and the disk compressed as xz, zstd and gzip streams.
+fn disk_image_seeds() -> Vec<Vec<u8>> {
+    use std::io::Write;
+    let cluster: Vec<u8> = (0..512u32).map(|i| (i * 7 % 251) as u8).collect();
+    let qcow2 = |zstd: bool| {
+        let mut f = vec![0u8; 3072];
+        let put32 =
+            |f: &mut Vec<u8>, at: usize, v: u32| f[at..at + 4].copy_from_slice(&v.to_be_bytes());
+        let put64 =
+            |f: &mut Vec<u8>, at: usize, v: u64| f[at..at + 8].copy_from_slice(&v.to_be_bytes());
+        f[..4].copy_from_slice(b"QFI\xfb");
+        put32(&mut f, 4, 3); // version
+        put32(&mut f, 20, 9); // cluster_bits
+        put64(&mut f, 24, 4096); // size
+        put32(&mut f, 36, 1); // l1_size
+        put64(&mut f, 40, 512); // l1_table_offset
+        put32(&mut f, 96, 4); // refcount_order
+        put32(&mut f, 100, if zstd { 112 } else { 104 }); // header_length
+        if zstd {
+            put64(&mut f, 72, 1 << 3); // incompatible: compression type
+            f[104] = 1;
+        }
+        put64(&mut f, 512, 1024 | 1 << 63); // L1 -> L2 at 1024
+        put64(&mut f, 1024, 1536 | 1 << 63); // cluster 0: data at 1536
+        put64(&mut f, 1032, 1); // cluster 1: zero
+        let packed = if zstd {
+            zstd::bulk::compress(&cluster, 3).unwrap_or_default()
+        } else {
+            let mut e =
+                flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+            let _ = e.write_all(&cluster);
+            e.finish().unwrap_or_default()
+        };
+        put64(&mut f, 1040, 1 << 62 | 2560); // cluster 2: compressed at 2560 (one sector)
+        f[1536..2048].copy_from_slice(&cluster);
+        f.truncate(2560);
+        f.extend_from_slice(&packed);
+        f.resize(3072, 0);
+        f
+    };
+    let disk = [cluster.clone(), vec![0; 512], cluster.clone()].concat();
+    let gzip = {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        let _ = e.write_all(&disk);
+        e.finish().unwrap_or_default()
+    };
+    let xz = {
+        let mut e = liblzma::write::XzEncoder::new(Vec::new(), 1);
+        let _ = e.write_all(&disk);
+        e.finish().unwrap_or_default()
+    };
+    vec![
+        qcow2(false),
+        qcow2(true),
+        zstd::bulk::compress(&disk, 3).unwrap_or_default(),
+        gzip,
+        xz,
+        disk,
+    ]
 }
 
 /// Manifests of two small images, as an import writes them.
@@ -398,6 +530,39 @@ mod tests {
             for s in &seeds {
                 (t.run)(s);
             }
+        }
+    }
+
+    /// The hand-made seeds are what they claim: each reads as the same 1.5 KiB disk (a cluster,
+    /// zeros, the cluster again), the qcow2 ones with a compressed cluster (zlib, zstd) and a
+    /// zero cluster, then unallocated space to 4 KiB.
+    #[test]
+    fn the_disk_image_seeds_read_as_their_disk() {
+        use crate::store::source::{self, Format};
+        let seeds = disk_image_seeds();
+        let want = seeds.last().expect("the raw disk").clone();
+        let formats = [
+            Format::Qcow2,
+            Format::Qcow2,
+            Format::Zstd,
+            Format::Gzip,
+            Format::Xz,
+            Format::Raw,
+        ];
+        for (seed, format) in seeds.iter().zip(formats) {
+            let file = memfd(seed).expect("a memfd");
+            let (mut disk, got) = source::open(file, seed.len() as u64, false).expect("opens");
+            assert_eq!(got, format);
+            let mut buf = vec![0u8; 8192];
+            let n = disk.read(0, &mut buf).expect("reads");
+            let len = if format == Format::Qcow2 {
+                4096
+            } else {
+                want.len()
+            };
+            assert_eq!(n, len, "{format:?}");
+            assert_eq!(&buf[..want.len()], &want[..], "{format:?}");
+            assert!(buf[want.len()..n].iter().all(|&b| b == 0), "{format:?}");
         }
     }
 

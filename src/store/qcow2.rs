@@ -311,7 +311,7 @@ impl Source for Qcow2 {
         let cs = self.cluster_size();
         let first = pos >> self.cluster_bits;
         let zero = self.cluster(first).map_err(io::Error::other)? == Cluster::Zero;
-        let mut end = (first + 1) * cs;
+        let mut end = (first + 1).saturating_mul(cs);
         // Bounded, so that a span costs at most one L2 table's worth of lookups past `pos`.
         let limit = pos.saturating_add(cs * (cs / 8)).min(self.size);
         while end < limit {
@@ -322,7 +322,7 @@ impl Source for Qcow2 {
             if is_zero != zero {
                 break;
             }
-            end += cs;
+            end = end.saturating_add(cs);
         }
         let len = end.min(self.size) - pos;
         Ok(Some(if zero {

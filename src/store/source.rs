@@ -81,6 +81,11 @@ pub fn open(
     if is_qcow2(head) {
         return Ok((Box::new(Qcow2::open(file)?), Format::Qcow2));
     }
+    // Streams read from the file's position.
+    let mut file = file;
+    if !block_device {
+        io::Seek::rewind(&mut file)?;
+    }
     if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
         let reader = liblzma::read::XzDecoder::new_multi_decoder(io::BufReader::new(file));
         return Ok((Box::new(Stream::new(reader)), Format::Xz));
