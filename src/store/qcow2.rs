@@ -7,10 +7,11 @@
 //! marked corrupt, and tables or clusters that point past the end of the file (truncated).
 //! Layout as in QEMU's docs/interop/qcow2.txt.
 //!
-//! Why our own reader (docs/benchmarks.md has the measurements): the qcow2 crates checked either
-//! refuse zstd-compressed clusters (imago 0.2, which is otherwise the best kept) or are
-//! unmaintained and hide which clusters are holes (qcow 1.2); `qemu-img convert` needs a raw copy
-//! of the whole disk in a temporary file. Read-only access to the tables is a few hundred lines.
+//! Why our own reader (docs/benchmarks.md, "Importing qcow2", has the measurements): the qcow2
+//! crates checked either refuse zstd-compressed clusters (imago 0.2, which is otherwise the best
+//! kept) or are unmaintained and read holes as data (qcow 1.2); `qemu-img convert` needs a raw
+//! copy of the whole disk in a temporary file. Read-only access to the tables is a few hundred
+//! lines.
 
 use super::source::{Source, Span};
 use std::fs::File;
