@@ -174,11 +174,65 @@ pub enum UnknownHosts {
     Install(ImageRef),
 }
 
-/// Image and disk, as `defaults` and `groups` give them.
+/// Image, disk and identity, as `defaults` and `groups` give them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Assignment {
     pub image: Option<ImageRef>,
     pub disk: Option<String>,
+    pub identity: IdentityKeys,
+}
+
+/// The identity keys as one level (defaults, a group, a host) gives them; a host takes each key
+/// from the most specific level that has it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IdentityKeys {
+    pub hostname: Option<String>,
+    pub ssh_authorized_keys: Option<Vec<String>>,
+    /// cloud-config (or a script), inline or read from `user_data_file`.
+    pub user_data: Option<String>,
+    pub network: Option<StaticNetwork>,
+}
+
+impl IdentityKeys {
+    /// Each key from `self`, else from `more_general`.
+    fn over(&self, more_general: &IdentityKeys) -> IdentityKeys {
+        IdentityKeys {
+            hostname: self
+                .hostname
+                .clone()
+                .or_else(|| more_general.hostname.clone()),
+            ssh_authorized_keys: self
+                .ssh_authorized_keys
+                .clone()
+                .or_else(|| more_general.ssh_authorized_keys.clone()),
+            user_data: self
+                .user_data
+                .clone()
+                .or_else(|| more_general.user_data.clone()),
+            network: self
+                .network
+                .clone()
+                .or_else(|| more_general.network.clone()),
+        }
+    }
+}
+
+/// What the installed OS is told about itself on its first boot (through cloud-init).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub ssh_authorized_keys: Vec<String>,
+    pub user_data: Option<String>,
+    /// A static address for the installed OS; `None`: DHCP.
+    pub network: Option<StaticNetwork>,
+}
+
+/// `network: { address: 10.0.0.5/24, gateway: 10.0.0.1, dns: [10.0.0.1] }`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StaticNetwork {
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Option<Ipv4Addr>,
+    pub dns: Vec<Ipv4Addr>,
 }
 
 /// One machine the appliance serves, with its group and defaults applied.
@@ -187,7 +241,10 @@ pub struct Host {
     pub mac: Mac,
     /// The image to install (`None`: boot the local disk).
     pub image: Option<ImageRef>,
+    /// The installed OS's hostname (`{mac}` in a group's or the defaults' is the host's MAC,
+    /// 12 hex digits).
     pub hostname: Option<String>,
+    pub identity: Identity,
     pub group: Option<String>,
     /// `auto`, a device path, `/dev/disk/by-id/…`, a serial or a WWN.
     pub disk: String,
@@ -282,6 +339,56 @@ struct RawAssignment {
     image: Option<Spanned<String>>,
     #[serde(default)]
     disk: Option<String>,
+    // The identity keys (see `RawIdentity`), written out: serde's flatten would lose their
+    // line numbers.
+    #[serde(default)]
+    hostname: Option<Spanned<String>>,
+    #[serde(default)]
+    ssh_authorized_keys: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    user_data: Option<Spanned<String>>,
+    #[serde(default)]
+    user_data_file: Option<Spanned<String>>,
+    #[serde(default)]
+    network: Option<Spanned<RawNetwork>>,
+}
+
+/// The identity keys as one level wrote them.
+struct RawIdentity<'a> {
+    hostname: &'a Option<Spanned<String>>,
+    ssh_authorized_keys: &'a Option<Spanned<Vec<String>>>,
+    user_data: &'a Option<Spanned<String>>,
+    user_data_file: &'a Option<Spanned<String>>,
+    network: &'a Option<Spanned<RawNetwork>>,
+}
+
+/// Implements `identity()` for a level that has the identity keys.
+macro_rules! raw_identity {
+    ($t:ty) => {
+        impl $t {
+            fn identity(&self) -> RawIdentity<'_> {
+                RawIdentity {
+                    hostname: &self.hostname,
+                    ssh_authorized_keys: &self.ssh_authorized_keys,
+                    user_data: &self.user_data,
+                    user_data_file: &self.user_data_file,
+                    network: &self.network,
+                }
+            }
+        }
+    };
+}
+raw_identity!(RawAssignment);
+raw_identity!(RawHost);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    address: String,
+    #[serde(default)]
+    gateway: Option<Ipv4Addr>,
+    #[serde(default)]
+    dns: Vec<Ipv4Addr>,
 }
 
 #[derive(Deserialize)]
@@ -290,13 +397,142 @@ struct RawHost {
     #[serde(default)]
     image: Option<Spanned<String>>,
     #[serde(default)]
-    hostname: Option<String>,
-    #[serde(default)]
     group: Option<Spanned<String>>,
     #[serde(default)]
     disk: Option<String>,
     #[serde(default)]
     ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    hostname: Option<Spanned<String>>,
+    #[serde(default)]
+    ssh_authorized_keys: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    user_data: Option<Spanned<String>>,
+    #[serde(default)]
+    user_data_file: Option<Spanned<String>>,
+    #[serde(default)]
+    network: Option<Spanned<RawNetwork>>,
+}
+
+/// Checks one level's identity keys: a hostname a DNS label could be, user data that cloud-init
+/// reads (`#cloud-config` YAML, a script, or MIME parts), inline or from a file beside the
+/// configuration, never both; SSH keys that look like keys; a static address with its prefix.
+fn identity_keys(
+    r: &RawIdentity<'_>,
+    base: &Path,
+    at: &dyn Fn(&serde_saphyr::Location, String) -> ConfigError,
+) -> Result<IdentityKeys, ConfigError> {
+    if let Some(h) = &r.hostname {
+        let name = h.value.replace("{mac}", "525400000000");
+        let ok = !name.is_empty()
+            && name.len() <= 63
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !name.starts_with('-')
+            && !name.ends_with('-');
+        if !ok {
+            return Err(at(
+                &h.referenced,
+                format!(
+                    "hostname {:?} is not a valid host name (letters, digits and '-', at most 63, \
+                     `{{mac}}` for the MAC)",
+                    h.value
+                ),
+            ));
+        }
+    }
+    if let Some(keys) = &r.ssh_authorized_keys {
+        for k in &keys.value {
+            let kind = k.split_whitespace().next().unwrap_or("");
+            if !(kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-"))
+                || k.split_whitespace().count() < 2
+            {
+                return Err(at(
+                    &keys.referenced,
+                    format!("{k:?} is not an SSH public key (expected e.g. \"ssh-ed25519 AAAA… comment\")"),
+                ));
+            }
+        }
+    }
+    let user_data = match (r.user_data, r.user_data_file) {
+        (Some(_), Some(f)) => {
+            return Err(at(
+                &f.referenced,
+                "give user_data or user_data_file, not both".into(),
+            ))
+        }
+        (Some(inline), None) => Some((inline.value.clone(), &inline.referenced)),
+        (None, Some(f)) => {
+            let path = base.join(&f.value);
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                at(
+                    &f.referenced,
+                    format!("user_data_file {}: {e}", path.display()),
+                )
+            })?;
+            Some((text, &f.referenced))
+        }
+        (None, None) => None,
+    };
+    if let Some((text, loc)) = &user_data {
+        check_user_data(text).map_err(|why| at(loc, format!("user data: {why}")))?;
+    }
+    let network = match r.network {
+        None => None,
+        Some(n) => {
+            let bad = || {
+                at(
+                    &n.referenced,
+                    format!(
+                        "network.address {:?} is not an address with its prefix, e.g. 10.0.0.5/24",
+                        n.value.address
+                    ),
+                )
+            };
+            let (addr, prefix) = n.value.address.split_once('/').ok_or_else(bad)?;
+            let address: Ipv4Addr = addr.trim().parse().map_err(|_| bad())?;
+            let prefix: u8 = prefix.trim().parse().map_err(|_| bad())?;
+            if !(1..=32).contains(&prefix) {
+                return Err(bad());
+            }
+            Some(StaticNetwork {
+                address,
+                prefix,
+                gateway: n.value.gateway,
+                dns: n.value.dns.clone(),
+            })
+        }
+    };
+    Ok(IdentityKeys {
+        hostname: r.hostname.as_ref().map(|h| h.value.clone()),
+        ssh_authorized_keys: r.ssh_authorized_keys.as_ref().map(|k| k.value.clone()),
+        user_data: user_data.map(|(t, _)| t),
+        network,
+    })
+}
+
+/// What cloud-init accepts as user data: `#cloud-config` followed by a YAML mapping, a script
+/// (`#!`), an include or boothook, or MIME parts.
+fn check_user_data(text: &str) -> Result<(), String> {
+    let first = text.lines().next().unwrap_or("").trim_end();
+    if first == "#cloud-config" {
+        let parsed: Result<serde_json::Value, _> = serde_saphyr::from_str(text);
+        return match parsed {
+            Ok(serde_json::Value::Object(_)) | Ok(serde_json::Value::Null) => Ok(()),
+            Ok(_) => Err("#cloud-config must be a YAML mapping".into()),
+            Err(e) => Err(format!(
+                "#cloud-config is not valid YAML (lines counted from the user data's first): {}",
+                first_line(&e.without_snippet().to_string())
+            )),
+        };
+    }
+    let known = ["#!", "#include", "#cloud-boothook", "Content-Type:"];
+    if known.iter().any(|p| first.starts_with(p)) {
+        return Ok(());
+    }
+    Err(
+        "must begin with #cloud-config (or be a #! script, #include, #cloud-boothook or MIME)"
+            .into(),
+    )
 }
 
 impl Config {
@@ -386,9 +622,11 @@ impl Config {
                     )
                 })?,
         };
+        let identity = |r: &RawIdentity<'_>| identity_keys(r, base, &at);
         let defaults = Assignment {
             image: raw.defaults.image.as_ref().map(&mut image).transpose()?,
             disk: raw.defaults.disk.clone(),
+            identity: identity(&raw.defaults.identity())?,
         };
         let mut groups = BTreeMap::new();
         for (name, g) in &raw.groups {
@@ -397,6 +635,7 @@ impl Config {
                 Assignment {
                     image: g.value.image.as_ref().map(&mut image).transpose()?,
                     disk: g.value.disk.clone(),
+                    identity: identity(&g.value.identity())?,
                 },
             );
         }
@@ -429,12 +668,24 @@ impl Config {
                     ));
                 }
             }
+            let general = match from_group {
+                Some(g) => g.identity.over(&defaults.identity),
+                None => defaults.identity.clone(),
+            };
+            let keys = identity(&h.value.identity())?.over(&general);
             let host = Host {
                 mac,
                 image: own_image
                     .or_else(|| from_group.and_then(|g| g.image.clone()))
                     .or_else(|| defaults.image.clone()),
-                hostname: h.value.hostname.clone(),
+                hostname: keys
+                    .hostname
+                    .map(|n| n.replace("{mac}", &mac.to_string().replace(':', ""))),
+                identity: Identity {
+                    ssh_authorized_keys: keys.ssh_authorized_keys.unwrap_or_default(),
+                    user_data: keys.user_data,
+                    network: keys.network,
+                },
                 disk: h
                     .value
                     .disk
@@ -620,6 +871,88 @@ hosts:
         assert_invalid("interface: br0\nunknown_hosts: maybe\n", 2, "unknown_hosts");
         assert_invalid("interface: br0\ndhcp: { mode: fast }\n", 2, "fast");
         assert_invalid("interface: [br0\n", 1, "");
+    }
+
+    /// Issue 9: hostname, SSH keys, user data (inline or from a file) and a static network at
+    /// defaults, group and host level; the most specific level wins, key by key.
+    #[test]
+    fn identity_keys_resolve_from_host_group_and_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("web.yaml"),
+            "#cloud-config\nruncmd: [[touch, /web]]\n",
+        )
+        .unwrap();
+        let text = "interface: br0
+defaults:
+  hostname: node-{mac}
+  ssh_authorized_keys: [\"ssh-ed25519 AAAAC3Nz ops@example\"]
+  user_data: |
+    #cloud-config
+    packages: [htop]
+groups:
+  web:
+    user_data_file: web.yaml
+    network: { address: 10.0.0.5/24, gateway: 10.0.0.1, dns: [10.0.0.53] }
+hosts:
+  \"52:54:00:00:00:01\": { group: web, hostname: web-01 }
+  \"52:54:00:00:00:02\": { ssh_authorized_keys: [\"ssh-rsa AAAAB3 me@laptop\"] }
+";
+        let c = Config::parse(&dir.path().join("fleetboot.yaml"), text).unwrap();
+        let web = &c.hosts[&"52:54:00:00:00:01".parse().unwrap()];
+        assert_eq!(web.hostname.as_deref(), Some("web-01"));
+        assert_eq!(
+            web.identity.ssh_authorized_keys,
+            ["ssh-ed25519 AAAAC3Nz ops@example"]
+        );
+        assert!(web
+            .identity
+            .user_data
+            .as_deref()
+            .unwrap()
+            .contains("touch, /web"));
+        let net = web.identity.network.as_ref().unwrap();
+        assert_eq!((net.address, net.prefix), ("10.0.0.5".parse().unwrap(), 24));
+        assert_eq!(net.gateway, Some("10.0.0.1".parse().unwrap()));
+        let other = &c.hosts[&"52:54:00:00:00:02".parse().unwrap()];
+        assert_eq!(other.hostname.as_deref(), Some("node-525400000002"));
+        assert_eq!(
+            other.identity.ssh_authorized_keys,
+            ["ssh-rsa AAAAB3 me@laptop"]
+        );
+        assert!(other
+            .identity
+            .user_data
+            .as_deref()
+            .unwrap()
+            .contains("htop"));
+        assert_eq!(other.identity.network, None, "DHCP by default");
+    }
+
+    #[test]
+    fn bad_identity_keys_name_the_line() {
+        let host =
+            |keys: &str| format!("interface: br0\nhosts:\n  \"52:54:00:12:34:56\": {{ {keys} }}\n");
+        assert_invalid(&host("hostname: web_01"), 3, "not a valid host name");
+        assert_invalid(
+            &host("ssh_authorized_keys: [hunter2]"),
+            3,
+            "not an SSH public key",
+        );
+        assert_invalid(&host("user_data: \"runcmd: []\""), 3, "#cloud-config");
+        assert_invalid(&host("user_data_file: missing.yaml"), 3, "missing.yaml");
+        assert_invalid(
+            &host("user_data: \"#cloud-config\", user_data_file: x.yaml"),
+            3,
+            "not both",
+        );
+        assert_invalid(&host("network: { address: 10.0.0.5 }"), 3, "prefix");
+        assert_invalid(&host("network: { adress: 10.0.0.5/24 }"), 3, "adress");
+        assert_invalid(
+            "interface: br0\ngroups:\n  web:\n    user_data: |\n      #cloud-config\n      runcmd: [\n",
+            5,
+            "not valid YAML",
+        );
     }
 
     #[test]

@@ -690,3 +690,104 @@ async fn stalled_connections_are_bounded_and_closed() {
         .unwrap();
     assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
 }
+
+/// Issue 9: each host's NoCloud-net data (meta-data, user-data, network-config) carries its own
+/// identity, goes only to its address (user data may hold secrets) or the admin token, and its
+/// instance-id changes with every install so cloud-init runs again after a reimage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_host_gets_its_own_cloud_init_data_at_its_address_only() {
+    const DB: &str = "52:54:00:12:34:57";
+    const DB_IP: &str = "10.9.0.57";
+    let rig = rig(&format!(
+        "  \"{DB}\": {{ image: demo@1, hostname: db-01, ssh_authorized_keys: [\"ssh-ed25519 AAAAC3 ops@example\"], \
+         user_data: \"#cloud-config\\nruncmd: [[touch, /db]]\\n\", \
+         network: {{ address: 10.9.0.57/24, gateway: 10.9.0.1, dns: [10.9.0.1] }} }}\n"
+    ));
+    rig.state
+        .note_address(DB.parse().unwrap(), DB_IP.parse().unwrap());
+    rig.state
+        .note_address(MAC.parse().unwrap(), HOST_IP.parse().unwrap());
+    let fetch = |ip: &'static str, doc: &str, admin: bool| {
+        let mut req = Request::get(format!("/meta/{DB}/{doc}"));
+        if admin {
+            req = req.header("authorization", "Bearer s3cret");
+        }
+        let req = req.body(Body::empty()).unwrap();
+        let rig = &rig;
+        async move {
+            let (s, b) = call_from(rig, ip, req).await;
+            (s, String::from_utf8_lossy(&b).into_owned())
+        }
+    };
+    let yaml = |text: &str| -> serde_json::Value { serde_saphyr::from_str(text).unwrap() };
+
+    let (s, meta) = fetch(DB_IP, "meta-data", false).await;
+    assert_eq!(s, StatusCode::OK, "{meta}");
+    let meta = yaml(&meta);
+    assert_eq!(meta["local-hostname"], "db-01");
+    assert_eq!(meta["public-keys"][0], "ssh-ed25519 AAAAC3 ops@example");
+    assert_eq!(
+        meta["instance-id"], "fleetboot-525400123457",
+        "never installed yet"
+    );
+    let (_, user) = fetch(DB_IP, "user-data", false).await;
+    assert_eq!(user, "#cloud-config\nruncmd: [[touch, /db]]\n");
+    let (_, net) = fetch(DB_IP, "network-config", false).await;
+    let net = yaml(&net);
+    assert_eq!(net["ethernets"]["nic0"]["addresses"][0], "10.9.0.57/24");
+    assert_eq!(net["ethernets"]["nic0"]["match"]["macaddress"], DB);
+
+    // Another host, the neighbour, anyone else: refused, and no secret in the answer.
+    for ip in [HOST_IP, NEIGHBOUR_IP] {
+        let (s, body) = fetch(ip, "user-data", false).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{ip}: {body}");
+        assert!(!body.contains("runcmd"), "{body}");
+    }
+    let (s, _) = fetch(NEIGHBOUR_IP, "user-data", true).await;
+    assert_eq!(s, StatusCode::OK, "the admin token reads any host's data");
+    let (s, _) = call_from(
+        &rig,
+        HOST_IP,
+        Request::get("/meta/52:54:00:99:99:99/meta-data")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // The first host: no identity keys, so DHCP and its configured hostname.
+    let (s, b) = call_from(
+        &rig,
+        HOST_IP,
+        Request::get(format!("/meta/{MAC}/network-config"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        yaml(&String::from_utf8_lossy(&b))["ethernets"]["nic0"]["dhcp4"],
+        true
+    );
+
+    // Every install gets a new instance-id.
+    let install = || async {
+        let req = Request::get(format!("/boot/{DB}.ipxe"))
+            .body(Body::empty())
+            .unwrap();
+        let (s, body) = call_from(&rig, DB_IP, req).await;
+        assert_eq!(s, StatusCode::OK);
+        token_of(&String::from_utf8_lossy(&body))
+    };
+    let token = install().await;
+    let first = yaml(&fetch(DB_IP, "meta-data", false).await.1)["instance-id"].clone();
+    assert_ne!(first, "fleetboot-525400123457");
+    let failed = Request::post(format!("/api/agent/{DB}/failed"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(Body::from(r#"{"reason":"test"}"#))
+        .unwrap();
+    assert!(call_from(&rig, DB_IP, failed).await.0.is_success());
+    install().await;
+    let second = yaml(&fetch(DB_IP, "meta-data", false).await.1)["instance-id"].clone();
+    assert_ne!(first, second, "a new install, a new instance");
+}

@@ -9,9 +9,11 @@
 //! - the install tokens (`tokens.rs`): bound to one MAC, to the address DHCP gave that MAC, and
 //!   to a lifetime; checked on every agent call and store read;
 //! - the addresses DHCP saw for each MAC;
-//! - the images the configuration names, resolved to their identity (`images.rs`).
+//! - the images the configuration names, resolved to their identity (`images.rs`);
+//! - what each host's installed OS is told about itself (`cloudinit.rs`: NoCloud documents).
 
 mod boot;
+pub mod cloudinit;
 mod images;
 pub mod policy;
 mod tokens;

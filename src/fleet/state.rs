@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS hosts (
     hint_digest TEXT,
     token_ip TEXT,
     token_expires INTEGER,
-    report TEXT
+    report TEXT,
+    instance_id TEXT
 );
 CREATE TABLE IF NOT EXISTS leases (
     ip TEXT PRIMARY KEY,
@@ -60,7 +61,7 @@ CREATE TABLE IF NOT EXISTS events (
 ";
 
 /// Schema version kept in `PRAGMA user_version`; [`migrate`] brings older files up to it.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Where a host is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -129,6 +130,9 @@ pub struct HostRecord {
     pub reimage: bool,
     #[serde(skip)]
     pub token: Option<Token>,
+    /// The installed OS's cloud-init instance: new at every install, so cloud-init runs again on
+    /// the first boot after a reimage (NoCloud `instance-id`).
+    pub instance_id: Option<String>,
 }
 
 /// An install token and what it is bound to.
@@ -331,7 +335,8 @@ impl FleetState {
                     bytes_total = 0, detail = NULL,
                     hint = COALESCE(installed, hint),
                     hint_digest = CASE WHEN installed IS NULL THEN hint_digest ELSE installed_digest END,
-                    installed = NULL, installed_digest = NULL, last_seen = ?7
+                    installed = NULL, installed_digest = NULL, last_seen = ?7,
+                    instance_id = 'fleetboot-' || lower(hex(randomblob(8)))
                  WHERE mac = ?1",
                 params![
                     mac.to_string(),
@@ -588,7 +593,7 @@ fn prune_hosts(db: &Connection, max: u64) -> rusqlite::Result<()> {
 
 const SELECT_HOST: &str = "SELECT mac, ip, arch, first_seen, last_seen, assigned, assigned_digest,
     installed, installed_digest, hint, hint_digest, status, progress_pct, bytes_done, bytes_total,
-    detail, reimage, token, token_ip, token_expires, report FROM hosts";
+    detail, reimage, token, token_ip, token_expires, report, instance_id FROM hosts";
 
 /// An image identity from its two columns (`NAME@N`, digest); `None` if either is missing or
 /// the name does not parse (a row written by hand).
@@ -637,6 +642,7 @@ fn row_to_host(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostRecord> {
         report: r
             .get::<_, Option<String>>(20)?
             .and_then(|j| serde_json::from_str(&j).ok()),
+        instance_id: r.get(21)?,
     })
 }
 
@@ -662,20 +668,23 @@ fn migrate(db: &Connection) -> rusqlite::Result<()> {
         ("token_ip", "TEXT"),
         ("token_expires", "INTEGER"),
         ("report", "TEXT"),
+        ("instance_id", "TEXT"),
     ] {
         if !have.contains(column) {
             tx.execute_batch(&format!("ALTER TABLE hosts ADD COLUMN {column} {kind}"))?;
         }
     }
     // Version 1 kept `installed` through failed and interrupted installs: such a disk is unknown.
-    // Its tokens were bound to no address: they are void.
-    tx.execute_batch(
-        "UPDATE hosts SET hint = installed, hint_digest = installed_digest
-            WHERE installed IS NOT NULL;
-         UPDATE hosts SET installed = NULL, installed_digest = NULL
-            WHERE status IN ('booting', 'imaging', 'failed');
-         UPDATE hosts SET token = NULL WHERE token_ip IS NULL;",
-    )?;
+    // Its tokens were bound to no address: they are void. (Version 2 added no more than columns.)
+    if version < 2 {
+        tx.execute_batch(
+            "UPDATE hosts SET hint = installed, hint_digest = installed_digest
+                WHERE installed IS NOT NULL;
+             UPDATE hosts SET installed = NULL, installed_digest = NULL
+                WHERE status IN ('booting', 'imaging', 'failed');
+             UPDATE hosts SET token = NULL WHERE token_ip IS NULL;",
+        )?;
+    }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()
 }

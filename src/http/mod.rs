@@ -12,6 +12,8 @@
 //! GET  /api/agent/{mac}/assignment      agent API (Bearer: the per-boot token)
 //! POST /api/agent/{mac}/progress|done|failed
 //! GET  /api/hosts, POST /api/reimage    admin API (Bearer: the admin token)
+//! GET  /meta/{mac}/meta-data|user-data|vendor-data|network-config   NoCloud-net, to the host's
+//!                                       address only (or the admin token)
 //! GET  /metrics                         Prometheus text format
 //! GET  /                                dashboard
 //! ```
@@ -19,6 +21,7 @@
 pub mod api;
 mod dashboard;
 pub mod limits;
+mod meta;
 pub mod packs;
 mod script;
 
@@ -136,6 +139,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/api/reimage", post(api::reimage))
         .route("/store/packs/{name}", get(packs::get))
         .route("/store/manifests/{name}/{file}", get(manifest))
+        .route("/meta/{mac}/{doc}", get(meta::get))
         .with_state(state)
 }
 
