@@ -104,6 +104,12 @@ fn install(client: &Client, s: &Settings) -> Result<InstallReport> {
     )
     .context("writing the image")?;
     disk.sync()?;
+    if disk.zeros_found > 0 {
+        eprintln!(
+            "fleetboot-agent: {} bytes of zero runs already read as zeros on the disk (left alone)",
+            disk.zeros_found
+        );
+    }
     let digest = disk.digest_of(&manifest)?;
     if digest != manifest.meta.digest {
         bail!(

@@ -123,6 +123,9 @@ struct FramePlan {
     entries: Vec<u32>,
 }
 
+/// The most zeros asked of a target at once.
+pub const ZERO_STEP_BYTES: u64 = 64 << 20;
+
 /// Recreates the image described by `manifest` on `target`. `progress` is called with the number
 /// of image bytes done so far (zero runs count once they are handed to the target).
 pub fn restore(
@@ -148,15 +151,21 @@ pub fn restore_with(
     let (frames, uses) = plan(manifest, local);
     let mut report = RestoreReport::default();
     let mut done = 0u64;
+    // Zero runs in bounded steps, with progress after each: one request for 1.6 GiB of zeros
+    // put a whole disk's worth of Write Zeroes commands in flight at once, which a slow device
+    // (QEMU's NVMe, some real ones) does not finish before the kernel's command timeout.
     for x in manifest.extents.iter().filter(|x| x.entry.is_none()) {
-        target
-            .zero(x.offset, x.len)
-            .map_err(|error| RestoreError::Write {
-                offset: x.offset,
-                error,
-            })?;
+        let mut at = x.offset;
+        while at < x.offset + x.len {
+            let n = (x.offset + x.len - at).min(ZERO_STEP_BYTES);
+            target
+                .zero(at, n)
+                .map_err(|error| RestoreError::Write { offset: at, error })?;
+            at += n;
+            done += n;
+            progress(done);
+        }
         report.zero_bytes += x.len;
-        done += x.len;
     }
     // Local chunks first: verified when they were read, written at every use.
     for (e, offsets) in &uses {
@@ -386,6 +395,48 @@ mod tests {
             self.0[offset as usize..(offset + len) as usize].fill(0);
             Ok(())
         }
+    }
+
+    /// A long zero run is asked of the target in bounded steps, with progress after each.
+    #[test]
+    fn zero_runs_go_to_the_target_in_bounded_steps() {
+        struct Zeros(Vec<(u64, u64)>);
+        impl Target for Zeros {
+            fn write_at(&mut self, _: u64, _: &[u8]) -> io::Result<()> {
+                Ok(())
+            }
+            fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
+                self.0.push((offset, len));
+                Ok(())
+            }
+        }
+        let (mut manifest, source, _, _) = fixture();
+        let len = 3 * ZERO_STEP_BYTES + 4096;
+        let start = manifest.meta.size;
+        manifest.extents.push(Extent {
+            offset: start,
+            len,
+            entry: None,
+        });
+        manifest.meta.size += len;
+        let mut target = Zeros(Vec::new());
+        let reports = std::sync::Mutex::new(Vec::new());
+        restore(
+            &manifest,
+            &source,
+            &mut target,
+            RestoreOptions::default(),
+            &|d| reports.lock().unwrap().push(d),
+        )
+        .unwrap();
+        assert!(target.0.iter().all(|&(_, n)| n <= ZERO_STEP_BYTES));
+        let long: Vec<_> = target.0.iter().filter(|z| z.0 >= start).collect();
+        assert_eq!(long.len(), 4, "{long:?}");
+        assert_eq!(long.iter().map(|z| z.1).sum::<u64>(), len);
+        assert!(
+            reports.lock().unwrap().len() >= 5,
+            "progress after every step"
+        );
     }
 
     /// Four 4 KiB chunks a, b, c, d in two frames [a b] [c d]; image = a 0 b c a d.
