@@ -151,7 +151,8 @@ enum StoreCommand {
     /// (installs and exports that began before gc still read them) and deleted by a later gc.
     Gc {
         /// How long a retired pack stays readable before a gc deletes it, e.g. 4h, 30m, 0s
-        /// (0s frees the space at once: only when nothing is installing from the store).
+        /// (0s frees the space at once: only when nothing is installing from the store). Keep
+        /// it at least the appliance's install_token_ttl (default 4h): no install lasts longer.
         #[arg(long, default_value = "4h", value_parser = humantime::parse_duration)]
         grace: std::time::Duration,
     },

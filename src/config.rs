@@ -47,6 +47,9 @@ pub struct Config {
     pub hosts: BTreeMap<Mac, Host>,
     /// Every image the configuration names, with where, for checking against the store.
     pub image_uses: Vec<ImageUse>,
+    /// Files the configuration reads besides itself (`user_data_file`): a change to one is a
+    /// change to the configuration.
+    pub watched_files: Vec<PathBuf>,
 }
 
 /// DHCP settings.
@@ -419,33 +422,46 @@ struct RawHost {
 /// configuration, never both; SSH keys that look like keys; a static address with its prefix.
 fn identity_keys(
     r: &RawIdentity<'_>,
+    host_level: bool,
     base: &Path,
+    files: &mut Vec<PathBuf>,
     at: &dyn Fn(&serde_saphyr::Location, String) -> ConfigError,
 ) -> Result<IdentityKeys, ConfigError> {
     if let Some(h) = &r.hostname {
         let name = h.value.replace("{mac}", "525400000000");
-        let ok = !name.is_empty()
-            && name.len() <= 63
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-            && !name.starts_with('-')
-            && !name.ends_with('-');
-        if !ok {
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if name.len() > 253 || !name.split('.').all(label_ok) {
             return Err(at(
                 &h.referenced,
                 format!(
-                    "hostname {:?} is not a valid host name (letters, digits and '-', at most 63, \
-                     `{{mac}}` for the MAC)",
+                    "hostname {:?} is not a valid host name (dot-separated labels of letters, \
+                     digits, '-' and '_', each at most 63; `{{mac}}` for the MAC)",
                     h.value
                 ),
             ));
         }
     }
+    if let (Some(n), false) = (r.network, host_level) {
+        return Err(at(
+            &n.referenced,
+            "a static address belongs to one host: give `network` in that host's entry".into(),
+        ));
+    }
     if let Some(keys) = &r.ssh_authorized_keys {
         for k in &keys.value {
-            let kind = k.split_whitespace().next().unwrap_or("");
-            if !(kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-"))
-                || k.split_whitespace().count() < 2
-            {
+            // `[options] type base64 [comment]`, as in authorized_keys.
+            let words: Vec<&str> = k.split_whitespace().collect();
+            let kind = words.iter().position(|w| {
+                w.starts_with("ssh-") || w.starts_with("ecdsa-") || w.starts_with("sk-")
+            });
+            if kind.is_none_or(|i| i + 1 >= words.len()) {
                 return Err(at(
                     &keys.referenced,
                     format!("{k:?} is not an SSH public key (expected e.g. \"ssh-ed25519 AAAA… comment\")"),
@@ -463,6 +479,7 @@ fn identity_keys(
         (Some(inline), None) => Some((inline.value.clone(), &inline.referenced)),
         (None, Some(f)) => {
             let path = base.join(&f.value);
+            files.push(path.clone());
             let text = std::fs::read_to_string(&path).map_err(|e| {
                 at(
                     &f.referenced,
@@ -525,7 +542,16 @@ fn check_user_data(text: &str) -> Result<(), String> {
             )),
         };
     }
-    let known = ["#!", "#include", "#cloud-boothook", "Content-Type:"];
+    let known = [
+        "#!",
+        "#include",
+        "#cloud-boothook",
+        "#cloud-config-archive",
+        "#cloud-config-jsonp",
+        "#part-handler",
+        "## template: jinja",
+        "Content-Type:",
+    ];
     if known.iter().any(|p| first.starts_with(p)) {
         return Ok(());
     }
@@ -622,11 +648,14 @@ impl Config {
                     )
                 })?,
         };
-        let identity = |r: &RawIdentity<'_>| identity_keys(r, base, &at);
+        let mut watched = Vec::new();
+        let mut identity = |r: &RawIdentity<'_>, host_level: bool| {
+            identity_keys(r, host_level, base, &mut watched, &at)
+        };
         let defaults = Assignment {
             image: raw.defaults.image.as_ref().map(&mut image).transpose()?,
             disk: raw.defaults.disk.clone(),
-            identity: identity(&raw.defaults.identity())?,
+            identity: identity(&raw.defaults.identity(), false)?,
         };
         let mut groups = BTreeMap::new();
         for (name, g) in &raw.groups {
@@ -635,12 +664,13 @@ impl Config {
                 Assignment {
                     image: g.value.image.as_ref().map(&mut image).transpose()?,
                     disk: g.value.disk.clone(),
-                    identity: identity(&g.value.identity())?,
+                    identity: identity(&g.value.identity(), false)?,
                 },
             );
         }
         let mut hosts = BTreeMap::new();
         let mut reserved: BTreeSet<Ipv4Addr> = BTreeSet::new();
+        let mut static_addresses: BTreeSet<Ipv4Addr> = BTreeSet::new();
         for (key, h) in &raw.hosts {
             let mac: Mac = key
                 .parse()
@@ -672,7 +702,15 @@ impl Config {
                 Some(g) => g.identity.over(&defaults.identity),
                 None => defaults.identity.clone(),
             };
-            let keys = identity(&h.value.identity())?.over(&general);
+            let keys = identity(&h.value.identity(), true)?.over(&general);
+            if let Some(n) = &keys.network {
+                if !static_addresses.insert(n.address) {
+                    return Err(at(
+                        &h.referenced,
+                        format!("static address {} is given to two hosts", n.address),
+                    ));
+                }
+            }
             let host = Host {
                 mac,
                 image: own_image
@@ -743,6 +781,7 @@ impl Config {
             groups,
             hosts,
             image_uses,
+            watched_files: watched,
         })
     }
 
@@ -893,9 +932,11 @@ defaults:
 groups:
   web:
     user_data_file: web.yaml
-    network: { address: 10.0.0.5/24, gateway: 10.0.0.1, dns: [10.0.0.53] }
 hosts:
-  \"52:54:00:00:00:01\": { group: web, hostname: web-01 }
+  \"52:54:00:00:00:01\":
+    group: web
+    hostname: web-01
+    network: { address: 10.0.0.5/24, gateway: 10.0.0.1, dns: [10.0.0.53] }
   \"52:54:00:00:00:02\": { ssh_authorized_keys: [\"ssh-rsa AAAAB3 me@laptop\"] }
 ";
         let c = Config::parse(&dir.path().join("fleetboot.yaml"), text).unwrap();
@@ -933,7 +974,8 @@ hosts:
     fn bad_identity_keys_name_the_line() {
         let host =
             |keys: &str| format!("interface: br0\nhosts:\n  \"52:54:00:12:34:56\": {{ {keys} }}\n");
-        assert_invalid(&host("hostname: web_01"), 3, "not a valid host name");
+        assert_invalid(&host("hostname: web/01"), 3, "not a valid host name");
+        assert_invalid(&host("hostname: -web"), 3, "not a valid host name");
         assert_invalid(
             &host("ssh_authorized_keys: [hunter2]"),
             3,
@@ -948,6 +990,16 @@ hosts:
         );
         assert_invalid(&host("network: { address: 10.0.0.5 }"), 3, "prefix");
         assert_invalid(&host("network: { adress: 10.0.0.5/24 }"), 3, "adress");
+        assert_invalid(
+            "interface: br0\ngroups:\n  web: { network: { address: 10.0.0.5/24 } }\n",
+            3,
+            "belongs to one host",
+        );
+        assert_invalid(
+            "interface: br0\nhosts:\n  \"52:54:00:00:00:01\": { network: { address: 10.0.0.5/24 } }\n  \"52:54:00:00:00:02\": { network: { address: 10.0.0.5/24 } }\n",
+            4,
+            "two hosts",
+        );
         assert_invalid(
             "interface: br0\ngroups:\n  web:\n    user_data: |\n      #cloud-config\n      runcmd: [\n",
             5,

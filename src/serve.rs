@@ -128,20 +128,26 @@ async fn close_deleted_packs(state: Arc<AppState>) {
     }
 }
 
-/// Reloads on SIGHUP, and when the file's modification time changes (checked every second).
+/// Reloads on SIGHUP, and when the modification time of the file, or of a file it reads
+/// (`user_data_file`), changes (checked every second).
 async fn reload_loop(state: Arc<AppState>, path: PathBuf) {
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         return;
     };
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut seen: Option<SystemTime> = mtime(&path);
+    let fingerprint = |state: &AppState| -> Vec<Option<SystemTime>> {
+        std::iter::once(mtime(&path))
+            .chain(state.config().watched_files.iter().map(|f| mtime(f)))
+            .collect()
+    };
+    let mut seen = fingerprint(&state);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let forced = tokio::select! {
             _ = hup.recv() => true,
             _ = tick.tick() => false,
         };
-        let now = mtime(&path);
+        let now = fingerprint(&state);
         if !forced && now == seen {
             continue;
         }
@@ -153,6 +159,8 @@ async fn reload_loop(state: Arc<AppState>, path: PathBuf) {
                     tracing::warn!("interface and http_port changes take effect at the next start");
                 }
                 *state.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+                // The new configuration may read other files.
+                seen = fingerprint(&state);
                 tracing::info!(path = %path.display(), "configuration reloaded");
                 let _ = state.fleet().event(None, "config-reloaded", None);
             }

@@ -276,6 +276,12 @@ fn unreadable_images_are_refused_with_the_reason_and_leave_nothing() {
         img("disk.vmdk").to_str().unwrap(),
     ]);
     pipe("xz", &["-c", "-T1"], &raw, &img("disk.raw.xz"));
+    pipe(
+        "xz",
+        &["-c", "-T1"],
+        &img("whole.qcow2"),
+        &img("disk.qcow2.xz"),
+    );
     let xz = fs::read(img("disk.raw.xz")).unwrap();
     fs::write(img("cut.raw.xz"), &xz[..xz.len() / 2]).unwrap();
 
@@ -287,6 +293,7 @@ fn unreadable_images_are_refused_with_the_reason_and_leave_nothing() {
         ("version9.qcow2", "version 9 is not supported"),
         ("disk.vmdk", "is a VMDK image"),
         ("cut.raw.xz", "cut short"),
+        ("disk.qcow2.xz", "holds a qcow2 image compressed with xz"),
     ] {
         let path = img(file);
         let out = env.run(&["image", "import", "bad", path.to_str().unwrap()]);

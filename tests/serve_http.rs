@@ -745,6 +745,14 @@ async fn each_host_gets_its_own_cloud_init_data_at_its_address_only() {
     }
     let (s, _) = fetch(NEIGHBOUR_IP, "user-data", true).await;
     assert_eq!(s, StatusCode::OK, "the admin token reads any host's data");
+    // The address moves to another machine (DB's lease expired, a neighbour got it): DB's data
+    // does not follow it.
+    rig.state
+        .note_address("52:54:00:77:77:77".parse().unwrap(), DB_IP.parse().unwrap());
+    let (s, body) = fetch(DB_IP, "user-data", false).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    rig.state
+        .note_address(DB.parse().unwrap(), DB_IP.parse().unwrap());
     let (s, _) = call_from(
         &rig,
         HOST_IP,

@@ -135,6 +135,9 @@ pub struct Disk {
     is_device: bool,
     /// Bytes of zero runs the device already read as zeros (left alone).
     pub zeros_found: u64,
+    /// Those ranges, in order: the read-back reads them again (a device that trims without
+    /// guaranteeing zeros may not keep them), where BLKZEROOUT's ranges are taken as zeros.
+    left_alone: Vec<(u64, u64)>,
     scratch: Vec<u8>,
 }
 
@@ -170,6 +173,7 @@ impl Disk {
             file,
             is_device,
             zeros_found: 0,
+            left_alone: Vec::new(),
             scratch: Vec::new(),
         };
         let capacity = disk.capacity()?;
@@ -242,7 +246,8 @@ impl Disk {
 
     /// BLAKE3 of the image as it reads back now: its data extents read from the disk, its zero
     /// runs — made zero by BLKZEROOUT or a punched hole, which guarantee it — hashed as zeros
-    /// without reading them (reading 2 GiB of holes took 4 s). Two threads, one per half of the
+    /// without reading them (reading 2 GiB of holes took 4 s), except the ranges left alone
+    /// because they read as zeros, which are read again. Two threads, one per half of the
     /// BLAKE3 tree.
     pub fn digest_of(&self, manifest: &fleetboot_image::Manifest) -> Result<String> {
         use blake3::hazmat::{left_subtree_len, merge_subtrees_root, HasherExt, Mode};
@@ -293,12 +298,11 @@ impl Disk {
             }
             let mut at = start;
             while at < end {
-                let n = (end - at).min(if x.entry.is_some() {
-                    READ_BYTES
-                } else {
-                    ZEROS.len() as u64
-                }) as usize;
-                if x.entry.is_some() {
+                let read = x.entry.is_some() || self.was_left_alone(at);
+                let n = (end - at).min(if read { READ_BYTES } else { ZEROS.len() as u64 });
+                // A piece is all read or all taken as zeros.
+                let n = self.next_boundary(at).map_or(n, |b| n.min(b - at)) as usize;
+                if read {
                     self.file.read_exact_at(&mut buf[..n], at)?;
                     hasher.update(&buf[..n]);
                 } else {
@@ -312,6 +316,19 @@ impl Disk {
 }
 
 impl Disk {
+    /// Whether `at` lies in a range left alone because it read as zeros.
+    fn was_left_alone(&self, at: u64) -> bool {
+        let i = self.left_alone.partition_point(|r| r.1 <= at);
+        self.left_alone.get(i).is_some_and(|r| r.0 <= at)
+    }
+
+    /// The first start or end of a left-alone range after `at`.
+    fn next_boundary(&self, at: u64) -> Option<u64> {
+        let i = self.left_alone.partition_point(|r| r.1 <= at);
+        let r = self.left_alone.get(i)?;
+        Some(if r.0 > at { r.0 } else { r.1 })
+    }
+
     /// Whether `offset .. offset + len` reads as zeros now (stops at the first other byte).
     fn reads_as_zeros(&mut self, offset: u64, len: u64) -> io::Result<bool> {
         self.scratch.resize(ZERO_CHECK_BYTES, 0);
@@ -339,8 +356,13 @@ impl Target for Disk {
     /// hole in a file), or zeros written when neither is available.
     fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
         use std::os::fd::AsRawFd;
-        if self.is_device && self.reads_as_zeros(offset, len)? {
+        // A read error here is no reason to fail: BLKZEROOUT may well mend those sectors.
+        if self.is_device && self.reads_as_zeros(offset, len).unwrap_or(false) {
             self.zeros_found += len;
+            match self.left_alone.last_mut() {
+                Some(last) if last.1 == offset => last.1 = offset + len,
+                _ => self.left_alone.push((offset, offset + len)),
+            }
             return Ok(());
         }
         let done = if self.is_device {

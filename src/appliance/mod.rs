@@ -109,6 +109,9 @@ impl AppState {
         if map.len() >= ADDRESSES_MAX && !map.contains_key(&mac) {
             map.clear();
         }
+        // An address belongs to one machine at a time: a lease handed to another MAC (the
+        // first's expired) moves it, so what is bound to the address follows the new holder.
+        map.retain(|m, a| *a != ip || *m == mac);
         map.insert(mac, ip);
     }
 

@@ -3,8 +3,8 @@
 //! (`ds=nocloud-net;s=http://APPLIANCE/meta/MAC/`).
 //!
 //! User data may hold secrets: a host's documents go only to the address that host has (the
-//! one DHCP gave its MAC, else the one its last install token was bound to, else the last one
-//! seen), or to a holder of the admin token.
+//! one DHCP gave its MAC — an address handed to another MAC moves; with DHCP off, the one its
+//! install token was bound to, else the last one seen), or to a holder of the admin token.
 
 use super::{bearer, blocking, AppError, AppState, Peer};
 use crate::appliance::cloudinit;
@@ -36,11 +36,16 @@ pub async fn get(
             .ok_or_else(|| AppError(StatusCode::NOT_FOUND, format!("{mac} is not a host")))?;
         let record = st.fleet().host(mac)?;
         if !admin {
-            let known: Option<IpAddr> = st
-                .address_of(mac)
-                .map(IpAddr::V4)
-                .or_else(|| record.as_ref().and_then(|r| r.token.as_ref().map(|t| t.ip)))
-                .or_else(|| record.as_ref().and_then(|r| r.ip.as_deref()?.parse().ok()));
+            // DHCP's knowledge moves with the leases; only without DHCP do the token's address
+            // and the last one seen stand in (they may be stale after the machine is gone).
+            let known: Option<IpAddr> = match st.address_of(mac) {
+                Some(ip) => Some(IpAddr::V4(ip)),
+                None if config.dhcp.mode == crate::config::DhcpMode::Off => record
+                    .as_ref()
+                    .and_then(|r| r.token.as_ref().map(|t| t.ip))
+                    .or_else(|| record.as_ref().and_then(|r| r.ip.as_deref()?.parse().ok())),
+                None => None,
+            };
             match known {
                 Some(ip) if crate::appliance::canonical(ip) == peer => {}
                 Some(ip) => {

@@ -109,17 +109,32 @@ pub async fn get(
     let count = (end - start + 1) as usize;
     if count > BUFFERED_BYTES_MAX {
         use tower::ServiceExt;
-        let mut path = st.store.pack_path(&id);
-        if !path.exists() {
-            path = st.store.retired_pack_path(&id);
-        }
-        return match tower_http::services::ServeFile::new(path)
-            .oneshot(req)
-            .await
-        {
-            Ok(resp) => resp.map(Body::new),
-            Err(never) => match never {},
+        // By path: a gc may move the pack to retired/ between the lookup and the open, so the
+        // other place is tried too before answering 404 (which the agent takes as final).
+        let (live, retired) = (st.store.pack_path(&id), st.store.retired_pack_path(&id));
+        let order = if live.exists() {
+            [live, retired]
+        } else {
+            [retired, live]
         };
+        let (parts, body) = req.into_parts();
+        let mut last = StatusCode::NOT_FOUND.into_response();
+        for path in order {
+            let req = Request::from_parts(parts.clone(), Body::empty());
+            let resp = match tower_http::services::ServeFile::new(path)
+                .oneshot(req)
+                .await
+            {
+                Ok(resp) => resp.map(Body::new),
+                Err(never) => match never {},
+            };
+            if resp.status() != StatusCode::NOT_FOUND {
+                return resp;
+            }
+            last = resp;
+        }
+        drop(body);
+        return last;
     }
     // A bound on the bytes held for responses at once: stalled readers wait here instead of
     // each pinning another buffer.

@@ -411,7 +411,12 @@ fn pack_files_in(dir: &Path) -> Result<Vec<(PackId, u64)>, StoreError> {
         let Some(Ok(id)) = file.strip_suffix(".pack").map(str::parse::<PackId>) else {
             continue;
         };
-        out.push((id, entry.metadata().at(&entry.path())?.len()));
+        match entry.metadata() {
+            Ok(m) => out.push((id, m.len())),
+            // Moved or deleted by a gc since the listing: readers take no lock.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).at(&entry.path()),
+        }
     }
     out.sort();
     Ok(out)

@@ -88,17 +88,27 @@ pub fn open(
     }
     if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
         let reader = liblzma::read::XzDecoder::new_multi_decoder(io::BufReader::new(file));
-        return Ok((Box::new(Stream::new(reader)), Format::Xz));
+        return Ok((Box::new(Stream::new(reader, "xz")), Format::Xz));
     }
     if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         let reader = zstd::stream::read::Decoder::new(file)?;
-        return Ok((Box::new(Stream::new(reader)), Format::Zstd));
+        return Ok((Box::new(Stream::new(reader, "zstd")), Format::Zstd));
     }
     if head.starts_with(&[0x1f, 0x8b]) {
         let reader = flate2::read::MultiGzDecoder::new(io::BufReader::new(file));
-        return Ok((Box::new(Stream::new(reader)), Format::Gzip));
+        return Ok((Box::new(Stream::new(reader, "gzip")), Format::Gzip));
     }
-    let other = if head.starts_with(b"KDMV") {
+    if let Some(other) = other_format(head) {
+        return Err(SourceError::Refused(format!(
+            "is a {other} image; convert it first (`qemu-img convert -O qcow2 IN OUT`)"
+        )));
+    }
+    Ok((Box::new(RawFile { file, len }), Format::Raw))
+}
+
+/// Disk formats import does not read, by their first bytes.
+fn other_format(head: &[u8]) -> Option<&'static str> {
+    if head.starts_with(b"KDMV") {
         Some("VMDK")
     } else if head.starts_with(b"vhdxfile") {
         Some("VHDX")
@@ -106,15 +116,11 @@ pub fn open(
         Some("VHD (dynamic)")
     } else if head.len() >= 68 && head[64..68] == [0x7f, 0x10, 0xda, 0xbe] {
         Some("VDI")
+    } else if is_qcow2(head) {
+        Some("qcow2")
     } else {
         None
-    };
-    if let Some(other) = other {
-        return Err(SourceError::Refused(format!(
-            "is a {other} image; convert it first (`qemu-img convert -O qcow2 IN OUT`)"
-        )));
     }
-    Ok((Box::new(RawFile { file, len }), Format::Raw))
 }
 
 fn read_head(file: &File, buf: &mut [u8]) -> io::Result<usize> {
@@ -191,14 +197,17 @@ fn seek(file: &File, pos: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
 /// its zero runs), and its size is where it ends.
 struct Stream<R> {
     reader: R,
+    /// The compression, for messages.
+    kind: &'static str,
     at: u64,
     ended: bool,
 }
 
 impl<R: Read + Send> Stream<R> {
-    fn new(reader: R) -> Stream<R> {
+    fn new(reader: R, kind: &'static str) -> Stream<R> {
         Stream {
             reader,
+            kind,
             at: 0,
             ended: false,
         }
@@ -233,6 +242,17 @@ impl<R: Read + Send> Source for Stream<R> {
                         format!("the compressed image is damaged or cut short: {e}"),
                     ))
                 }
+            }
+        }
+        // A compressed qcow2 (or VMDK…) is not a compressed raw disk: its container's bytes
+        // would become the disk.
+        if pos == 0 {
+            if let Some(inner) = other_format(&buf[..got.min(512)]) {
+                return Err(io::Error::other(format!(
+                    "holds a {inner} image compressed with {}; decompress it first and import \
+                     the {inner} file",
+                    self.kind
+                )));
             }
         }
         self.at += got as u64;

@@ -132,12 +132,15 @@ impl Store {
         let mut bad_headers = BTreeSet::new();
         let vanished: Mutex<BTreeSet<PackId>> = Mutex::new(BTreeSet::new());
         for p in &referenced {
-            if !packs.contains_key(p) {
+            let file = self.open_pack(p);
+            let gone = matches!(&file, Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+            if !packs.contains_key(p) || gone {
+                // Missing, or deleted by a gc since the listing: decided after the pass.
                 vanished
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(*p);
-            } else if !header_ok(self.open_pack(p)) {
+            } else if !header_ok(file) {
                 bad_headers.insert(*p);
             }
         }
