@@ -36,6 +36,13 @@ use std::sync::{Arc, Mutex, RwLock};
 /// made-up MACs cannot grow it without bound; a real host is seen again at its next request).
 const ADDRESSES_MAX: usize = 65_536;
 
+/// The addresses DHCP saw, both ways, so that an address has one holder.
+#[derive(Default)]
+struct Addresses {
+    by_mac: HashMap<Mac, Ipv4Addr>,
+    by_ip: HashMap<Ipv4Addr, Mac>,
+}
+
 /// Everything the front-ends share.
 pub struct AppState {
     /// The configuration in force; replaced whole on reload.
@@ -54,7 +61,7 @@ pub struct AppState {
     /// Images resolved to their identity, cached by manifest file.
     pub images: ImageCatalog,
     /// The address DHCP gave (full mode) or saw (proxy mode) for each MAC.
-    addresses: Mutex<HashMap<Mac, Ipv4Addr>>,
+    addresses: Mutex<Addresses>,
     /// Bytes of pack data the HTTP side may hold in memory at once.
     pub http_buffer_budget: Arc<tokio::sync::Semaphore>,
 }
@@ -83,7 +90,7 @@ impl AppState {
             packs: PackFiles::default(),
             tokens,
             images: ImageCatalog::default(),
-            addresses: Mutex::new(HashMap::new()),
+            addresses: Mutex::new(Addresses::default()),
             http_buffer_budget: Arc::new(tokio::sync::Semaphore::new(
                 crate::http::limits::HttpLimits::default().buffered_bytes_max,
             )),
@@ -105,14 +112,23 @@ impl AppState {
 
     /// DHCP gave `mac` the address `ip` (full mode), or `mac` asked for it (proxy mode).
     pub fn note_address(&self, mac: Mac, ip: Ipv4Addr) {
-        let mut map = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= ADDRESSES_MAX && !map.contains_key(&mac) {
-            map.clear();
+        let mut a = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+        if a.by_mac.len() >= ADDRESSES_MAX && !a.by_mac.contains_key(&mac) {
+            a.by_mac.clear();
+            a.by_ip.clear();
         }
         // An address belongs to one machine at a time: a lease handed to another MAC (the
         // first's expired) moves it, so what is bound to the address follows the new holder.
-        map.retain(|m, a| *a != ip || *m == mac);
-        map.insert(mac, ip);
+        if let Some(old) = a.by_ip.insert(ip, mac) {
+            if old != mac {
+                a.by_mac.remove(&old);
+            }
+        }
+        if let Some(previous) = a.by_mac.insert(mac, ip) {
+            if previous != ip {
+                a.by_ip.remove(&previous);
+            }
+        }
     }
 
     /// The address DHCP knows for `mac`, if any.
@@ -120,6 +136,7 @@ impl AppState {
         self.addresses
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .by_mac
             .get(&mac)
             .copied()
     }
