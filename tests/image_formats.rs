@@ -266,6 +266,15 @@ fn unreadable_images_are_refused_with_the_reason_and_leave_nothing() {
     let mut v9 = whole.clone();
     v9[7] = 9;
     fs::write(img("version9.qcow2"), v9).unwrap();
+    // A thin image claiming a petabyte: 16 MB of tables, nothing else.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        img("huge.qcow2").to_str().unwrap(),
+        "1P",
+    ]);
     qemu_img(&[
         "convert",
         "-f",
@@ -294,6 +303,7 @@ fn unreadable_images_are_refused_with_the_reason_and_leave_nothing() {
         ("disk.vmdk", "is a VMDK image"),
         ("cut.raw.xz", "cut short"),
         ("disk.qcow2.xz", "holds a qcow2 image compressed with xz"),
+        ("huge.qcow2", "more than import takes"),
     ] {
         let path = img(file);
         let out = env.run(&["image", "import", "bad", path.to_str().unwrap()]);

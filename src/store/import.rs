@@ -121,7 +121,12 @@ struct FrameLoc {
     flags: u32,
 }
 
-/// Imports the raw image at `path` as the next version of `name`.
+/// The largest disk an import takes: its digest covers every byte, zeros included (hashed at a
+/// few GB/s), so a thin image claiming petabytes would hold the writers' lock for days.
+pub const DISK_BYTES_MAX: u64 = 16 << 40;
+
+/// Imports the disk image at `path` (raw, qcow2, or raw compressed) as the next version of
+/// `name`.
 pub fn import(
     store: &Store,
     name: &str,
@@ -133,6 +138,15 @@ pub fn import(
     let started = Instant::now();
     let (mut source, format) = open_image(path)?;
     let known_size = source.size();
+    if let Some(size) = known_size.filter(|&n| n > DISK_BYTES_MAX) {
+        return Err(StoreError::BadInput {
+            path: path.to_path_buf(),
+            what: format!(
+                "describes a disk of {size} bytes, more than import takes ({DISK_BYTES_MAX}): \
+                 every byte, zero or not, is hashed into the image's digest"
+            ),
+        });
+    }
     let _lock = store.lock_for_write()?;
     let index = load_index(store)?;
 
