@@ -41,6 +41,7 @@ pub struct Config {
     pub dhcp: Dhcp,
     pub boot_files: BootFiles,
     pub tftp: Tftp,
+    pub http: Http,
     pub unknown_hosts: UnknownHosts,
     pub defaults: Assignment,
     pub groups: BTreeMap<String, Assignment>,
@@ -148,6 +149,28 @@ impl Default for Tftp {
             transfers_max: 64,
             transfers_per_client_max: 4,
             port: 69,
+        }
+    }
+}
+
+/// HTTP limits (taken at start; a reload does not change them).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http {
+    /// Connections served at once; more wait in the kernel's accept queue.
+    pub connections_max: usize,
+    /// A connection that moves no byte either way for this long is closed.
+    pub idle_timeout_secs: u64,
+    /// MiB of pack data held in memory for responses at once (stalled readers wait for it).
+    pub buffered_mib_max: usize,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Http {
+            connections_max: 1024,
+            idle_timeout_secs: 60,
+            buffered_mib_max: 256,
         }
     }
 }
@@ -312,6 +335,8 @@ struct RawConfig {
     boot_files: BootFiles,
     #[serde(default)]
     tftp: Tftp,
+    #[serde(default)]
+    http: Http,
     #[serde(default)]
     unknown_hosts: Option<Spanned<String>>,
     #[serde(default)]
@@ -755,6 +780,16 @@ impl Config {
         if raw.dhcp.lease_time < 60 {
             return Err(whole("dhcp.lease_time is under 60 seconds".into()));
         }
+        if raw.http.connections_max == 0
+            || raw.http.idle_timeout_secs == 0
+            || raw.http.buffered_mib_max < 16
+        {
+            return Err(whole(
+                "http: connections_max and idle_timeout_secs must be at least 1, buffered_mib_max \
+                 at least 16 (one frame's range)"
+                    .into(),
+            ));
+        }
         if raw.tftp.blksize_max < 512 || raw.tftp.windowsize_max == 0 || raw.tftp.transfers_max == 0
         {
             return Err(whole(
@@ -776,6 +811,7 @@ impl Config {
             dhcp: raw.dhcp,
             boot_files: raw.boot_files,
             tftp: raw.tftp,
+            http: raw.http,
             unknown_hosts,
             defaults,
             groups,
@@ -1013,6 +1049,7 @@ hosts:
         let c = Config::load(&path).unwrap();
         assert_eq!(c.hosts.len(), 2);
         assert_eq!(c.tftp.port, 69);
+        assert_eq!(c.http, Http::default());
     }
 
     #[test]
@@ -1025,5 +1062,14 @@ hosts:
             parse("interface: br0\ndhcp: { mode: full, range: [10.0.0.9, 10.0.0.1] }\n").is_err()
         );
         assert!(parse("interface: br0\ndhcp: { mode: off }\n").is_ok());
+        let c = parse("interface: br0\nhttp: { connections_max: 10, idle_timeout_secs: 5 }\n");
+        let http = c.unwrap().http;
+        assert_eq!((http.connections_max, http.idle_timeout_secs), (10, 5));
+        assert_eq!(
+            http.buffered_mib_max, 256,
+            "defaults fill what is not given"
+        );
+        assert!(parse("interface: br0\nhttp: { buffered_mib_max: 1 }\n").is_err());
+        assert!(parse("interface: br0\nhttp: { conections_max: 1 }\n").is_err());
     }
 }

@@ -80,6 +80,7 @@ impl AppState {
         for (mac, token) in fleet.live_tokens()? {
             tokens.insert(mac, token);
         }
+        let http = config.http.clone();
         Ok(Arc::new(AppState {
             store: Store::new(&config.store),
             config: RwLock::new(Arc::new(config)),
@@ -92,7 +93,7 @@ impl AppState {
             images: ImageCatalog::default(),
             addresses: Mutex::new(Addresses::default()),
             http_buffer_budget: Arc::new(tokio::sync::Semaphore::new(
-                crate::http::limits::HttpLimits::default().buffered_bytes_max,
+                crate::http::limits::HttpLimits::from_config(&http).buffered_bytes_max,
             )),
         }))
     }

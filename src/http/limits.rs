@@ -29,6 +29,17 @@ pub struct HttpLimits {
     pub buffered_bytes_max: usize,
 }
 
+impl HttpLimits {
+    /// The limits the configuration's `http` section sets.
+    pub fn from_config(c: &crate::config::Http) -> HttpLimits {
+        HttpLimits {
+            connections_max: c.connections_max,
+            idle_timeout: Duration::from_secs(c.idle_timeout_secs),
+            buffered_bytes_max: c.buffered_mib_max << 20,
+        }
+    }
+}
+
 impl Default for HttpLimits {
     fn default() -> Self {
         HttpLimits {
@@ -194,4 +205,31 @@ pub fn raise_open_files_limit() -> io::Result<u64> {
         }
     }
     Ok(lim.rlim_cur)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_configuration_sets_the_limits() {
+        let l = HttpLimits::from_config(&crate::config::Http {
+            connections_max: 7,
+            idle_timeout_secs: 9,
+            buffered_mib_max: 32,
+        });
+        assert_eq!(l.connections_max, 7);
+        assert_eq!(l.idle_timeout, Duration::from_secs(9));
+        assert_eq!(l.buffered_bytes_max, 32 << 20);
+        let d = HttpLimits::from_config(&crate::config::Http::default());
+        let default = HttpLimits::default();
+        assert_eq!(
+            (d.connections_max, d.idle_timeout, d.buffered_bytes_max),
+            (
+                default.connections_max,
+                default.idle_timeout,
+                default.buffered_bytes_max
+            )
+        );
+    }
 }

@@ -173,13 +173,8 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    serve_router(
-        listener,
-        app(state),
-        &limits::HttpLimits::default(),
-        shutdown,
-    )
-    .await
+    let limits = limits::HttpLimits::from_config(&state.config().http);
+    serve_router(listener, app(state), &limits, shutdown).await
 }
 
 /// Serves `router` (the appliance's, maybe with test layers) under `limits`.
