@@ -15,6 +15,7 @@ mod disk;
 mod init;
 mod modules;
 mod netconf;
+mod seed;
 mod source;
 
 use anyhow::{bail, Context, Result};

@@ -15,6 +15,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("qemu-utils", "qemu-img"),
     ("xz-utils", "xz"),
     ("gzip", "gzip"),
+    // The cloud-init seed partition's tests read it back with real tools.
+    ("fdisk", "sfdisk"),
+    ("mtools", "mtype"),
     // Real network peers for the appliance's tests: udhcpc, a site DHCP server, curl's TFTP.
     ("iproute2", "ip"),
     ("busybox-static", "busybox"),
