@@ -376,8 +376,22 @@ mod tests {
         }
     }
 
-    fn tool(name: &str) -> bool {
-        Command::new(name).arg("--version").output().is_ok()
+    fn tools_present() -> bool {
+        let present = ["sfdisk", "mtype"]
+            .iter()
+            .all(|t| Command::new(t).arg("--version").output().is_ok());
+        if !present {
+            eprintln!("SKIP: sfdisk and mtools are needed (cargo xtask setup installs them)");
+        }
+        present
+    }
+
+    fn open_rw(path: &std::path::Path) -> File {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap()
     }
 
     /// An image of 64 MiB partitioned by sfdisk (`label` gpt or dos, one partition filling it),
@@ -428,16 +442,11 @@ mod tests {
 
     #[test]
     fn gpt_backup_moves_to_the_disk_end_and_the_seed_takes_its_last_mib() {
-        if !tool("sfdisk") || !tool("mtype") {
-            eprintln!("SKIP: sfdisk and mtools are needed (cargo xtask setup installs them)");
+        if !tools_present() {
             return;
         }
         let (_dir, path) = disk("gpt");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
+        let f = open_rw(&path);
         let placed = write(&f, 256 << 20, 64 << 20, &files()).unwrap();
         assert!(placed.moved_backup);
         assert_eq!(
@@ -489,16 +498,11 @@ mod tests {
 
     #[test]
     fn mbr_takes_a_free_slot_and_a_full_disk_is_refused_untouched() {
-        if !tool("sfdisk") || !tool("mtype") {
-            eprintln!("SKIP: sfdisk and mtools are needed (cargo xtask setup installs them)");
+        if !tools_present() {
             return;
         }
         let (_dir, path) = disk("dos");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
+        let f = open_rw(&path);
         let placed = write(&f, 256 << 20, 64 << 20, &files()).unwrap();
         let json = Command::new("sfdisk")
             .arg("--json")
@@ -516,11 +520,7 @@ mod tests {
 
         // A disk the image fills: refused, and not one byte changed.
         let (_dir2, full) = disk("gpt");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&full)
-            .unwrap();
+        let f = open_rw(&full);
         f.set_len(64 << 20).unwrap();
         let before = std::fs::read(&full).unwrap();
         let err = write(&f, 64 << 20, 64 << 20, &files())

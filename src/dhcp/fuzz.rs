@@ -1,6 +1,6 @@
 //! The DHCP handler as a fuzz target: one long-lived server (full mode, with a known host and a
-//! lease pool) that every datagram is fed to, on port 67 and on 4011. Used by `fuzz/` (libFuzzer)
-//! and by the tests below, which throw random and mutated packets at it on the stable toolchain.
+//! lease pool) that every datagram is fed to, on port 67 and on 4011. Used by `crate::fuzz` (the
+//! stable engine, `fuzz/` for libFuzzer) and by the tests below.
 
 use super::server::DhcpServer;
 use crate::appliance::AppState;
@@ -44,17 +44,6 @@ mod tests {
     use super::*;
     use crate::dhcp::packet::tests::discover;
 
-    /// xorshift, so a failure reproduces.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-    }
-
     /// A relay on the appliance's subnet is answered through the relay; one on another subnet
     /// is not (the pool's addresses and mask would be wrong there).
     #[test]
@@ -81,33 +70,15 @@ mod tests {
 
     #[test]
     fn random_and_mutated_packets_never_panic() {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-        let mut answered = 0;
-        let seeds = (crate::fuzz::target("dhcp_packet").expect("a target").seeds)();
-        for round in 0..20_000u32 {
-            let mut p = seeds[round as usize % seeds.len()].clone();
-            match round % 4 {
-                0 => {
-                    let len = (rng.next() % 600) as usize;
-                    p = (0..len).map(|_| rng.next() as u8).collect();
-                }
-                _ => {
-                    for _ in 0..(1 + rng.next() % 8) {
-                        let i = (rng.next() as usize) % p.len();
-                        p[i] = rng.next() as u8;
-                    }
-                    if rng.next().is_multiple_of(5) {
-                        p.truncate((rng.next() as usize) % p.len());
-                    }
-                }
-            }
-            answered += handle_datagram(&p);
-        }
+        let target = crate::fuzz::target("dhcp_packet").expect("a target");
+        let r = crate::fuzz::run(target, crate::fuzz::Budget::Executions(20_000), 0x9e37_79b9);
+        assert_eq!(r.crash_count, 0, "first: {:?}", r.crashes.first());
         // Mutated packets must still reach the deep paths (pool, reply building), not only
         // the validation at the door.
         assert!(
-            answered > 1000,
-            "only {answered} answers: the mutations never get past validation"
+            r.accepted > 1000,
+            "only {} answers: the mutations never get past validation",
+            r.accepted
         );
     }
 }
