@@ -198,14 +198,7 @@ fn gpt_add(disk: &File, disk_len: u64, image_len: u64, fat: &[u8]) -> Result<Pla
         bail!("the GPT has no free entry for the cloud-init seed");
     };
     let seed_sectors = fat.len() as u64 / SECTOR;
-    let start = ((last_usable + 1 - seed_sectors) * SECTOR / ALIGN_BYTES * ALIGN_BYTES) / SECTOR;
-    if start < used_end {
-        bail!(
-            "no room for the cloud-init seed: the disk ({disk_len} bytes) has no free {} MiB \
-             after the image's partitions",
-            SEED_BYTES >> 20
-        );
-    }
+    let start = seed_start(last_usable + 1, seed_sectors, used_end, disk_len)?;
     // The filesystem first: until the table names it, nothing refers to these sectors.
     disk.write_all_at(fat, start * SECTOR)
         .context("writing the seed filesystem")?;
@@ -276,14 +269,7 @@ fn mbr_add(disk: &File, disk_len: u64, fat: &[u8], mbr: &mut [u8; 512]) -> Resul
     };
     let sectors = (disk_len / SECTOR).min(u64::from(u32::MAX));
     let seed_sectors = fat.len() as u64 / SECTOR;
-    let start = (sectors - seed_sectors) * SECTOR / ALIGN_BYTES * ALIGN_BYTES / SECTOR;
-    if start < used_end {
-        bail!(
-            "no room for the cloud-init seed: the disk ({disk_len} bytes) has no free {} MiB \
-             after the image's partitions",
-            SEED_BYTES >> 20
-        );
-    }
+    let start = seed_start(sectors, seed_sectors, used_end, disk_len)?;
     disk.write_all_at(fat, start * SECTOR)
         .context("writing the seed filesystem")?;
     let e = &mut mbr[446 + slot * 16..462 + slot * 16];
@@ -298,6 +284,22 @@ fn mbr_add(disk: &File, disk_len: u64, fat: &[u8], mbr: &mut [u8; 512]) -> Resul
         offset: start * SECTOR,
         len: fat.len() as u64,
         moved_backup: false,
+    })
+}
+
+/// The seed's first sector: aligned, ending at or before `end` (exclusive), and past `used_end`
+/// (every partition's end); a disk without that room is refused.
+fn seed_start(end: u64, seed_sectors: u64, used_end: u64, disk_len: u64) -> Result<u64> {
+    let start = end
+        .checked_sub(seed_sectors)
+        .map(|s| s * SECTOR / ALIGN_BYTES * ALIGN_BYTES / SECTOR)
+        .filter(|&s| s >= used_end);
+    start.with_context(|| {
+        format!(
+            "no room for the cloud-init seed: the disk ({disk_len} bytes) has no free {} MiB \
+             after the image's partitions",
+            SEED_BYTES >> 20
+        )
     })
 }
 
