@@ -217,6 +217,21 @@ pub struct IdentityKeys {
     /// cloud-config (or a script), inline or read from `user_data_file`.
     pub user_data: Option<String>,
     pub network: Option<StaticNetwork>,
+    pub cloud_init: Option<CloudInit>,
+}
+
+/// How the installed OS gets its cloud-init data (`cloud_init:`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CloudInit {
+    /// The agent writes a NoCloud `cidata` partition after the image (skipped, with a message,
+    /// for an image without a partition table; a partitioned disk without room fails the
+    /// install). The data is served as NoCloud-net as well.
+    #[default]
+    Seed,
+    /// Nothing is written to the disk; the data is still served as NoCloud-net
+    /// (`/meta/{mac}/`) for images configured to fetch it.
+    Off,
 }
 
 impl IdentityKeys {
@@ -239,6 +254,7 @@ impl IdentityKeys {
                 .network
                 .clone()
                 .or_else(|| more_general.network.clone()),
+            cloud_init: self.cloud_init.or(more_general.cloud_init),
         }
     }
 }
@@ -250,6 +266,7 @@ pub struct Identity {
     pub user_data: Option<String>,
     /// A static address for the installed OS; `None`: DHCP.
     pub network: Option<StaticNetwork>,
+    pub cloud_init: CloudInit,
 }
 
 /// `network: { address: 10.0.0.5/24, gateway: 10.0.0.1, dns: [10.0.0.1] }`.
@@ -379,6 +396,8 @@ struct RawAssignment {
     user_data_file: Option<Spanned<String>>,
     #[serde(default)]
     network: Option<Spanned<RawNetwork>>,
+    #[serde(default)]
+    cloud_init: Option<CloudInit>,
 }
 
 /// The identity keys as one level wrote them.
@@ -388,6 +407,7 @@ struct RawIdentity<'a> {
     user_data: &'a Option<Spanned<String>>,
     user_data_file: &'a Option<Spanned<String>>,
     network: &'a Option<Spanned<RawNetwork>>,
+    cloud_init: Option<CloudInit>,
 }
 
 /// Implements `identity()` for a level that has the identity keys.
@@ -401,6 +421,7 @@ macro_rules! raw_identity {
                     user_data: &self.user_data,
                     user_data_file: &self.user_data_file,
                     network: &self.network,
+                    cloud_init: self.cloud_init,
                 }
             }
         }
@@ -440,6 +461,8 @@ struct RawHost {
     user_data_file: Option<Spanned<String>>,
     #[serde(default)]
     network: Option<Spanned<RawNetwork>>,
+    #[serde(default)]
+    cloud_init: Option<CloudInit>,
 }
 
 /// Checks one level's identity keys: a hostname a DNS label could be, user data that cloud-init
@@ -549,6 +572,7 @@ fn identity_keys(
         ssh_authorized_keys: r.ssh_authorized_keys.as_ref().map(|k| k.value.clone()),
         user_data: user_data.map(|(t, _)| t),
         network,
+        cloud_init: r.cloud_init,
     })
 }
 
@@ -587,6 +611,32 @@ fn check_user_data(text: &str) -> Result<(), String> {
 }
 
 impl Config {
+    /// The host `mac` as the configuration resolves it; a MAC it does not list gets the
+    /// defaults (what `unknown_hosts: install` installs it as).
+    pub fn host_or_defaults(&self, mac: Mac) -> Host {
+        if let Some(h) = self.hosts.get(&mac) {
+            return h.clone();
+        }
+        let keys = &self.defaults.identity;
+        Host {
+            mac,
+            image: self.defaults.image.clone(),
+            hostname: keys
+                .hostname
+                .as_ref()
+                .map(|n| n.replace("{mac}", &mac.to_string().replace(':', ""))),
+            identity: Identity {
+                ssh_authorized_keys: keys.ssh_authorized_keys.clone().unwrap_or_default(),
+                user_data: keys.user_data.clone(),
+                network: None,
+                cloud_init: keys.cloud_init.unwrap_or_default(),
+            },
+            group: None,
+            disk: self.defaults.disk.clone().unwrap_or_else(|| "auto".into()),
+            ip: None,
+        }
+    }
+
     /// Reads and checks the file at `path` (images are checked separately, see
     /// [`Config::check_images`]).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -748,6 +798,7 @@ impl Config {
                     ssh_authorized_keys: keys.ssh_authorized_keys.unwrap_or_default(),
                     user_data: keys.user_data,
                     network: keys.network,
+                    cloud_init: keys.cloud_init.unwrap_or_default(),
                 },
                 disk: h
                     .value
@@ -968,6 +1019,7 @@ defaults:
 groups:
   web:
     user_data_file: web.yaml
+    cloud_init: off
 hosts:
   \"52:54:00:00:00:01\":
     group: web
@@ -1004,6 +1056,14 @@ hosts:
             .unwrap()
             .contains("htop"));
         assert_eq!(other.identity.network, None, "DHCP by default");
+        assert_eq!(web.identity.cloud_init, CloudInit::Off, "from the group");
+        assert_eq!(other.identity.cloud_init, CloudInit::Seed, "the default");
+        let unknown = c.host_or_defaults("52:54:00:00:00:09".parse().unwrap());
+        assert_eq!(unknown.hostname.as_deref(), Some("node-525400000009"));
+        assert_eq!(
+            unknown.identity.ssh_authorized_keys,
+            ["ssh-ed25519 AAAAC3Nz ops@example"]
+        );
     }
 
     #[test]
@@ -1012,6 +1072,7 @@ hosts:
             |keys: &str| format!("interface: br0\nhosts:\n  \"52:54:00:12:34:56\": {{ {keys} }}\n");
         assert_invalid(&host("hostname: web/01"), 3, "not a valid host name");
         assert_invalid(&host("hostname: -web"), 3, "not a valid host name");
+        assert_invalid(&host("cloud_init: iso"), 3, "expected one of seed, off");
         assert_invalid(
             &host("ssh_authorized_keys: [hunter2]"),
             3,

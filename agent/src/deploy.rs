@@ -1,8 +1,9 @@
 //! One install, start to finish: assignment → descriptive data → chunks already on the disk →
-//! fetch, verify, write the rest → sync → read back and compare the digest → report.
+//! fetch, verify, write the rest → sync → read back and compare the digest → cloud-init seed
+//! (written, read back, checked) → report.
 //!
 //! Any failure is reported to the appliance as `failed` with its reason; `done` is sent only
-//! after the disk has read back with the image's digest.
+//! after the disk has read back with the image's digest and the seed checked.
 
 use crate::client::Client;
 use crate::disk::Disk;
@@ -74,7 +75,10 @@ fn install(client: &Client, s: &Settings) -> Result<InstallReport> {
         .and_then(|url| client.fetch(url).ok())
         .and_then(|bytes| Manifest::decode(&bytes).ok());
     let scan_started = Instant::now();
-    let local = chunks_on_disk(&manifest, old.as_ref(), &disk)?;
+    // The seed an earlier install added changed the image's partition-table sectors; with the
+    // image's own bytes put back, the chunks holding them are reused, not fetched.
+    let undo = disk.seed_undo();
+    let local = chunks_on_disk(&manifest, old.as_ref(), &disk, &undo)?;
     eprintln!(
         "fleetboot-agent: {} chunks ({} bytes) already on the disk, found in {:.1} s",
         local.chunks.len(),
@@ -117,6 +121,31 @@ fn install(client: &Client, s: &Settings) -> Result<InstallReport> {
             manifest.meta.digest
         );
     }
+    let seed = match &a.seed {
+        None => None,
+        Some(docs) => {
+            let files = crate::seed::SeedFiles {
+                meta_data: docs.meta_data.as_bytes(),
+                user_data: docs.user_data.as_bytes(),
+                network_config: docs.network_config.as_bytes(),
+            };
+            let said = match disk.write_seed(a.size, &files)? {
+                None => "none: the image has no partition table".to_string(),
+                Some(p) => format!(
+                    "cidata partition at byte {} ({} bytes){}",
+                    p.offset,
+                    p.len,
+                    if p.moved_backup {
+                        "; GPT backup moved to the disk's end"
+                    } else {
+                        ""
+                    }
+                ),
+            };
+            eprintln!("fleetboot-agent: cloud-init seed: {said}");
+            Some(said)
+        }
+    };
     let report = InstallReport {
         image: a.image,
         target: target.display().to_string(),
@@ -124,6 +153,7 @@ fn install(client: &Client, s: &Settings) -> Result<InstallReport> {
         bytes_fetched: source.fetched.load(Ordering::Relaxed),
         bytes_reused: report.bytes_reused,
         seconds: started.elapsed().as_secs_f64(),
+        seed,
     };
     client.done(&report)?;
     Ok(report)
@@ -143,9 +173,15 @@ impl LocalChunks for Stash {
 
 /// Reads the chunks the new image needs from where the disk should have them: where the
 /// installed image (`old`) put them, or — with no such record — where the new image puts them.
-/// Every chunk is hashed before it is kept, so a disk changed since is never trusted. Held in
+/// `undo` puts back the image's own bytes where a seed changed them. Every chunk is hashed before
+/// it is kept, so a disk changed since is never trusted. Held in
 /// memory (they will be overwritten), up to half the memory available.
-fn chunks_on_disk(new: &Manifest, old: Option<&Manifest>, disk: &Disk) -> Result<Stash> {
+fn chunks_on_disk(
+    new: &Manifest,
+    old: Option<&Manifest>,
+    disk: &Disk,
+    undo: &[(u64, Vec<u8>)],
+) -> Result<Stash> {
     let needed: HashSet<ChunkId> = new.entries.iter().map(|e| e.id).collect();
     let source = old.unwrap_or(new);
     let mut candidates: Vec<(u64, u64, ChunkId)> = source
@@ -171,9 +207,17 @@ fn chunks_on_disk(new: &Manifest, old: Option<&Manifest>, disk: &Disk) -> Result
             eprintln!("fleetboot-agent: memory for reused chunks is full; fetching the rest");
             break;
         }
-        let Ok(data) = disk.read_at(offset, len as usize) else {
+        let Ok(mut data) = disk.read_at(offset, len as usize) else {
             continue;
         };
+        for (at, bytes) in undo {
+            let from = offset.max(*at);
+            let to = (offset + len).min(at + bytes.len() as u64);
+            if from < to {
+                data[(from - offset) as usize..(to - offset) as usize]
+                    .copy_from_slice(&bytes[(from - at) as usize..(to - at) as usize]);
+            }
+        }
         if ChunkId::of(&data) == id {
             stash.bytes += len;
             stash.chunks.insert(id, data);

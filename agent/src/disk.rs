@@ -226,6 +226,36 @@ impl Disk {
         Ok(())
     }
 
+    /// Writes cloud-init's seed after the image (`image_len` bytes), then reads it back from
+    /// the medium and checks it. `None`: the image has no partition table to add it to.
+    pub fn write_seed(
+        &mut self,
+        image_len: u64,
+        files: &crate::seed::SeedFiles<'_>,
+    ) -> Result<Option<crate::seed::Placed>> {
+        use crate::seed::{self, Outcome};
+        let disk_len = self.capacity()?;
+        let placed = match seed::install(&self.file, disk_len, image_len, files)
+            .context("writing the cloud-init seed")?
+        {
+            Outcome::NoPartitionTable => return Ok(None),
+            Outcome::Written(placed) => placed,
+        };
+        self.drop_cache()?;
+        seed::verify(&self.file, disk_len, &placed, files)
+            .context("checking the cloud-init seed as written")?;
+        self.sync()?;
+        Ok(Some(placed))
+    }
+
+    /// The image bytes an earlier install's seed replaced (see [`crate::seed::undo_records`]).
+    pub fn seed_undo(&mut self) -> Vec<(u64, Vec<u8>)> {
+        match self.capacity() {
+            Ok(len) => crate::seed::undo_records(&self.file, len),
+            Err(_) => Vec::new(),
+        }
+    }
+
     pub fn sync(&self) -> Result<()> {
         self.file
             .sync_all()

@@ -9,9 +9,11 @@
 //! the reason, before anything is written; the partition table is written only after the seed's
 //! filesystem, and both GPT copies are checked (CRCs) when read and rewritten whole.
 //!
-//! The seed is not part of the image: it is rewritten at every install, and delta reimages never
-//! look at it. (Tested here against sfdisk and mtools; the deploy does not write it yet.)
-#![allow(dead_code)]
+//! The seed is not part of the image: it is rewritten at every install (after the image read
+//! back with its digest), and delta reimages never look at it. What was written is read back
+//! from the medium and checked — both GPT copies, the entry, and the files through the FAT
+//! filesystem — before the install is reported done. An image without a partition table (a bare
+//! filesystem, a test pattern) has no place for a seed: it is skipped, and said so.
 
 use anyhow::{bail, Context, Result};
 use std::fs::File;
@@ -42,8 +44,181 @@ pub struct Placed {
     pub moved_backup: bool,
 }
 
-/// A FAT filesystem labelled CIDATA holding the files, `SEED_BYTES` long.
-pub fn fat_image(files: &SeedFiles<'_>) -> Result<Vec<u8>> {
+/// What became of the seed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Written(Placed),
+    /// Sector 0 holds no partition table: nothing was written.
+    NoPartitionTable,
+}
+
+/// Whether sector 0 is an MBR partition table (GPT's protective one included): the boot
+/// signature, every entry's status 0x00 or 0x80, at least one entry in use. A FAT or NTFS boot
+/// sector has the signature too, but code where the entries would be.
+pub fn is_partition_table(mbr: &[u8; 512]) -> bool {
+    let entries = || (0..4).map(|i| &mbr[446 + i * 16..462 + i * 16]);
+    mbr[510..512] == [0x55, 0xaa]
+        && entries().all(|e| e[0] == 0 || e[0] == 0x80)
+        && entries().any(|e| e[4] != 0)
+}
+
+/// Writes the seed after an image of `image_len` bytes on a disk of `disk_len`, or says there
+/// is no partition table to add it to.
+pub fn install(
+    disk: &File,
+    disk_len: u64,
+    image_len: u64,
+    files: &SeedFiles<'_>,
+) -> Result<Outcome> {
+    let mut mbr = [0u8; 512];
+    disk.read_exact_at(&mut mbr, 0)
+        .context("reading the partition table")?;
+    if !is_partition_table(&mbr) {
+        return Ok(Outcome::NoPartitionTable);
+    }
+    write(disk, disk_len, image_len, files).map(Outcome::Written)
+}
+
+/// The image's own bytes a seed written by an earlier install replaced, as `(offset, bytes)`,
+/// read from the seed partition the disk's table names now. Nothing (never an error) when there
+/// is no such seed or it does not read: the bytes are a hint, every chunk built from them is
+/// hashed before it is used.
+pub fn undo_records(disk: &File, disk_len: u64) -> Vec<(u64, Vec<u8>)> {
+    let read = || -> Result<Vec<(u64, Vec<u8>)>> {
+        let (start, sectors) = find_seed(disk, disk_len)?;
+        if sectors * SECTOR > 4 * SEED_BYTES {
+            bail!("the seed partition is larger than any fleetboot writes");
+        }
+        let mut fat = vec![0u8; (sectors * SECTOR) as usize];
+        disk.read_exact_at(&mut fat, start * SECTOR)?;
+        let fs = fatfs::FileSystem::new(Cursor::new(fat), fatfs::FsOptions::new())?;
+        let mut raw = Vec::new();
+        let file = fs.root_dir().open_file(UNDO_FILE)?;
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(file, UNDO_MAX_BYTES as u64),
+            &mut raw,
+        )?;
+        let mut records = Vec::new();
+        let mut rest = raw.as_slice();
+        while rest.len() >= 12 {
+            let offset = le64(&rest[..8]);
+            let len = le32(&rest[8..12]) as usize;
+            let bytes = rest.get(12..12 + len).context("a truncated undo record")?;
+            records.push((offset, bytes.to_vec()));
+            rest = &rest[12 + len..];
+        }
+        Ok(records)
+    };
+    read().unwrap_or_default()
+}
+
+/// The seed partition the disk's table names (`cidata` on GPT, FAT LBA on MBR): first sector
+/// and length in sectors.
+fn find_seed(disk: &File, disk_len: u64) -> Result<(u64, u64)> {
+    let mut mbr = [0u8; 512];
+    disk.read_exact_at(&mut mbr, 0)?;
+    if !is_partition_table(&mbr) {
+        bail!("no partition table");
+    }
+    if (0..4).any(|i| mbr[446 + i * 16 + 4] == 0xee) {
+        let h = read_header(disk, 1)?;
+        let table = read_entries(disk, &h)?;
+        let name: Vec<u8> = "cidata".encode_utf16().flat_map(u16::to_le_bytes).collect();
+        for e in table.chunks_exact(h.entry_size as usize) {
+            if e[..16] == BASIC_DATA && e[56..56 + name.len()] == name[..] {
+                let (first, last) = (le64(&e[32..40]), le64(&e[40..48]));
+                if first <= last && (last + 1) * SECTOR <= disk_len {
+                    return Ok((first, last - first + 1));
+                }
+            }
+        }
+    } else {
+        for i in 0..4 {
+            let e = &mbr[446 + i * 16..462 + i * 16];
+            let (first, count) = (u64::from(le32(&e[8..12])), u64::from(le32(&e[12..16])));
+            if e[4] == 0x0c && count == SEED_BYTES / SECTOR && (first + count) * SECTOR <= disk_len
+            {
+                return Ok((first, count));
+            }
+        }
+    }
+    bail!("no seed partition")
+}
+
+/// Checks what [`install`] wrote as the medium now holds it: the partition table (on GPT both
+/// copies, their checksums, the backup at the disk's last sector) names the seed where it was
+/// placed, and its filesystem, labelled CIDATA, holds exactly `files`.
+pub fn verify(disk: &File, disk_len: u64, placed: &Placed, files: &SeedFiles<'_>) -> Result<()> {
+    let mut mbr = [0u8; 512];
+    disk.read_exact_at(&mut mbr, 0)
+        .context("reading the partition table back")?;
+    let start = placed.offset / SECTOR;
+    let sectors = placed.len / SECTOR;
+    if (0..4).any(|i| mbr[446 + i * 16 + 4] == 0xee) {
+        let last_lba = disk_len / SECTOR - 1;
+        let primary = read_header(disk, 1)?;
+        if primary.u64(32) != last_lba {
+            bail!("the GPT's backup header is not at the disk's last sector");
+        }
+        let backup = read_header(disk, last_lba)?;
+        let mut found = false;
+        for h in [&primary, &backup] {
+            let table = read_entries(disk, h)?;
+            found = (0..h.entries as usize).any(|i| {
+                let e = &table[i * h.entry_size as usize..][..h.entry_size as usize];
+                e[..16] == BASIC_DATA
+                    && le64(&e[32..40]) == start
+                    && le64(&e[40..48]) == start + sectors - 1
+            });
+            if !found {
+                break;
+            }
+        }
+        if !found {
+            bail!("the GPT does not name the seed partition where it was written");
+        }
+    } else if !(0..4).any(|i| {
+        let e = &mbr[446 + i * 16..462 + i * 16];
+        e[4] == 0x0c
+            && u64::from(le32(&e[8..12])) == start
+            && u64::from(le32(&e[12..16])) == sectors
+    }) {
+        bail!("the MBR does not name the seed partition where it was written");
+    }
+    let mut fat = vec![0u8; placed.len as usize];
+    disk.read_exact_at(&mut fat, placed.offset)
+        .context("reading the seed back")?;
+    let fs = fatfs::FileSystem::new(Cursor::new(fat), fatfs::FsOptions::new())
+        .context("the seed does not read back as a FAT filesystem")?;
+    if fs.volume_label().trim_end() != "CIDATA" {
+        bail!("the seed reads back labelled {:?}", fs.volume_label());
+    }
+    for (name, want) in [
+        ("meta-data", files.meta_data),
+        ("user-data", files.user_data),
+        ("network-config", files.network_config),
+    ] {
+        let mut got = Vec::new();
+        fs.root_dir()
+            .open_file(name)
+            .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut got))
+            .with_context(|| format!("reading {name} back from the seed"))?;
+        if got != want {
+            bail!("{name} reads back from the seed different from what was written");
+        }
+    }
+    Ok(())
+}
+
+/// The seed's record of the image's own bytes it overwrote (the partition-table sectors), so the
+/// next install can still reuse the chunks holding them: `[offset u64][len u32][bytes]`…,
+/// little-endian.
+const UNDO_FILE: &str = "fleetboot-undo";
+/// Bounds of what an undo record is trusted to hold.
+const UNDO_MAX_BYTES: usize = 1 << 20;
+
+/// A FAT filesystem labelled CIDATA holding the files (and `undo`, if any), `SEED_BYTES` long.
+pub fn fat_image(files: &SeedFiles<'_>, undo: &[u8]) -> Result<Vec<u8>> {
     let mut disk = Cursor::new(vec![0u8; SEED_BYTES as usize]);
     fatfs::format_volume(
         &mut disk,
@@ -67,13 +242,17 @@ pub fn fat_image(files: &SeedFiles<'_>) -> Result<Vec<u8>> {
             f.write_all(data)
                 .with_context(|| format!("writing {name} in the seed"))?;
         }
+        if !undo.is_empty() {
+            root.create_file(UNDO_FILE)
+                .and_then(|mut f| f.write_all(undo))
+                .context("writing the undo record in the seed")?;
+        }
     }
     Ok(disk.into_inner())
 }
 
 /// Writes the seed to `disk` (`disk_len` bytes; the image occupies its first `image_len`).
-pub fn write(disk: &File, disk_len: u64, image_len: u64, files: &SeedFiles<'_>) -> Result<Placed> {
-    let fat = fat_image(files)?;
+fn write(disk: &File, disk_len: u64, image_len: u64, files: &SeedFiles<'_>) -> Result<Placed> {
     let mut mbr = [0u8; 512];
     disk.read_exact_at(&mut mbr, 0)
         .context("reading the partition table")?;
@@ -81,6 +260,29 @@ pub fn write(disk: &File, disk_len: u64, image_len: u64, files: &SeedFiles<'_>) 
         bail!("the image has no partition table: no room for the cloud-init seed");
     }
     let protective = (0..4).any(|i| mbr[446 + i * 16 + 4] == 0xee);
+    // Every range of the image the table writes below may change, as the image has it.
+    let mut changed = vec![(0, SECTOR)];
+    if protective {
+        let primary = read_header(disk, 1)?;
+        let table_len = u64::from(primary.entries) * u64::from(primary.entry_size);
+        changed.push((SECTOR, SECTOR));
+        changed.push((primary.entries_lba * SECTOR, table_len));
+        changed.push((primary.u64(32) * SECTOR, SECTOR));
+    }
+    let mut undo = Vec::new();
+    for (offset, len) in changed {
+        let len = len.min(image_len.saturating_sub(offset));
+        if len == 0 {
+            continue;
+        }
+        let mut bytes = vec![0u8; len as usize];
+        disk.read_exact_at(&mut bytes, offset)
+            .context("reading the image's partition table")?;
+        undo.extend_from_slice(&offset.to_le_bytes());
+        undo.extend_from_slice(&(len as u32).to_le_bytes());
+        undo.extend_from_slice(&bytes);
+    }
+    let fat = fat_image(files, &undo)?;
     if protective {
         let placed = gpt_add(disk, disk_len, image_len, &fat)?;
         // The protective MBR covers the whole disk (as far as 32 bits can say).
@@ -167,15 +369,22 @@ fn read_header(disk: &File, lba: u64) -> Result<Header> {
     Ok(h)
 }
 
-fn gpt_add(disk: &File, disk_len: u64, image_len: u64, fat: &[u8]) -> Result<Placed> {
-    let mut primary = read_header(disk, 1)?;
-    let table_len = u64::from(primary.entries) * u64::from(primary.entry_size);
-    let mut table = vec![0u8; table_len as usize];
-    disk.read_exact_at(&mut table, primary.entries_lba * SECTOR)
+/// The entries `h` describes, checked against its CRC.
+fn read_entries(disk: &File, h: &Header) -> Result<Vec<u8>> {
+    let len = u64::from(h.entries) * u64::from(h.entry_size);
+    let mut table = vec![0u8; len as usize];
+    disk.read_exact_at(&mut table, h.entries_lba * SECTOR)
         .context("reading the GPT entries")?;
-    if crc32(&table) != primary.u32(88) {
+    if crc32(&table) != h.u32(88) {
         bail!("the GPT entries fail their checksum");
     }
+    Ok(table)
+}
+
+fn gpt_add(disk: &File, disk_len: u64, image_len: u64, fat: &[u8]) -> Result<Placed> {
+    let mut primary = read_header(disk, 1)?;
+    let mut table = read_entries(disk, &primary)?;
+    let table_len = table.len() as u64;
     let last_lba = disk_len / SECTOR - 1;
     let table_sectors = table_len.div_ceil(SECTOR);
     let backup_entries = last_lba - table_sectors;
@@ -530,6 +739,45 @@ mod tests {
             .to_string();
         assert!(err.contains("no room"), "{err}");
         assert_eq!(std::fs::read(&full).unwrap(), before);
+    }
+
+    #[test]
+    fn what_is_written_is_checked_and_a_bare_filesystem_gets_no_seed() {
+        if !tools_present() {
+            return;
+        }
+        let (_dir, path) = disk("gpt");
+        let f = open_rw(&path);
+        let Outcome::Written(placed) = install(&f, 256 << 20, 64 << 20, &files()).unwrap() else {
+            panic!("a GPT disk takes the seed");
+        };
+        verify(&f, 256 << 20, &placed, &files()).unwrap();
+        // Other files than were meant: refused.
+        let other = SeedFiles {
+            user_data: b"#cloud-config\n{}\n",
+            ..files()
+        };
+        let err = verify(&f, 256 << 20, &placed, &other).unwrap_err();
+        assert!(err.to_string().contains("user-data"), "{err:#}");
+        // A damaged backup table: refused.
+        let last = (256u64 << 20) / 512 - 1;
+        f.write_all_at(&[0xff; 4], (last - 32) * 512).unwrap();
+        let err = verify(&f, 256 << 20, &placed, &files()).unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{err:#}");
+
+        // A filesystem written to the whole disk has a boot signature but no table.
+        let fat = fat_image(&files(), &[]).unwrap();
+        let sector: [u8; 512] = fat[..512].try_into().unwrap();
+        assert_eq!(&sector[510..], &[0x55, 0xaa]);
+        assert!(!is_partition_table(&sector));
+        let bare = tempfile::NamedTempFile::new().unwrap();
+        bare.as_file().write_all_at(&fat, 0).unwrap();
+        bare.as_file().set_len(16 << 20).unwrap();
+        assert_eq!(
+            install(bare.as_file(), 16 << 20, fat.len() as u64, &files()).unwrap(),
+            Outcome::NoPartitionTable
+        );
+        assert_eq!(std::fs::read(bare.path()).unwrap()[..fat.len()], fat[..]);
     }
 
     #[test]

@@ -153,7 +153,13 @@ impl Appliance {
     }
 
     fn assign(&self, image: &str) {
-        *self.state.config.write().unwrap() = Arc::new(write_config(self.dir.path(), image));
+        self.assign_with(image, "");
+    }
+
+    /// Assigns `image` with more of the host's keys (`, key: value` in its flow mapping).
+    fn assign_with(&self, image: &str, keys: &str) {
+        *self.state.config.write().unwrap() =
+            Arc::new(write_config_keys(self.dir.path(), image, keys));
     }
 
     fn deploy(&self, target: &Path) -> Output {
@@ -176,10 +182,14 @@ impl Appliance {
 }
 
 fn write_config(dir: &Path, image: &str) -> Config {
+    write_config_keys(dir, image, "")
+}
+
+fn write_config_keys(dir: &Path, image: &str, keys: &str) -> Config {
     let path = dir.join("fleetboot.yaml");
     std::fs::write(
         &path,
-        format!("interface: lo\nstore: store\nstate_dir: state\nboot_dir: .\nhosts:\n  \"{MAC}\": {{ image: {image} }}\n"),
+        format!("interface: lo\nstore: store\nstate_dir: state\nboot_dir: .\nhosts:\n  \"{MAC}\": {{ image: {image}{keys} }}\n"),
     )
     .unwrap();
     Config::load(&path).unwrap()
@@ -215,6 +225,11 @@ fn installs_then_reinstalls_moving_only_what_changed() {
     );
     assert_eq!(app.status().0, HostStatus::Installed);
     assert_eq!(app.status().1.as_deref(), Some("os@1"));
+    assert_eq!(
+        report(&out).seed.as_deref(),
+        Some("none: the image has no partition table"),
+        "a bare image gets no seed, and the report says so"
+    );
 
     // Installed: nothing more to do until the assignment changes.
     assert!(!app.deploy(&target).status.success());
@@ -482,5 +497,196 @@ fn a_disk_too_small_is_refused() {
         std::fs::read(&backing).unwrap(),
         vec![0u8; 1 << 20],
         "nothing was written"
+    );
+}
+
+/// A 4 MiB GPT disk image (sfdisk): one Linux partition from 1 MiB, its first 2 MiB filled with
+/// `random(seed)`.
+fn gpt_image(seed: u64) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gpt.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let mut sfdisk = Command::new("sfdisk")
+        .args(["-q", "--no-reread", "--no-tell-kernel"])
+        .arg(&path)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("sfdisk (cargo xtask setup installs fdisk)");
+    std::io::Write::write_all(&mut sfdisk.stdin.take().unwrap(), b"label: gpt\n,,L\n").unwrap();
+    assert!(sfdisk.wait().unwrap().success());
+    let mut img = std::fs::read(&path).unwrap();
+    img[1 << 20..3 << 20].copy_from_slice(&random(seed)[..2 << 20]);
+    img
+}
+
+/// A file of the seed's FAT filesystem, read by mtools.
+fn mtype(disk: &Path, offset: u64, name: &str) -> String {
+    let out = Command::new("mtype")
+        .arg("-i")
+        .arg(format!("{}@@{offset}", disk.display()))
+        .arg(format!("::{name}"))
+        .output()
+        .expect("mtools (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The seed's byte offset, from sfdisk's reading of the table (which must verify clean).
+fn cidata_offset(disk: &Path) -> u64 {
+    let verify = Command::new("sfdisk")
+        .arg("--verify")
+        .arg(disk)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&verify.stdout).to_string()
+        + &String::from_utf8_lossy(&verify.stderr);
+    assert!(
+        verify.status.success()
+            && text.contains("No errors detected")
+            && !text.contains("mismatch"),
+        "{text}"
+    );
+    let json = Command::new("sfdisk")
+        .arg("--json")
+        .arg(disk)
+        .output()
+        .unwrap();
+    let table: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let parts = table["partitiontable"]["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), 2, "{table}");
+    assert_eq!(parts[1]["name"], "cidata");
+    parts[1]["start"].as_u64().unwrap() * 512
+}
+
+/// Issue 9: after the image is written and verified, the agent adds the host's NoCloud seed —
+/// its hostname, keys and user data from the YAML, an instance-id new at each install — as a
+/// `cidata` partition, the GPT's backup moved to the disk's end. A reimage writes a new one.
+#[test]
+fn the_installed_os_gets_its_identity_on_a_cidata_partition() {
+    let v1 = gpt_image(31);
+    let mut v2 = v1.clone();
+    v2[(2 << 20) + 5] ^= 0x5a;
+    let app = Appliance::start(&[v1.clone(), v2.clone()]);
+    let keys = ", hostname: \"web-{mac}\", ssh_authorized_keys: [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI ops@example\"], user_data: \"#cloud-config\\nruncmd: [[touch, /run/fleetboot-was-here]]\\n\"";
+    app.assign_with("os@1", keys);
+    let target = app.dir.path().join("disk.img");
+    std::fs::File::create(&target)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+
+    let mut instance_ids = Vec::new();
+    let mut fetched = 0;
+    for (version, image) in [("os@1", &v1), ("os@2", &v2)] {
+        app.assign_with(version, keys);
+        let out = app.deploy(&target);
+        fetched = report(&out).bytes_fetched;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let said = report(&out).seed.unwrap_or_default();
+        assert!(
+            said.contains("cidata partition") && said.contains("GPT backup moved"),
+            "{said}"
+        );
+        let disk = std::fs::read(&target).unwrap();
+        assert_eq!(
+            &disk[1 << 20..3 << 20],
+            &image[1 << 20..3 << 20],
+            "the OS's partition is the image's"
+        );
+        let offset = cidata_offset(&target);
+        assert!(offset >= 4 << 20, "the seed lies past the image");
+        let meta: serde_json::Value =
+            serde_json::from_str(&mtype(&target, offset, "meta-data")).unwrap();
+        let record = app
+            .state
+            .fleet()
+            .host(MAC.parse().unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            Some(meta["instance-id"].as_str().unwrap()),
+            record.instance_id.as_deref()
+        );
+        assert_eq!(meta["local-hostname"], "web-525400abcd01");
+        assert_eq!(
+            meta["public-keys"][0],
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI ops@example"
+        );
+        assert_eq!(
+            mtype(&target, offset, "user-data"),
+            "#cloud-config\nruncmd: [[touch, /run/fleetboot-was-here]]\n"
+        );
+        assert!(mtype(&target, offset, "network-config").contains("52:54:00:ab:cd:01"));
+        instance_ids.push(meta["instance-id"].as_str().unwrap().to_string());
+    }
+    assert_ne!(
+        instance_ids[0], instance_ids[1],
+        "cloud-init runs again after a reimage"
+    );
+
+    // `cloud_init: off`: nothing past the image, and the image's own table untouched.
+    let off = app.dir.path().join("off.img");
+    std::fs::File::create(&off)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    app.assign_with("os@1", ", cloud_init: off");
+    let out = app.deploy(&off);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(report(&out).seed, None);
+    let disk = std::fs::read(&off).unwrap();
+    assert_eq!(&disk[..4 << 20], &v1[..]);
+    assert!(disk[4 << 20..].iter().all(|&b| b == 0));
+
+    // The seed never spoils reuse: the reimage to os@2 over the seeded disk fetched exactly what
+    // it fetches over the bare image (the seed's record of the table it changed put it back).
+    app.assign_with("os@2", ", cloud_init: off");
+    let out = app.deploy(&off);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let unseeded = report(&out).bytes_fetched;
+    assert_eq!(
+        fetched, unseeded,
+        "fetched over the seeded disk vs over the bare one"
+    );
+}
+
+/// Issue 9: a partitioned image filling its disk leaves no room for the seed: the install fails
+/// with the reason, the host is not installed, and the partition table is the image's, whole.
+#[test]
+fn a_disk_without_room_for_the_seed_fails_the_install() {
+    let v1 = gpt_image(41);
+    let app = Appliance::start(std::slice::from_ref(&v1));
+    app.assign_with("os@1", ", hostname: full");
+    let target = app.dir.path().join("disk.img");
+    let out = app.deploy(&target);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no room for the cloud-init seed"), "{err}");
+    let (status, installed, detail) = app.status();
+    assert_eq!((status, installed), (HostStatus::Failed, None));
+    assert!(detail.unwrap_or_default().contains("no room"));
+    assert_eq!(
+        std::fs::read(&target).unwrap(),
+        v1,
+        "the image's table, untouched"
     );
 }

@@ -100,6 +100,7 @@ mod tests {
                     gateway: Some("10.0.0.1".parse().unwrap()),
                     dns: vec!["10.0.0.53".parse().unwrap()],
                 }),
+                cloud_init: Default::default(),
             },
             Some("web-01"),
         );

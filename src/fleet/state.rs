@@ -709,6 +709,7 @@ mod tests {
             bytes_fetched: 1,
             bytes_reused: 2,
             seconds: 0.5,
+            seed: None,
         }
     }
 

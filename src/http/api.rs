@@ -7,7 +7,7 @@ use crate::mac::Mac;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
-use fleetboot_image::api::{Assignment, Failed, ImageId, InstallReport, Progress};
+use fleetboot_image::api::{Assignment, Failed, ImageId, InstallReport, Progress, Seed};
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -81,9 +81,23 @@ pub async fn assignment(
                 .unwrap_or_else(|| "auto".into()),
             hostname: host.and_then(|h| h.hostname.clone()),
             installed_manifest_url: hint,
+            seed: seed(&config.host_or_defaults(mac), record.instance_id.as_deref()),
         }))
     })
     .await
+}
+
+/// The NoCloud documents the agent writes after the image, unless `cloud_init: off`.
+fn seed(host: &crate::config::Host, instance_id: Option<&str>) -> Option<Seed> {
+    if host.identity.cloud_init == crate::config::CloudInit::Off {
+        return None;
+    }
+    let docs = crate::appliance::cloudinit::nocloud(host, instance_id);
+    Some(Seed {
+        meta_data: docs.meta_data,
+        user_data: docs.user_data,
+        network_config: docs.network_config,
+    })
 }
 
 pub async fn progress(

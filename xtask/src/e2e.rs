@@ -17,7 +17,7 @@
 //! `--bios-only` skips the UEFI run.
 
 use crate::util::{self, root};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use fleetboot_lab::{Daemon, Host, Lab};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -183,7 +183,14 @@ impl Rig {
             true,
         )?;
         let install_1 = t1.elapsed();
-        check_disk(&self.fleetboot, &self.store, "demo@1", &disk, &self.work)?;
+        let hostname = format!("e2e-{fw:?}");
+        let (fleetboot, store, work) = (
+            self.fleetboot.clone(),
+            self.store.clone(),
+            self.work.clone(),
+        );
+        let check = |image| check_disk(&fleetboot, &store, image, &disk, &work, &hostname);
+        let first_instance = check("demo@1")?;
 
         self.assign(fw, "demo@2")?;
         let t2 = Instant::now();
@@ -197,7 +204,9 @@ impl Rig {
             true,
         )?;
         let install_2 = t2.elapsed();
-        check_disk(&self.fleetboot, &self.store, "demo@2", &disk, &self.work)?;
+        if check("demo@2")? == first_instance {
+            bail!("{name}: the reimage kept the instance-id {first_instance}: cloud-init would not run again");
+        }
         let (fetched, reused) = figures(&second)?;
         if reused < 4 * fetched {
             bail!("{name}: the reimage fetched {fetched} bytes and reused only {reused}");
@@ -227,7 +236,7 @@ impl Rig {
             let t4 = Instant::now();
             let log = self.work.join(format!("vm-{name}-dhcp.log"));
             agent_without_address(&self.ns, &self.boot, &disk, &log, fw.mac())?;
-            check_disk(&self.fleetboot, &self.store, "demo@2", &disk, &self.work)?;
+            check("demo@2")?;
             fallback = format!(
                 ", agent with its own DHCP {:.1} s",
                 t4.elapsed().as_secs_f64()
@@ -421,7 +430,17 @@ fn agent_without_address(ns: &Host, boot: &Path, disk: &Path, log: &Path, mac: &
     Ok(())
 }
 
-fn check_disk(fleetboot: &Path, store: &Path, image: &str, disk: &Path, work: &Path) -> Result<()> {
+/// Checks the VM's disk: the image, byte for byte, but for the MBR slots past the image's one
+/// partition, where the seed is added: a FAT (LBA) partition past the image whose `meta-data`
+/// names `hostname`. Returns the seed's instance-id.
+fn check_disk(
+    fleetboot: &Path,
+    store: &Path,
+    image: &str,
+    disk: &Path,
+    work: &Path,
+    hostname: &str,
+) -> Result<String> {
     let exported: PathBuf = work.join("expected.img");
     let _ = fs::remove_file(&exported);
     util::run(
@@ -433,11 +452,32 @@ fn check_disk(fleetboot: &Path, store: &Path, image: &str, disk: &Path, work: &P
     )?;
     let want = fs::read(&exported)?;
     let got = fs::read(disk)?;
-    if got.len() < want.len() || got[..want.len()] != want[..] {
+    // The demo images use the first slot (bytes 446..462); the seed takes the second.
+    let same = |r: std::ops::Range<usize>| got.get(r.clone()) == want.get(r);
+    if got.len() < want.len() || !same(0..462) || !same(478..want.len()) {
         bail!("the VM's disk does not read back as {image}");
     }
-    eprintln!("e2e: the VM's disk reads back identical to {image}");
-    Ok(())
+    let slot = &got[462..478];
+    let start = u64::from(u32::from_le_bytes([slot[8], slot[9], slot[10], slot[11]])) * 512;
+    if slot[4] != 0x0c || start < want.len() as u64 {
+        bail!("the VM's disk has no cloud-init seed partition past {image}");
+    }
+    let meta = util::output(
+        Command::new("mtype")
+            .arg("-i")
+            .arg(format!("{}@@{start}", disk.display()))
+            .arg("::meta-data"),
+    )?;
+    let meta: serde_json::Value =
+        serde_json::from_str(&meta).with_context(|| format!("the seed's meta-data: {meta:?}"))?;
+    if meta["local-hostname"] != hostname {
+        bail!(
+            "the seed names the host {}, not {hostname}",
+            meta["local-hostname"]
+        );
+    }
+    eprintln!("e2e: the VM's disk reads back identical to {image}, with its seed for {hostname}");
+    Ok(meta["instance-id"].as_str().unwrap_or_default().to_string())
 }
 
 /// (fetched, reused) from the agent's install report on the console.

@@ -47,6 +47,18 @@ pub struct Assignment {
     /// so a stale hint costs time, never correctness.
     #[serde(default)]
     pub installed_manifest_url: Option<String>,
+    /// cloud-init's NoCloud documents, to be written as a `cidata` partition after the image
+    /// is verified; `None`: write nothing (`cloud_init: off`).
+    #[serde(default)]
+    pub seed: Option<Seed>,
+}
+
+/// The three NoCloud documents of one install.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seed {
+    pub meta_data: String,
+    pub user_data: String,
+    pub network_config: String,
 }
 
 /// Bytes written so far, of the image's size.
@@ -68,6 +80,9 @@ pub struct InstallReport {
     pub bytes_fetched: u64,
     pub bytes_reused: u64,
     pub seconds: f64,
+    /// Where the cloud-init seed went, or why there is none.
+    #[serde(default)]
+    pub seed: Option<String>,
 }
 
 /// The install failed; nothing was reported done.
