@@ -26,7 +26,12 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("syslinux-efi", "/usr/lib/SYSLINUX.EFI/efi64/syslinux.efi"),
 ];
 
-pub fn run(_args: &[&str]) -> Result<()> {
+pub fn run(args: &[&str]) -> Result<()> {
+    match args {
+        [] => {}
+        ["--os", "debian"] => return crate::debian_image::build().map(|_| ()),
+        _ => anyhow::bail!("usage: cargo xtask images [--os debian]"),
+    }
     let dir = root().join("images/out");
     for (name, extra) in [("demo@1", ""), ("demo@2", "second version\n")] {
         let img = build(&dir, name, extra)?;

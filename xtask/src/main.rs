@@ -6,6 +6,7 @@ mod bench_deploy;
 mod bench_serve;
 mod bench_store;
 mod boot_assets;
+mod debian_image;
 mod demo;
 mod e2e;
 mod fuzz;
@@ -27,6 +28,7 @@ tasks:
   boot-assets   copy the pinned iPXE boot loaders from Debian's ipxe package into boot/
   e2e           the agent in a QEMU VM: install, reinstall moving only what changed, local boot
   images        the demo disk images (bootable, print a marker) into images/out
+                (--os debian: a Debian 12 cloud image, versions 1 and 2, as qcow2, cached)
   initramfs     the agent's kernel and initramfs (Debian's kernel, static agent as /init) in boot/
   bench deploy  the agent vs curl | zstd -d | dd and casync, full and delta, on images A and B
   bench store   build three related Debian disk images and compare fleetboot's store

@@ -20,14 +20,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-const SUITE: &str = "bookworm";
-const MIRROR: &str = "http://deb.debian.org/debian";
+pub const SUITE: &str = "bookworm";
+pub const MIRROR: &str = "http://deb.debian.org/debian";
 const SECURITY_SOURCE: &str = "deb http://deb.debian.org/debian-security bookworm-security main";
 const IMAGE_SIZE: &str = "2G";
 /// A PATH that has the chroot's `sbin` directories, whatever the caller's PATH is.
-const CHROOT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const CHROOT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Makes `invoke-rc.d` refuse to start services inside the chroot.
-const POLICY_RC_D: &str = "#!/bin/sh\nexit 101\n";
+pub const POLICY_RC_D: &str = "#!/bin/sh\nexit 101\n";
 
 /// One built image: its name (`a`, `b`, `c`), its file tree and its ext4 image.
 pub struct OsImage {
@@ -195,7 +195,7 @@ fn make_image(tree: &Path, image: &Path) -> Result<()> {
 }
 
 /// `apt-get ARGS` inside the chroot `tree`, never asking questions.
-fn apt_get(tree: &Path, args: &[&str]) -> Result<()> {
+pub fn apt_get(tree: &Path, args: &[&str]) -> Result<()> {
     run(Command::new("chroot")
         .arg(tree)
         .args(["apt-get", "-q", "-y", "-o", "Dpkg::Use-Pty=0"])
@@ -208,7 +208,7 @@ fn apt_get(tree: &Path, args: &[&str]) -> Result<()> {
 /// Removes a tree left incomplete by an interrupted run (or out of date), after unmounting what a run left
 /// mounted in it.
 /// Refuses if something stays mounted: deleting through a mount point would delete the host's files.
-fn remove_stale_tree(tree: &Path) -> Result<()> {
+pub fn remove_stale_tree(tree: &Path) -> Result<()> {
     if !tree.exists() {
         return Ok(());
     }
@@ -252,12 +252,12 @@ fn mounts_under(dir: &Path) -> Result<Vec<String>> {
 }
 
 /// `/proc` mounted in a chroot for as long as this value lives.
-struct ProcMount {
+pub struct ProcMount {
     point: PathBuf,
 }
 
 impl ProcMount {
-    fn new(tree: &Path) -> Result<Self> {
+    pub fn new(tree: &Path) -> Result<Self> {
         let point = tree.join("proc");
         run(Command::new("mount")
             .args(["-t", "proc", "proc"])

@@ -25,6 +25,26 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs `cmd` with `input` on its stdin, echoing it first; fails if it exits non-zero.
+pub fn run_with_input(cmd: &mut Command, input: &str) -> Result<()> {
+    use std::io::Write;
+    eprintln!("$ {} <<< {input:?}", show(cmd));
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {}", show(cmd)))?;
+    child
+        .stdin
+        .take()
+        .context("no stdin")?
+        .write_all(input.as_bytes())?;
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{} failed: {status}", show(cmd));
+    }
+    Ok(())
+}
+
 /// Runs `cmd` and returns what it printed; fails with the command line and its stderr if it
 /// exits non-zero.
 pub fn output(cmd: &mut Command) -> Result<String> {
