@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 const USAGE: &str = "usage: cargo xtask bench store [--variants] [--runs N] [-- IMPORT-OPTION...]
 
   --runs N          run each tool N times (default 3) and keep its best import and export times
+  --qcow2-only      only the qcow2 rows: importing image B from qcow2 vs raw vs qemu-img + raw
 
   IMPORT-OPTION...  appended to every `fleetboot image import`, e.g. -- --frame-size 262144
   --variants        also run fleetboot with each of --frame-size 65536, 262144, 1048576 and
@@ -55,6 +56,7 @@ struct Measured {
 
 struct Options {
     variants: bool,
+    qcow2_only: bool,
     runs: usize,
     import_args: Vec<String>,
 }
@@ -63,6 +65,7 @@ struct Options {
 fn parse(args: &[&str]) -> Option<Options> {
     let mut options = Options {
         variants: false,
+        qcow2_only: false,
         runs: 3,
         import_args: Vec::new(),
     };
@@ -71,6 +74,7 @@ fn parse(args: &[&str]) -> Option<Options> {
         match arg {
             "-h" | "--help" => return None,
             "--variants" => options.variants = true,
+            "--qcow2-only" => options.qcow2_only = true,
             "--runs" => options.runs = args.next()?.parse().ok().filter(|&n| n > 0)?,
             // Everything else goes to fleetboot, with or without a `--` before it.
             "--" => {}
@@ -93,6 +97,22 @@ pub fn run(args: &[&str]) -> Result<()> {
         bail!("expected images a, b and c");
     }
     let fleetboot = build_fleetboot()?;
+    let qcow2 = |dir: &Path| {
+        crate::bench_qcow2::run(
+            &fleetboot,
+            &images[1].image,
+            &dir.join("qcow2"),
+            options.runs,
+        )
+    };
+    if options.qcow2_only {
+        let report = qcow2(&dir)?;
+        println!("\n{report}");
+        let results = dir.join("results-qcow2.md");
+        fs::write(&results, &report)?;
+        eprintln!("bench: wrote {}", results.display());
+        return Ok(());
+    }
 
     let work = dir.join("work");
     fresh_dir(&work)?;
@@ -154,7 +174,8 @@ pub fn run(args: &[&str]) -> Result<()> {
         [&casync, &wim, &zstd],
         &variants,
         &stats,
-    )?;
+    )? + "\n"
+        + &qcow2(&dir)?;
     println!("\n{report}");
     let results = dir.join("results.md");
     fs::write(&results, &report).with_context(|| format!("cannot write {}", results.display()))?;

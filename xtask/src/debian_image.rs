@@ -3,7 +3,7 @@
 //! (so growpart can grow it), the Debian cloud kernel, systemd, cloud-init (NoCloud), OpenSSH,
 //! cloud-guest-utils; no SSH host keys and an empty machine-id, so every machine installed from it
 //! becomes itself on its first boot. Two versions: 2 is 1 plus one package, for the delta
-//! reimage. Output: `target/os-images/debian/debian-{1,2}.qcow2` (zlib-compressed clusters, as
+//! reimage. Output: `target/os-images/debian-rN/debian-{1,2}.qcow2` (N: the recipe) (zlib-compressed clusters, as
 //! Debian publishes them), cached: a stage is rebuilt only when its output is missing.
 //!
 //! Made from Debian's packages only (debootstrap, then apt in the chroot), without mounting any
@@ -29,6 +29,10 @@ const ESP_START_MIB: u64 = 4;
 const ROOT_START_MIB: u64 = 128;
 /// The root filesystem's UUID: fixed, so both versions' GRUB and fstab name the same one.
 const ROOT_UUID: &str = "8a1c3e0a-5f0b-4d3e-9b1e-f1eeb0070001";
+
+/// Bumped whenever what the image holds or how it is configured changes: the cache is kept per
+/// recipe, so a changed recipe is built afresh.
+const RECIPE: u32 = 3;
 
 /// What the image holds beyond minbase.
 const PACKAGES: &[&str] = &[
@@ -84,7 +88,7 @@ pub const HOST_PACKAGES: &[(&str, &str)] = &[
 /// The two versions' qcow2 files, built if missing.
 pub fn build() -> Result<[PathBuf; 2]> {
     crate::setup::apt_install(HOST_PACKAGES)?;
-    let dir = root().join("target/os-images/debian");
+    let dir = root().join(format!("target/os-images/debian-r{RECIPE}"));
     fs::create_dir_all(&dir)?;
     let tree1 = dir.join("tree-1");
     let tree2 = dir.join("tree-2");
@@ -169,10 +173,12 @@ fn configure(tree: &Path) -> Result<()> {
              linux /vmlinuz {cmdline}\n  initrd /initrd.img\n}}\n"
         ),
     )?;
-    // Its detection script reads a datasource_list on one line only.
+    // Its detection script reads a datasource_list on one line only. C.UTF-8 is built into the
+    // C library: minbase has no locales to generate (Debian's locale-gen takes no arguments, so
+    // cloud-init's default en_US.UTF-8 would fail its locale module).
     write(
         "etc/cloud/cloud.cfg.d/90_fleetboot.cfg",
-        "datasource_list: [ NoCloud, None ]\n",
+        "datasource_list: [ NoCloud, None ]\nlocale: C.UTF-8\n",
     )?;
     write(
         "etc/network/interfaces",

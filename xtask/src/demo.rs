@@ -1,8 +1,9 @@
 //! `cargo xtask demo`: the main job, visibly. First the combined image store: two versions of a
 //! small ext4 image imported, listed, compared, exported back byte for byte. Then the appliance:
 //! `fleetboot serve` on a bridge in a network namespace, and a QEMU VM that PXE-boots from it, is
-//! imaged with demo@1 by the agent, boots it, is reimaged to demo@2 (only what changed moves) and
-//! boots that — the agent's progress and each first boot shown from the VM's serial console.
+//! imaged with a real Debian 12 by the agent, boots it as itself (the demo logs in over SSH and
+//! shows its hostname), is reimaged to the next version (only what changed moves) and comes up
+//! again — `cargo xtask e2e --os debian --bios-only`.
 
 use crate::util::{self, root};
 use anyhow::{bail, Context, Result};
@@ -69,17 +70,24 @@ pub fn run() -> Result<()> {
         store.display()
     );
 
-    println!("demo: now a VM PXE-boots from fleetboot serve and is imaged (about a minute under TCG)...\n");
-    crate::e2e::run(&[])?;
+    println!(
+        "demo: now a real Debian 12: built from Debian's packages (once, then cached), imported from \
+         its qcow2, installed on a VM that PXE-boots from fleetboot serve, and logged into over SSH \
+         with the key the YAML gives it (a few minutes under TCG)...\n"
+    );
+    crate::e2e::run(&["--os", "debian", "--bios-only"])?;
     println!(
         "\ndemo: what happened: the VM's firmware (SeaBIOS + iPXE) got an address and its script from \
-         fleetboot serve, booted the agent, which wrote demo@1 to its disk (every chunk verified) and \
-         rebooted into it; demo@2 was then assigned and the next boot moved only what changed; the \
-         last boot went straight to the disk. Logs and disks: target/e2e/.\n\n\
-         On a real network: import your image (fleetboot image import NAME FILE), write a configuration \
-         like config/fleetboot.yaml (interface; dhcp mode proxy beside your DHCP server, or full; hosts \
-         by MAC), run `cargo xtask boot-assets` and `cargo xtask initramfs` to fill boot/, then \
-         `fleetboot serve --config FILE` as root, and power the machines on."
+         fleetboot serve, booted the agent, which wrote debian@1 to its 4 GiB disk (every chunk \
+         verified, the disk read back against the image's digest), added the cloud-init seed (its \
+         hostname, SSH key and user data from the YAML) and rebooted into Debian, which grew its root \
+         filesystem to the disk; debian@2 (one package more) was then assigned, the machine rebooted, \
+         and the agent moved only what changed. Logs and disks: target/e2e-debian/.\n\n\
+         On a real network: import your image (fleetboot image import NAME FILE: raw, qcow2, or raw \
+         compressed with xz, zstd or gzip), write a configuration like config/fleetboot.yaml \
+         (interface; dhcp mode proxy beside your DHCP server, or full; hosts by MAC with their \
+         hostname, keys and user data), run `cargo xtask boot-assets` and `cargo xtask initramfs` to \
+         fill boot/, then `fleetboot serve --config FILE` as root, and power the machines on."
     );
     Ok(())
 }

@@ -31,7 +31,9 @@ pub fn run(args: &[&str]) -> Result<()> {
     let uefi = match args {
         [] => true,
         ["--bios-only"] => false,
-        _ => bail!("usage: cargo xtask e2e [--bios-only]"),
+        ["--os", "debian"] => return crate::e2e_debian::run(true),
+        ["--os", "debian", "--bios-only"] => return crate::e2e_debian::run(false),
+        _ => bail!("usage: cargo xtask e2e [--os debian] [--bios-only]"),
     };
     crate::setup::apt_install(&[
         ("qemu-system-x86", "qemu-system-x86_64"),
@@ -105,7 +107,7 @@ pub fn run(args: &[&str]) -> Result<()> {
 /// BIOS: SeaBIOS, then the iPXE ROM of the virtio NIC (the iPXE branch of the boot decision).
 /// UEFI: OVMF with the NIC's ROM removed, so its own PXE fetches snponly.efi over TFTP first.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Firmware {
+pub(crate) enum Firmware {
     Bios,
     Uefi,
 }
@@ -253,7 +255,7 @@ impl Rig {
     }
 }
 
-fn wait_http(ns: &Host) -> Result<()> {
+pub(crate) fn wait_http(ns: &Host) -> Result<()> {
     let until = Instant::now() + Duration::from_secs(10);
     while Instant::now() < until {
         let ok = ns
@@ -285,56 +287,9 @@ fn boot_vm(
     expect_agent: bool,
 ) -> Result<String> {
     let mut qemu = ns.cmd("timeout");
-    qemu.arg("400")
-        .args([
-            "qemu-system-x86_64",
-            "-accel",
-            "tcg",
-            "-smp",
-            "1",
-            "-m",
-            "1024",
-            "-nographic",
-        ])
-        .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"]);
-    match fw {
-        Firmware::Bios => {
-            qemu.args([
-                "-device",
-                &format!("virtio-net-pci,netdev=n0,mac={},bootindex=1", fw.mac()),
-            ]);
-        }
-        Firmware::Uefi => {
-            let vars = work.join("OVMF_VARS.fd");
-            if !vars.exists() {
-                fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars)?;
-            }
-            qemu.args(["-machine", "q35"])
-                .args([
-                    "-drive",
-                    "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
-                ])
-                .arg("-drive")
-                .arg(format!("if=pflash,format=raw,file={}", vars.display()))
-                .args(["-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n"])
-                .args([
-                    "-device",
-                    &format!(
-                        "virtio-net-pci,netdev=n0,mac={},romfile=,bootindex=1",
-                        fw.mac()
-                    ),
-                ]);
-        }
-    }
-    // BIOS: a virtio disk; UEFI: NVMe (OVMF then hands GRUB the disk to search).
-    let disk_device = match fw {
-        Firmware::Bios => "virtio-blk-pci,drive=d0,bootindex=2",
-        Firmware::Uefi => "nvme,drive=d0,serial=fleetboot-e2e,bootindex=2",
-    };
+    qemu.arg("400");
+    vm_args(&mut qemu, fw, fw.mac(), work, disk, 1024)?;
     let status = qemu
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=none,id=d0", disk.display()))
-        .args(["-device", disk_device])
         .stdin(Stdio::null())
         .stdout(fs::File::create(log)?)
         .stderr(Stdio::null())
@@ -374,6 +329,58 @@ fn boot_vm(
         );
     }
     Ok(text)
+}
+
+/// Appends `qemu-system-x86_64` and its arguments to `qemu`: a TCG VM network-booting (NIC
+/// first, disk second) through SeaBIOS and the NIC's iPXE ROM, or through OVMF's own PXE (ROM
+/// removed; its variables kept in `work`) with the disk on NVMe, the serial console on stdout.
+pub(crate) fn vm_args(
+    qemu: &mut Command,
+    fw: Firmware,
+    mac: &str,
+    work: &Path,
+    disk: &Path,
+    memory_mib: u32,
+) -> Result<()> {
+    qemu.args(["qemu-system-x86_64", "-accel", "tcg", "-smp", "1", "-m"])
+        .arg(memory_mib.to_string())
+        .arg("-nographic")
+        .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"]);
+    match fw {
+        Firmware::Bios => {
+            qemu.args([
+                "-device",
+                &format!("virtio-net-pci,netdev=n0,mac={mac},bootindex=1"),
+            ]);
+        }
+        Firmware::Uefi => {
+            let vars = work.join(format!("OVMF_VARS-{}.fd", mac.replace(':', "")));
+            if !vars.exists() {
+                fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars)?;
+            }
+            qemu.args(["-machine", "q35"])
+                .args([
+                    "-drive",
+                    "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+                ])
+                .arg("-drive")
+                .arg(format!("if=pflash,format=raw,file={}", vars.display()))
+                .args(["-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n"])
+                .args([
+                    "-device",
+                    &format!("virtio-net-pci,netdev=n0,mac={mac},romfile=,bootindex=1"),
+                ]);
+        }
+    }
+    // BIOS: a virtio disk; UEFI: NVMe (OVMF then hands GRUB the disk to search).
+    let disk_device = match fw {
+        Firmware::Bios => "virtio-blk-pci,drive=d0,bootindex=2",
+        Firmware::Uefi => "nvme,drive=d0,serial=fleetboot-e2e,bootindex=2",
+    };
+    qemu.arg("-drive")
+        .arg(format!("file={},format=raw,if=none,id=d0", disk.display()))
+        .args(["-device", disk_device]);
+    Ok(())
 }
 
 /// Boots the agent's kernel directly with the script's command line minus iPXE's address: the

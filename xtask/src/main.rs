@@ -3,12 +3,14 @@
 //! Everything a fresh Debian machine needs is installed from here, so no step lives in someone's memory.
 
 mod bench_deploy;
+mod bench_qcow2;
 mod bench_serve;
 mod bench_store;
 mod boot_assets;
 mod debian_image;
 mod demo;
 mod e2e;
+mod e2e_debian;
 mod fuzz;
 mod images;
 mod initramfs;
@@ -27,12 +29,14 @@ tasks:
   setup         install the Debian packages and Rust targets the project needs
   boot-assets   copy the pinned iPXE boot loaders from Debian's ipxe package into boot/
   e2e           the agent in a QEMU VM: install, reinstall moving only what changed, local boot
+                (--os debian: a real Debian installed, up as itself over SSH, reimaged; --bios-only)
   images        the demo disk images (bootable, print a marker) into images/out
                 (--os debian: a Debian 12 cloud image, versions 1 and 2, as qcow2, cached)
   initramfs     the agent's kernel and initramfs (Debian's kernel, static agent as /init) in boot/
   bench deploy  the agent vs curl | zstd -d | dd and casync, full and delta, on images A and B
   bench store   build three related Debian disk images and compare fleetboot's store
-                with casync, WIM (wimlib) and zstd on them
+                with casync, WIM (wimlib) and zstd on them; imports from qcow2 vs raw
+                (--qcow2-only for those rows alone)
   bench serve   DHCP, TFTP and HTTP in network namespaces: fleetboot against kea-dhcp4,
                 dnsmasq, tftpd-hpa, atftpd and nginx (--clients N, --runs N, --repeat N, --quick)
   bench         bench store, then bench serve

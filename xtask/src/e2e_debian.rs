@@ -1,0 +1,436 @@
+//! `cargo xtask e2e --os debian`: a real Debian, installed by PXE, coming up as itself.
+//!
+//! The Debian 12 cloud image of `cargo xtask images --os debian` is imported from its qcow2
+//! (versions 1 and 2) into a fresh store, and `fleetboot serve` (full DHCP) assigns it to two VMs
+//! with 4 GiB disks: one BIOS (virtio disk, address reserved in DHCP), one UEFI (NVMe disk, a
+//! static address from the YAML's `network`). Each VM network-boots, the agent installs
+//! debian@1 and adds the cloud-init seed, the VM reboots into Debian from its disk, and the test
+//! checks from outside, over SSH from the lab's switch namespace with the key the YAML gives:
+//! the hostname is the YAML's, a `runcmd` of the YAML's `user_data` ran, the root filesystem
+//! grew to ≥ 90 % of the disk, and (across the two VMs) the SSH host keys differ. Then debian@2
+//! is assigned, the VM is rebooted over SSH, the agent reimages it moving only what changed, and
+//! it comes up as itself again with version 2's package and a new instance-id.
+
+use crate::e2e::{vm_args, wait_http, Firmware};
+use crate::util::{self, root};
+use anyhow::{bail, Context, Result};
+use fleetboot_lab::{Daemon, Host, Lab};
+use std::fs;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const DISK_BYTES: u64 = 4 << 30;
+const MEMORY_MIB: u32 = 2048;
+/// The installed OS's default user (Debian's cloud-init configuration).
+const USER: &str = "debian";
+
+struct Machine {
+    fw: Firmware,
+    mac: &'static str,
+    hostname: &'static str,
+    address: &'static str,
+    /// `network` in the YAML (a static address in the installed OS) rather than DHCP.
+    static_address: bool,
+}
+
+const MACHINES: [Machine; 2] = [
+    Machine {
+        fw: Firmware::Bios,
+        mac: "52:54:00:e2:d0:01",
+        hostname: "deb-bios",
+        address: "10.77.0.61",
+        static_address: false,
+    },
+    Machine {
+        fw: Firmware::Uefi,
+        mac: "52:54:00:e2:d0:02",
+        hostname: "deb-uefi",
+        address: "10.77.0.62",
+        static_address: true,
+    },
+];
+
+pub fn run(uefi: bool) -> Result<()> {
+    crate::setup::apt_install(&[
+        ("qemu-system-x86", "qemu-system-x86_64"),
+        ("ipxe-qemu", "/usr/lib/ipxe/qemu/efi-virtio.rom"),
+        ("ovmf", "/usr/share/OVMF/OVMF_CODE_4M.fd"),
+        ("openssh-client", "ssh"),
+    ])?;
+    let started = Instant::now();
+    let fleetboot = util::build_release(&["fleetboot"])?;
+    let boot = root().join("boot");
+    crate::initramfs::build(&boot)?;
+    crate::boot_assets::install(&boot)?;
+    let images = crate::debian_image::build()?;
+
+    let work = root().join("target/e2e-debian");
+    if work.exists() {
+        fs::remove_dir_all(&work)?;
+    }
+    fs::create_dir_all(&work)?;
+    let store = work.join("store");
+    for qcow2 in &images {
+        util::run(
+            Command::new(&fleetboot)
+                .arg("--store")
+                .arg(&store)
+                .args(["image", "import", "debian"])
+                .arg(qcow2),
+        )?;
+    }
+    let key = work.join("id_ed25519");
+    util::run(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "e2e@fleetboot", "-f"])
+            .arg(&key),
+    )?;
+    let public = fs::read_to_string(key.with_extension("pub"))?
+        .trim()
+        .to_string();
+
+    let net = Lab::new("e2edeb")?;
+    fleetboot_lab::ip(&[
+        "-n",
+        &net.switch().ns,
+        "addr",
+        "add",
+        "10.77.0.1/24",
+        "dev",
+        "br0",
+    ])?;
+    net.tap("tap0")?;
+    let ns = net.switch().clone();
+    let machines: Vec<&Machine> = MACHINES
+        .iter()
+        .filter(|m| uefi || m.fw == Firmware::Bios)
+        .collect();
+    let mut rig = Rig {
+        ns: ns.clone(),
+        work: work.clone(),
+        key,
+        public,
+        boot,
+        versions: machines.iter().map(|m| (m.mac, 1)).collect(),
+        server: None,
+    };
+    rig.write_config()?;
+    rig.server = Some(Daemon::start(
+        ns.cmd(&fleetboot)
+            .current_dir(&work)
+            .args(["serve", "--config", "fleetboot.yaml"]),
+        &work.join("serve.log"),
+    )?);
+    wait_http(&ns)?;
+
+    let mut summary = Vec::new();
+    let mut host_keys = Vec::new();
+    for m in &machines {
+        let (line, host_key) = rig.scenario(m)?;
+        summary.push(line);
+        host_keys.push(host_key);
+    }
+    if host_keys.len() == 2 && host_keys[0] == host_keys[1] {
+        bail!(
+            "the two machines have the same SSH host key: {}",
+            host_keys[0]
+        );
+    }
+    println!(
+        "e2e --os debian: PASS in {:.0} s — {}",
+        started.elapsed().as_secs_f64(),
+        summary.join("; ")
+    );
+    Ok(())
+}
+
+struct Rig {
+    ns: Host,
+    work: PathBuf,
+    key: PathBuf,
+    public: String,
+    boot: PathBuf,
+    /// Each machine's assigned version of `debian`.
+    versions: Vec<(&'static str, u32)>,
+    server: Option<Daemon>,
+}
+
+impl Rig {
+    fn write_config(&self) -> Result<()> {
+        let mut hosts = String::new();
+        for (mac, version) in &self.versions {
+            let m = MACHINES
+                .iter()
+                .find(|m| m.mac == *mac)
+                .context("a machine of the rig")?;
+            let network = if m.static_address {
+                format!(
+                    ", network: {{ address: {}/24, gateway: 10.77.0.1, dns: [10.77.0.1] }}",
+                    m.address
+                )
+            } else {
+                String::new()
+            };
+            hosts += &format!(
+                "  \"{mac}\": {{ image: debian@{version}, hostname: {}, ip: {}{network} }}\n",
+                m.hostname, m.address
+            );
+        }
+        fs::write(
+            self.work.join("fleetboot.yaml"),
+            format!(
+                "interface: br0\nhttp_port: 8080\nboot_dir: {}\nstore: store\nstate_dir: state\n\
+                 router_advertisements: true\nboot_files: {{ uefi: snponly.efi }}\n\
+                 dhcp: {{ mode: full, range: [10.77.0.100, 10.77.0.150], router: 10.77.0.1 }}\n\
+                 defaults:\n  ssh_authorized_keys: [\"{}\"]\n  user_data: |\n    #cloud-config\n    runcmd:\n      \
+                 - [sh, -c, 'echo \"ran on $(hostname)\" > /var/lib/fleetboot-runcmd']\n\
+                 hosts:\n{hosts}",
+                self.boot.display(),
+                self.public
+            ),
+        )?;
+        Ok(())
+    }
+
+    fn assign(&mut self, mac: &str, version: u32) -> Result<()> {
+        for v in self.versions.iter_mut().filter(|v| v.0 == mac) {
+            v.1 = version;
+        }
+        self.write_config()?;
+        if let Some(server) = &self.server {
+            util::run(Command::new("kill").args(["-HUP", &server.pid().to_string()]))?;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(())
+    }
+
+    /// Install debian@1, check the machine from outside, reimage to debian@2, check again.
+    /// Returns the summary line and the machine's SSH host key.
+    fn scenario(&mut self, m: &Machine) -> Result<(String, String)> {
+        let name = format!("{:?}", m.fw).to_lowercase();
+        let disk = self.work.join(format!("disk-{name}.img"));
+        fs::File::create(&disk)?.set_len(DISK_BYTES)?;
+        let mut qemu = self.ns.cmd("timeout");
+        qemu.arg("3600");
+        vm_args(&mut qemu, m.fw, m.mac, &self.work, &disk, MEMORY_MIB)?;
+        let log = self.work.join(format!("vm-{name}.log"));
+        let mut vm = Daemon::start(&mut qemu, &log)?;
+
+        let t1 = Instant::now();
+        wait_console(&mut vm, 0, "installed; rebooting", 900)?;
+        let installed_1 = t1.elapsed();
+        let ssh = Ssh {
+            ns: self.ns.clone(),
+            key: self.key.clone(),
+            address: m.address,
+        };
+        ssh.wait_up(900)?;
+        let up_1 = t1.elapsed();
+        let first = self.check(&ssh, m, 1)?;
+        // What an operator would see logging in.
+        let login = ssh.run(
+            "echo \"$(whoami)@$(hostname): $(. /etc/os-release; echo $PRETTY_NAME), \
+             kernel $(uname -r), root $(df -h --output=size / | tail -1 | tr -d ' ')\"",
+        )?;
+        println!(
+            "e2e: $ ip netns exec {} ssh -i {} {USER}@{}\ne2e: {}",
+            self.ns.ns,
+            self.key.display(),
+            m.address,
+            login.trim()
+        );
+
+        self.assign(m.mac, 2)?;
+        let mark = fs::read(&vm.log).map(|b| b.len()).unwrap_or(0);
+        let t2 = Instant::now();
+        // The reboot cuts the SSH connection: its exit status says nothing.
+        let _ = ssh.run("sudo systemctl reboot");
+        wait_console(&mut vm, mark, "installed; rebooting", 900)?;
+        let installed_2 = t2.elapsed();
+        let after = fs::read(&vm.log).unwrap_or_default();
+        let (fetched, reused) = util::install_figures(&String::from_utf8_lossy(
+            after.get(mark..).unwrap_or_default(),
+        ))?;
+        if reused < 4 * fetched {
+            bail!(
+                "{name}: the reimage to debian@2 fetched {fetched} bytes and reused only {reused}"
+            );
+        }
+        // Wait for the new system, not the old one still shutting down.
+        std::thread::sleep(Duration::from_secs(5));
+        ssh.wait_up(900)?;
+        let up_2 = t2.elapsed();
+        let second = self.check(&ssh, m, 2)?;
+        if second.instance_id == first.instance_id {
+            bail!("{name}: the reimage kept instance-id {}", first.instance_id);
+        }
+        let _ = ssh.run("sudo systemctl poweroff");
+        let _ = wait_exit(&mut vm, 120);
+        vm.terminate();
+        Ok((
+            format!(
+                "{name}: install {:.0} s, up with SSH {:.0} s (root {:.1} of {:.1} GiB); \
+                 reimage to debian@2 {:.0} s (fetched {fetched} B, reused {reused} B), up {:.0} s",
+                installed_1.as_secs_f64(),
+                up_1.as_secs_f64(),
+                first.root_bytes as f64 / (1u64 << 30) as f64,
+                DISK_BYTES as f64 / (1u64 << 30) as f64,
+                installed_2.as_secs_f64(),
+                up_2.as_secs_f64()
+            ),
+            first.host_key,
+        ))
+    }
+
+    /// What the installed machine says of itself, checked against the YAML.
+    fn check(&self, ssh: &Ssh, m: &Machine, version: u32) -> Result<Seen> {
+        // It exits non-zero when a module failed: the output says which.
+        let status = ssh.run("cloud-init status --wait --long || true")?;
+        if !status.contains("status: done") {
+            bail!(
+                "cloud-init did not finish cleanly on {}:\n{status}",
+                m.hostname
+            );
+        }
+        let hostname = ssh.run("hostname")?.trim().to_string();
+        if hostname != m.hostname {
+            bail!(
+                "the machine calls itself {hostname:?}, not {:?}",
+                m.hostname
+            );
+        }
+        let ran = ssh.run("cat /var/lib/fleetboot-runcmd")?;
+        if ran.trim() != format!("ran on {}", m.hostname) {
+            bail!("the user data's runcmd did not run as expected: {ran:?}");
+        }
+        let root_bytes: u64 = ssh
+            .run("df -B1 --output=size / | tail -1")?
+            .trim()
+            .parse()
+            .context("df's size of /")?;
+        if root_bytes * 10 < DISK_BYTES * 9 {
+            bail!(
+                "the root filesystem is {root_bytes} bytes: it did not grow to the {DISK_BYTES}-byte disk"
+            );
+        }
+        let has_tree = ssh.run("dpkg-query -W -f '${Status}' tree 2>/dev/null || true")?;
+        if has_tree.contains("ok installed") != (version == 2) {
+            bail!("debian@{version} is not what runs (package tree: {has_tree:?})");
+        }
+        let instance_id = ssh
+            .run("cat /var/lib/cloud/data/instance-id")?
+            .trim()
+            .to_string();
+        let host_key = ssh.run("cat /etc/ssh/ssh_host_ed25519_key.pub")?;
+        let host_key = host_key
+            .split_whitespace()
+            .nth(1)
+            .context("no SSH host key")?
+            .to_string();
+        eprintln!(
+            "e2e: {} is up as itself: debian@{version}, instance {instance_id}, root {root_bytes} bytes",
+            m.hostname
+        );
+        Ok(Seen {
+            instance_id,
+            host_key,
+            root_bytes,
+        })
+    }
+}
+
+struct Seen {
+    instance_id: String,
+    host_key: String,
+    root_bytes: u64,
+}
+
+/// SSH from the switch namespace as the OS's default user, with the key the YAML gave it.
+struct Ssh {
+    ns: Host,
+    key: PathBuf,
+    address: &'static str,
+}
+
+impl Ssh {
+    fn command(&self, remote: &str) -> Command {
+        let mut c = self.ns.cmd("ssh");
+        c.arg("-i")
+            .arg(&self.key)
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "ConnectTimeout=5",
+                "-o",
+                "BatchMode=yes",
+            ])
+            .arg(format!("{USER}@{}", self.address))
+            .arg(remote);
+        c
+    }
+
+    fn run(&self, remote: &str) -> Result<String> {
+        util::output(&mut self.command(remote))
+    }
+
+    /// Until a login with the key works (the machine is up and cloud-init put the key in place).
+    fn wait_up(&self, secs: u64) -> Result<()> {
+        let until = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if self
+                .command("true")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                return Ok(());
+            }
+            if Instant::now() > until {
+                bail!("no SSH login to {} within {secs} s", self.address);
+            }
+            std::thread::sleep(Duration::from_secs(3));
+        }
+    }
+}
+
+/// Waits until the console, past byte `from`, shows `text`.
+fn wait_console(vm: &mut Daemon, from: usize, text: &str, secs: u64) -> Result<()> {
+    let until = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let seen = fs::read(&vm.log).unwrap_or_default();
+        if seen
+            .get(from..)
+            .is_some_and(|s| String::from_utf8_lossy(s).contains(text))
+        {
+            return Ok(());
+        }
+        if !vm.alive() {
+            bail!(
+                "the VM stopped before {text:?}; console in {}",
+                vm.log.display()
+            );
+        }
+        if Instant::now() > until {
+            bail!(
+                "no {text:?} on the console within {secs} s; console in {}",
+                vm.log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn wait_exit(vm: &mut Daemon, secs: u64) -> bool {
+    let until = Instant::now() + Duration::from_secs(secs);
+    while vm.alive() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    !vm.alive()
+}
