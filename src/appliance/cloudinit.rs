@@ -47,7 +47,9 @@ pub fn nocloud(host: &Host, instance_id: Option<&str>) -> NoCloud {
         Some(n) => {
             nic["addresses"] = serde_json::json!([format!("{}/{}", n.address, n.prefix)]);
             if let Some(gw) = n.gateway {
-                nic["routes"] = serde_json::json!([{ "to": "default", "via": gw.to_string() }]);
+                // `0.0.0.0/0`, not `default`: cloud-init before 23.x refuses `default` and
+                // then applies no network configuration at all (seen on Debian 12's 22.4).
+                nic["routes"] = serde_json::json!([{ "to": "0.0.0.0/0", "via": gw.to_string() }]);
             }
             if !n.dns.is_empty() {
                 let dns: Vec<String> = n.dns.iter().map(ToString::to_string).collect();
@@ -120,6 +122,10 @@ mod tests {
         assert_eq!(nic["match"]["macaddress"], "52:54:00:ab:cd:01");
         assert_eq!(nic["addresses"][0], "10.0.0.5/24");
         assert_eq!(nic["routes"][0]["via"], "10.0.0.1");
+        assert_eq!(
+            nic["routes"][0]["to"], "0.0.0.0/0",
+            "what every cloud-init reads"
+        );
         assert_eq!(nic["nameservers"]["addresses"][0], "10.0.0.53");
     }
 
