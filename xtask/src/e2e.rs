@@ -63,17 +63,7 @@ pub fn run(args: &[&str]) -> Result<()> {
         )?;
     }
 
-    let net = Lab::new("e2e")?;
-    fleetboot_lab::ip(&[
-        "-n",
-        &net.switch().ns,
-        "addr",
-        "add",
-        "10.77.0.1/24",
-        "dev",
-        "br0",
-    ])?;
-    net.tap("tap0")?;
+    let net = vm_network("e2e")?;
     let mut lab = Rig {
         ns: net.switch().clone(),
         work: work.clone(),
@@ -84,14 +74,7 @@ pub fn run(args: &[&str]) -> Result<()> {
         server: None,
     };
     lab.write_config()?;
-    lab.server = Some(Daemon::start(
-        lab.ns
-            .cmd(&fleetboot)
-            .current_dir(&work)
-            .args(["serve", "--config", "fleetboot.yaml"]),
-        &work.join("serve.log"),
-    )?);
-    wait_http(&lab.ns)?;
+    lab.server = Some(serve(&lab.ns, &fleetboot, &work)?);
     let mut summary = vec![lab.scenario(Firmware::Bios)?];
     if uefi {
         summary.push(lab.scenario(Firmware::Uefi)?);
@@ -255,7 +238,35 @@ impl Rig {
     }
 }
 
-pub(crate) fn wait_http(ns: &Host) -> Result<()> {
+/// The VMs' network: a lab whose switch holds the appliance's address and the tap QEMU uses.
+pub(crate) fn vm_network(name: &str) -> Result<Lab> {
+    let net = Lab::new(name)?;
+    fleetboot_lab::ip(&[
+        "-n",
+        &net.switch().ns,
+        "addr",
+        "add",
+        &format!("{SERVER}/24"),
+        "dev",
+        "br0",
+    ])?;
+    net.tap("tap0")?;
+    Ok(net)
+}
+
+/// `fleetboot serve` with `work/fleetboot.yaml` in the switch namespace, once it answers HTTP.
+pub(crate) fn serve(ns: &Host, fleetboot: &Path, work: &Path) -> Result<Daemon> {
+    let server = Daemon::start(
+        ns.cmd(fleetboot)
+            .current_dir(work)
+            .args(["serve", "--config", "fleetboot.yaml"]),
+        &work.join("serve.log"),
+    )?;
+    wait_http(ns)?;
+    Ok(server)
+}
+
+fn wait_http(ns: &Host) -> Result<()> {
     let until = Instant::now() + Duration::from_secs(10);
     while Instant::now() < until {
         let ok = ns

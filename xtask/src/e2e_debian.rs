@@ -11,10 +11,10 @@
 //! is assigned, the VM is rebooted over SSH, the agent reimages it moving only what changed, and
 //! it comes up as itself again with version 2's package and a new instance-id.
 
-use crate::e2e::{vm_args, wait_http, Firmware};
+use crate::e2e::{serve, vm_args, vm_network, Firmware};
 use crate::util::{self, root};
 use anyhow::{bail, Context, Result};
-use fleetboot_lab::{Daemon, Host, Lab};
+use fleetboot_lab::{Daemon, Host};
 use std::fs;
 use std::path::PathBuf;
 use std::process::Command;
@@ -90,17 +90,7 @@ pub fn run(uefi: bool) -> Result<()> {
         .trim()
         .to_string();
 
-    let net = Lab::new("e2edeb")?;
-    fleetboot_lab::ip(&[
-        "-n",
-        &net.switch().ns,
-        "addr",
-        "add",
-        "10.77.0.1/24",
-        "dev",
-        "br0",
-    ])?;
-    net.tap("tap0")?;
+    let net = vm_network("e2edeb")?;
     let ns = net.switch().clone();
     let machines: Vec<&Machine> = MACHINES
         .iter()
@@ -116,13 +106,7 @@ pub fn run(uefi: bool) -> Result<()> {
         server: None,
     };
     rig.write_config()?;
-    rig.server = Some(Daemon::start(
-        ns.cmd(&fleetboot)
-            .current_dir(&work)
-            .args(["serve", "--config", "fleetboot.yaml"]),
-        &work.join("serve.log"),
-    )?);
-    wait_http(&ns)?;
+    rig.server = Some(serve(&ns, &fleetboot, &work)?);
 
     let mut summary = Vec::new();
     let mut host_keys = Vec::new();
