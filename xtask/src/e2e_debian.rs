@@ -2,8 +2,9 @@
 //!
 //! The Debian 12 cloud image of `cargo xtask images --os debian` is imported from its qcow2
 //! (versions 1 and 2) into a fresh store, and `fleetboot serve` (full DHCP) assigns it to two VMs
-//! with 4 GiB disks: one BIOS (virtio disk, address reserved in DHCP), one UEFI (NVMe disk, a
-//! static address from the YAML's `network`). Each VM network-boots, the agent installs
+//! with 4 GiB disks: one BIOS (virtio disk, blank, address reserved in DHCP), one UEFI (NVMe
+//! disk full of old data, so every zero run of the image must be zeroed on it; a static address
+//! from the YAML's `network`). Each VM network-boots, the agent installs
 //! debian@1 and adds the cloud-init seed, the VM reboots into Debian from its disk, and the test
 //! checks from outside, over SSH from the lab's switch namespace with the key the YAML gives:
 //! the hostname is the YAML's, a `runcmd` of the YAML's `user_data` ran, the root filesystem
@@ -32,6 +33,9 @@ struct Machine {
     address: &'static str,
     /// `network` in the YAML (a static address in the installed OS) rather than DHCP.
     static_address: bool,
+    /// The disk starts full of old data (a used server's), not zeros: the agent must zero every
+    /// zero run of the image on it (on NVMe: Write Zeroes, in bounded steps).
+    used_disk: bool,
 }
 
 const MACHINES: [Machine; 2] = [
@@ -41,6 +45,7 @@ const MACHINES: [Machine; 2] = [
         hostname: "deb-bios",
         address: "10.77.0.61",
         static_address: false,
+        used_disk: false,
     },
     Machine {
         fw: Firmware::Uefi,
@@ -48,6 +53,7 @@ const MACHINES: [Machine; 2] = [
         hostname: "deb-uefi",
         address: "10.77.0.62",
         static_address: true,
+        used_disk: true,
     },
 ];
 
@@ -195,6 +201,9 @@ impl Rig {
         let name = format!("{:?}", m.fw).to_lowercase();
         let disk = self.work.join(format!("disk-{name}.img"));
         fs::File::create(&disk)?.set_len(DISK_BYTES)?;
+        if m.used_disk {
+            fill(&disk)?;
+        }
         let mut qemu = self.ns.cmd("timeout");
         qemu.arg("3600");
         vm_args(&mut qemu, m.fw, m.mac, &self.work, &disk, MEMORY_MIB)?;
@@ -409,6 +418,18 @@ fn wait_console(vm: &mut Daemon, from: usize, text: &str, secs: u64) -> Result<(
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// Fills `disk` with a non-zero pattern, as a disk that held another system.
+fn fill(disk: &std::path::Path) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(fs::OpenOptions::new().write(true).open(disk)?);
+    let block: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8 | 1).collect();
+    for _ in 0..DISK_BYTES >> 20 {
+        f.write_all(&block)?;
+    }
+    f.flush()?;
+    Ok(())
 }
 
 fn wait_exit(vm: &mut Daemon, secs: u64) -> bool {
