@@ -223,7 +223,12 @@ impl Store {
             if validate_name(&name).is_err() || !entry.path().is_dir() {
                 continue;
             }
-            for v in fs::read_dir(entry.path()).at(&entry.path())? {
+            // Readers take no lock: `image rm` may remove the name's folder since the listing.
+            let versions = match fs::read_dir(entry.path()) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                other => other.at(&entry.path())?,
+            };
+            for v in versions {
                 let v = v.at(&entry.path())?;
                 let file = v.file_name().to_string_lossy().into_owned();
                 let Some(Ok(version)) = file.strip_suffix(".manifest").map(str::parse::<u32>)
