@@ -35,16 +35,8 @@ pub fn run(args: &[&str]) -> Result<()> {
         ["--os", "debian", "--bios-only"] => return crate::e2e_debian::run(false),
         _ => bail!("usage: cargo xtask e2e [--os debian] [--bios-only]"),
     };
-    crate::setup::apt_install(&[
-        ("qemu-system-x86", "qemu-system-x86_64"),
-        ("ipxe-qemu", "/usr/lib/ipxe/qemu/efi-virtio.rom"),
-        ("ovmf", "/usr/share/OVMF/OVMF_CODE_4M.fd"),
-    ])?;
     let started = Instant::now();
-    let fleetboot = util::build_release(&["fleetboot"])?;
-    let boot = root().join("boot");
-    crate::initramfs::build(&boot)?;
-    crate::boot_assets::install(&boot)?;
+    let (fleetboot, boot) = prepare()?;
 
     let work = root().join("target/e2e");
     if work.exists() {
@@ -236,6 +228,23 @@ impl Rig {
             local.as_secs_f64()
         ))
     }
+}
+
+/// What every VM run needs: QEMU, its firmware and ROMs, an SSH client (installed if missing);
+/// the appliance built; `boot/` holding the agent's kernel and initramfs and the iPXE loaders.
+/// Returns the appliance binary and `boot/`.
+pub(crate) fn prepare() -> Result<(PathBuf, PathBuf)> {
+    crate::setup::apt_install(&[
+        ("qemu-system-x86", "qemu-system-x86_64"),
+        ("ipxe-qemu", "/usr/lib/ipxe/qemu/efi-virtio.rom"),
+        ("ovmf", "/usr/share/OVMF/OVMF_CODE_4M.fd"),
+        ("openssh-client", "ssh"),
+    ])?;
+    let fleetboot = util::build_release(&["fleetboot"])?;
+    let boot = root().join("boot");
+    crate::initramfs::build(&boot)?;
+    crate::boot_assets::install(&boot)?;
+    Ok((fleetboot, boot))
 }
 
 /// The VMs' network: a lab whose switch holds the appliance's address and the tap QEMU uses.

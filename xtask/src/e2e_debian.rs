@@ -12,7 +12,7 @@
 //! is assigned, the VM is rebooted over SSH, the agent reimages it moving only what changed, and
 //! it comes up as itself again with version 2's package and a new instance-id.
 
-use crate::e2e::{serve, vm_args, vm_network, Firmware};
+use crate::e2e::{prepare, serve, vm_args, vm_network, Firmware};
 use crate::util::{self, root};
 use anyhow::{bail, Context, Result};
 use fleetboot_lab::{Daemon, Host};
@@ -58,17 +58,8 @@ const MACHINES: [Machine; 2] = [
 ];
 
 pub fn run(uefi: bool) -> Result<()> {
-    crate::setup::apt_install(&[
-        ("qemu-system-x86", "qemu-system-x86_64"),
-        ("ipxe-qemu", "/usr/lib/ipxe/qemu/efi-virtio.rom"),
-        ("ovmf", "/usr/share/OVMF/OVMF_CODE_4M.fd"),
-        ("openssh-client", "ssh"),
-    ])?;
     let started = Instant::now();
-    let fleetboot = util::build_release(&["fleetboot"])?;
-    let boot = root().join("boot");
-    crate::initramfs::build(&boot)?;
-    crate::boot_assets::install(&boot)?;
+    let (fleetboot, boot) = prepare()?;
     let images = crate::debian_image::build()?;
 
     let work = root().join("target/e2e-debian");
