@@ -56,10 +56,19 @@ pub enum Outcome {
 /// signature, every entry's status 0x00 or 0x80, at least one entry in use. A FAT or NTFS boot
 /// sector has the signature too, but code where the entries would be.
 pub fn is_partition_table(mbr: &[u8; 512]) -> bool {
-    let entries = || (0..4).map(|i| &mbr[446 + i * 16..462 + i * 16]);
     mbr[510..512] == [0x55, 0xaa]
-        && entries().all(|e| e[0] == 0 || e[0] == 0x80)
-        && entries().any(|e| e[4] != 0)
+        && mbr_entries(mbr).all(|e| e[0] == 0 || e[0] == 0x80)
+        && mbr_entries(mbr).any(|e| e[4] != 0)
+}
+
+/// The MBR's four 16-byte partition entries.
+fn mbr_entries(mbr: &[u8; 512]) -> impl Iterator<Item = &[u8]> {
+    mbr[446..510].chunks_exact(16)
+}
+
+/// Whether the MBR is GPT's protective one (an entry of type 0xEE).
+fn is_protective(mbr: &[u8; 512]) -> bool {
+    mbr_entries(mbr).any(|e| e[4] == 0xee)
 }
 
 /// Writes the seed after an image of `image_len` bytes on a disk of `disk_len`, or says there
@@ -120,7 +129,7 @@ fn find_seed(disk: &File, disk_len: u64) -> Result<(u64, u64)> {
     if !is_partition_table(&mbr) {
         bail!("no partition table");
     }
-    if (0..4).any(|i| mbr[446 + i * 16 + 4] == 0xee) {
+    if is_protective(&mbr) {
         let h = read_header(disk, 1)?;
         let table = read_entries(disk, &h)?;
         let name: Vec<u8> = "cidata".encode_utf16().flat_map(u16::to_le_bytes).collect();
@@ -133,8 +142,7 @@ fn find_seed(disk: &File, disk_len: u64) -> Result<(u64, u64)> {
             }
         }
     } else {
-        for i in 0..4 {
-            let e = &mbr[446 + i * 16..462 + i * 16];
+        for e in mbr_entries(&mbr) {
             let (first, count) = (u64::from(le32(&e[8..12])), u64::from(le32(&e[12..16])));
             if e[4] == 0x0c && count == SEED_BYTES / SECTOR && (first + count) * SECTOR <= disk_len
             {
@@ -154,31 +162,25 @@ pub fn verify(disk: &File, disk_len: u64, placed: &Placed, files: &SeedFiles<'_>
         .context("reading the partition table back")?;
     let start = placed.offset / SECTOR;
     let sectors = placed.len / SECTOR;
-    if (0..4).any(|i| mbr[446 + i * 16 + 4] == 0xee) {
+    if is_protective(&mbr) {
         let last_lba = disk_len / SECTOR - 1;
         let primary = read_header(disk, 1)?;
         if primary.u64(32) != last_lba {
             bail!("the GPT's backup header is not at the disk's last sector");
         }
-        let backup = read_header(disk, last_lba)?;
-        let mut found = false;
-        for h in [&primary, &backup] {
-            let table = read_entries(disk, h)?;
-            found = (0..h.entries as usize).any(|i| {
-                let e = &table[i * h.entry_size as usize..][..h.entry_size as usize];
-                e[..16] == BASIC_DATA
-                    && le64(&e[32..40]) == start
-                    && le64(&e[40..48]) == start + sectors - 1
-            });
-            if !found {
-                break;
-            }
+        let table = read_entries(disk, &primary)?;
+        if read_entries(disk, &read_header(disk, last_lba)?)? != table {
+            bail!("the GPT's backup entries differ from its primary ones");
         }
-        if !found {
+        let named = table.chunks_exact(primary.entry_size as usize).any(|e| {
+            e[..16] == BASIC_DATA
+                && le64(&e[32..40]) == start
+                && le64(&e[40..48]) == start + sectors - 1
+        });
+        if !named {
             bail!("the GPT does not name the seed partition where it was written");
         }
-    } else if !(0..4).any(|i| {
-        let e = &mbr[446 + i * 16..462 + i * 16];
+    } else if !mbr_entries(&mbr).any(|e| {
         e[4] == 0x0c
             && u64::from(le32(&e[8..12])) == start
             && u64::from(le32(&e[12..16])) == sectors
@@ -259,7 +261,7 @@ fn write(disk: &File, disk_len: u64, image_len: u64, files: &SeedFiles<'_>) -> R
     if mbr[510..512] != [0x55, 0xaa] {
         bail!("the image has no partition table: no room for the cloud-init seed");
     }
-    let protective = (0..4).any(|i| mbr[446 + i * 16 + 4] == 0xee);
+    let protective = is_protective(&mbr);
     // Every range of the image the table writes below may change, as the image has it.
     let mut changed = vec![(0, SECTOR)];
     if protective {
