@@ -610,6 +610,11 @@ fn check_user_data(text: &str) -> Result<(), String> {
     )
 }
 
+/// A configured hostname with `{mac}` replaced by the host's MAC, 12 hex digits.
+fn hostname_for(name: &str, mac: Mac) -> String {
+    name.replace("{mac}", &mac.to_string().replace(':', ""))
+}
+
 impl Config {
     /// The host `mac` as the configuration resolves it; a MAC it does not list gets the
     /// defaults (what `unknown_hosts: install` installs it as).
@@ -621,10 +626,7 @@ impl Config {
         Host {
             mac,
             image: self.defaults.image.clone(),
-            hostname: keys
-                .hostname
-                .as_ref()
-                .map(|n| n.replace("{mac}", &mac.to_string().replace(':', ""))),
+            hostname: keys.hostname.as_ref().map(|n| hostname_for(n, mac)),
             identity: Identity {
                 ssh_authorized_keys: keys.ssh_authorized_keys.clone().unwrap_or_default(),
                 user_data: keys.user_data.clone(),
@@ -791,9 +793,7 @@ impl Config {
                 image: own_image
                     .or_else(|| from_group.and_then(|g| g.image.clone()))
                     .or_else(|| defaults.image.clone()),
-                hostname: keys
-                    .hostname
-                    .map(|n| n.replace("{mac}", &mac.to_string().replace(':', ""))),
+                hostname: keys.hostname.map(|n| hostname_for(&n, mac)),
                 identity: Identity {
                     ssh_authorized_keys: keys.ssh_authorized_keys.unwrap_or_default(),
                     user_data: keys.user_data,
