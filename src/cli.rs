@@ -49,14 +49,50 @@ enum Command {
     /// Hosts: configuration and observed state.
     #[command(subcommand)]
     Host(HostCommand),
-    /// Make hosts reinstall at their next boot.
+    /// Make hosts reinstall at their next boot; with --reboot, boot them from the network now
+    /// through their BMCs and follow each until it reports done or failed.
     Reimage {
         /// MAC addresses of hosts in the configuration.
         macs: Vec<String>,
         /// Every host of this group.
         #[arg(long)]
         group: Option<String>,
+        /// Through each host's BMC: PXE on the next boot only, power cycle (or on), then
+        /// follow the install.
+        #[arg(long)]
+        reboot: bool,
+        /// BMCs talked to at once.
+        #[arg(long, default_value_t = 8)]
+        parallel: usize,
+        /// How long to follow the installs (with --reboot).
+        #[arg(long, default_value = "60m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
+    /// Power through the hosts' BMCs (`bmc:` in the configuration). Names hosts by MAC or
+    /// --group; no host is ever implied.
+    Power {
+        #[arg(value_enum)]
+        action: PowerArg,
+        /// MAC addresses of hosts in the configuration.
+        macs: Vec<String>,
+        /// Every host of this group.
+        #[arg(long)]
+        group: Option<String>,
+        /// BMCs talked to at once.
+        #[arg(long, default_value_t = 8)]
+        parallel: usize,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PowerArg {
+    /// What each BMC reports.
+    Status,
+    On,
+    /// Hard off.
+    Off,
+    /// Off and on (a host that is off is switched on).
+    Cycle,
 }
 
 #[derive(Subcommand)]
@@ -172,8 +208,146 @@ pub fn run() -> Result<()> {
         Command::Store(c) => store_cmd(&store, c),
         Command::Serve => serve(cli.config),
         Command::Host(HostCommand::List { json }) => host_list(&cli.config, json),
-        Command::Reimage { macs, group } => reimage(&cli.config, &macs, group.as_deref()),
+        Command::Reimage {
+            macs,
+            group,
+            reboot,
+            parallel,
+            timeout,
+        } => {
+            let targets = Targets {
+                macs,
+                group,
+                parallel,
+            };
+            if reboot {
+                reimage_reboot(&cli.config, &targets, timeout)
+            } else {
+                reimage(&cli.config, &targets.macs, targets.group.as_deref())
+            }
+        }
+        Command::Power {
+            action,
+            macs,
+            group,
+            parallel,
+        } => power(
+            &cli.config,
+            action,
+            &Targets {
+                macs,
+                group,
+                parallel,
+            },
+        ),
     }
+}
+
+/// The hosts a BMC command names, and how many BMCs to talk to at once.
+struct Targets {
+    macs: Vec<String>,
+    group: Option<String>,
+    parallel: usize,
+}
+
+impl Targets {
+    /// The configuration, and each named host with its BMC.
+    fn resolve(
+        &self,
+        config: &std::path::Path,
+    ) -> Result<(crate::config::Config, crate::fleet::HostBmcs)> {
+        let config = crate::config::Config::load(config)?;
+        let macs = crate::fleet::reimage_targets(&config, &self.macs, self.group.as_deref())
+            .map_err(anyhow::Error::msg)?;
+        let hosts = crate::fleet::with_bmcs(&config, &macs);
+        Ok((config, hosts))
+    }
+}
+
+fn power(config: &std::path::Path, action: PowerArg, targets: &Targets) -> Result<()> {
+    use crate::bmc::PowerAction;
+    let (_, hosts) = targets.resolve(config)?;
+    let results = crate::bmc::for_each(&hosts, targets.parallel, |bmc| match action {
+        PowerArg::Status => bmc.power_state().map(|s| s.to_string()),
+        PowerArg::On => bmc.power(PowerAction::On).map(|_| "powered on".into()),
+        PowerArg::Off => bmc.power(PowerAction::Off).map(|_| "powered off".into()),
+        PowerArg::Cycle => bmc.power(PowerAction::Cycle).map(|_| "power cycled".into()),
+    });
+    let mut failed = 0;
+    for (mac, r) in &results {
+        match r {
+            Ok(what) => println!("{mac}  {what}"),
+            Err(e) => {
+                failed += 1;
+                println!("{mac}  error: {e}");
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} hosts failed", results.len());
+    }
+    Ok(())
+}
+
+/// Marks the hosts for reimage, boots each from the network through its BMC (PXE once, power
+/// cycle), and follows every host whose BMC did that until it is installed or failed.
+fn reimage_reboot(
+    config: &std::path::Path,
+    targets: &Targets,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    use crate::fleet::follow::{follow, Step};
+    let (config, hosts) = targets.resolve(config)?;
+    let fleet = crate::fleet::FleetState::open(&config.state_dir)?;
+    let mark = fleet.event_mark()?;
+    let macs: Vec<_> = hosts.iter().map(|(m, _)| *m).collect();
+    fleet.request_reimage(&macs)?;
+    let results = crate::bmc::for_each(&hosts, targets.parallel, |bmc| bmc.boot_from_network());
+    let mut sent = Vec::new();
+    let mut not_reached = 0;
+    for (mac, r) in &results {
+        match r {
+            Ok(()) => {
+                println!("{mac}: booting from the network (PXE once, power cycled)");
+                sent.push(*mac);
+            }
+            Err(e) => {
+                not_reached += 1;
+                println!("{mac}: not rebooted: {e} (it still reinstalls at its next boot)");
+            }
+        }
+    }
+    let outcome = follow(
+        &fleet,
+        mark,
+        &sent,
+        timeout,
+        std::time::Duration::from_millis(500),
+        |mac, step| match step {
+            Step::AgentBooted(image) => println!("{mac}: agent booted, installing {image}"),
+            Step::Progress(pct) => println!("{mac}: {pct}%"),
+            Step::Installed(image) => println!("{mac}: installed {image}"),
+            Step::Failed(why) => println!("{mac}: failed: {why}"),
+            Step::TimedOut => println!(
+                "{mac}: no outcome after {}",
+                humantime::format_duration(timeout)
+            ),
+        },
+    )?;
+    let installed = outcome
+        .values()
+        .filter(|s| matches!(s, Step::Installed(_)))
+        .count();
+    let failed = outcome.len() - installed;
+    println!("{installed} installed, {failed} failed or timed out, {not_reached} not rebooted");
+    if installed < hosts.len() {
+        bail!(
+            "{} of {} hosts were not reimaged",
+            hosts.len() - installed,
+            hosts.len()
+        );
+    }
+    Ok(())
 }
 
 fn serve(config: PathBuf) -> Result<()> {

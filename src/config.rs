@@ -6,6 +6,7 @@
 //! unknown key, a duplicate key, a bad MAC or image name, a group that does not exist, a DHCP
 //! range that makes no sense, or (checked against the store) an image that is not there.
 
+use crate::bmc::{Bmc, BmcKind, PasswordSource};
 use crate::mac::Mac;
 use crate::store::{ImageRef, Store};
 use serde::Deserialize;
@@ -293,6 +294,8 @@ pub struct Host {
     pub disk: String,
     /// Reserved address (full DHCP mode).
     pub ip: Option<Ipv4Addr>,
+    /// Its BMC (`bmc:`), for power and a one-time network boot.
+    pub bmc: Option<Bmc>,
 }
 
 /// An image named by the configuration, and where.
@@ -398,6 +401,35 @@ struct RawAssignment {
     network: Option<Spanned<RawNetwork>>,
     #[serde(default)]
     cloud_init: Option<CloudInit>,
+    #[serde(default)]
+    bmc: Option<Spanned<RawBmc>>,
+}
+
+/// `bmc:` as one level wrote it: each key may come from the host, its group or the defaults
+/// (a group gives type and credentials, each host its address).
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBmc {
+    #[serde(rename = "type", default)]
+    kind: Option<BmcKind>,
+    #[serde(default)]
+    address: Option<String>,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password_file: Option<String>,
+    #[serde(default)]
+    password_env: Option<String>,
+    #[serde(default)]
+    cipher_suite: Option<u8>,
+    #[serde(default)]
+    system: Option<String>,
+    #[serde(default)]
+    ca_file: Option<String>,
+    #[serde(default)]
+    tls_verify: Option<bool>,
 }
 
 /// The identity keys as one level wrote them.
@@ -463,6 +495,85 @@ struct RawHost {
     network: Option<Spanned<RawNetwork>>,
     #[serde(default)]
     cloud_init: Option<CloudInit>,
+    #[serde(default)]
+    bmc: Option<Spanned<RawBmc>>,
+}
+
+/// A host's `bmc:` from its own, its group's and the defaults' keys (most specific first;
+/// relative files are beside the configuration). `None` when no level gives an address; an
+/// error names the most specific level's line.
+fn resolve_bmc(
+    levels: &[Option<&Spanned<RawBmc>>],
+    base: &Path,
+    at: &dyn Fn(&serde_saphyr::Location, String) -> ConfigError,
+) -> Result<Option<Bmc>, ConfigError> {
+    let given: Vec<&Spanned<RawBmc>> = levels.iter().flatten().copied().collect();
+    let Some(first) = given.first() else {
+        return Ok(None);
+    };
+    let err = |m: String| at(&first.referenced, format!("bmc: {m}"));
+    macro_rules! pick {
+        ($f:ident) => {
+            given.iter().find_map(|l| l.value.$f.clone())
+        };
+    }
+    for level in &given {
+        if level.value.password_file.is_some() && level.value.password_env.is_some() {
+            return Err(at(
+                &level.referenced,
+                "bmc: give password_file or password_env, not both".into(),
+            ));
+        }
+    }
+    // A host has a BMC when some level gives its address: defaults and groups give the rest.
+    let Some(address) = pick!(address) else {
+        return Ok(None);
+    };
+    if address.trim().is_empty() {
+        return Err(err("the address is empty".into()));
+    }
+    let kind = pick!(kind).ok_or_else(|| err("no type (ipmi or redfish)".into()))?;
+    let username = pick!(username).ok_or_else(|| err("no username".into()))?;
+    // The password keys count as one: the most specific level that has either decides.
+    let password = given
+        .iter()
+        .find_map(|l| match (&l.value.password_file, &l.value.password_env) {
+            (Some(f), _) => Some(PasswordSource::File(base.join(f))),
+            (None, Some(e)) => Some(PasswordSource::Env(e.clone())),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            err(
+                "no password_file or password_env (a password is never written in the \
+                 configuration itself)"
+                    .into(),
+            )
+        })?;
+    if let PasswordSource::File(path) = &password {
+        if !path.is_file() {
+            return Err(err(format!(
+                "password_file {} does not exist",
+                path.display()
+            )));
+        }
+    }
+    let ca_file = pick!(ca_file).map(|f| base.join(f));
+    if let Some(path) = &ca_file {
+        if !path.is_file() {
+            return Err(err(format!("ca_file {} does not exist", path.display())));
+        }
+    }
+    Ok(Some(Bmc {
+        kind,
+        address,
+        port: pick!(port),
+        username,
+        password,
+        cipher_suite: pick!(cipher_suite),
+        system: pick!(system),
+        ca_file,
+        tls_verify: pick!(tls_verify).unwrap_or(true),
+    }))
 }
 
 /// Checks one level's identity keys: a hostname a DNS label could be, user data that cloud-init
@@ -636,6 +747,7 @@ impl Config {
             group: None,
             disk: self.defaults.disk.clone().unwrap_or_else(|| "auto".into()),
             ip: None,
+            bmc: None,
         }
     }
 
@@ -788,8 +900,21 @@ impl Config {
                     ));
                 }
             }
+            let bmc = resolve_bmc(
+                &[
+                    h.value.bmc.as_ref(),
+                    group
+                        .as_ref()
+                        .and_then(|g| raw.groups.get(g))
+                        .and_then(|g| g.value.bmc.as_ref()),
+                    raw.defaults.bmc.as_ref(),
+                ],
+                base,
+                &at,
+            )?;
             let host = Host {
                 mac,
+                bmc,
                 image: own_image
                     .or_else(|| from_group.and_then(|g| g.image.clone()))
                     .or_else(|| defaults.image.clone()),
@@ -1102,6 +1227,84 @@ hosts:
             5,
             "not valid YAML",
         );
+    }
+
+    #[test]
+    fn bmc_keys_resolve_from_host_group_and_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("bmc.pw"), "pw\n").unwrap();
+        let path = dir.path().join("fleetboot.yaml");
+        let text = "interface: br0\n\
+            defaults:\n  bmc: { username: admin, password_file: bmc.pw }\n\
+            groups:\n  rack: { bmc: { type: ipmi, cipher_suite: 3 } }\n\
+            hosts:\n\
+            \x20 \"52:54:00:00:00:01\": { group: rack, bmc: { address: 10.0.0.101 } }\n\
+            \x20 \"52:54:00:00:00:02\": { bmc: { type: redfish, address: bmc2, port: 8443, \
+                 password_env: BMC_PW, tls_verify: false } }\n\
+            \x20 \"52:54:00:00:00:03\": { group: rack }\n";
+        let c = Config::parse(&path, text).unwrap();
+        let host = |m: &str| c.hosts[&m.parse::<Mac>().unwrap()].bmc.clone();
+        let a = host("52:54:00:00:00:01").unwrap();
+        assert_eq!(
+            (
+                a.kind,
+                a.address.as_str(),
+                a.username.as_str(),
+                a.cipher_suite
+            ),
+            (BmcKind::Ipmi, "10.0.0.101", "admin", Some(3))
+        );
+        assert_eq!(a.password, PasswordSource::File(dir.path().join("bmc.pw")));
+        assert!(a.tls_verify);
+        let b = host("52:54:00:00:00:02").unwrap();
+        assert_eq!(
+            (b.kind, b.port, b.tls_verify),
+            (BmcKind::Redfish, Some(8443), false)
+        );
+        assert_eq!(b.password, PasswordSource::Env("BMC_PW".into()));
+        assert_eq!(
+            host("52:54:00:00:00:03"),
+            None,
+            "no address anywhere: no BMC"
+        );
+        let printed = format!("{c:?}");
+        assert!(
+            !printed.contains("pw\n"),
+            "the password is never read into the config"
+        );
+
+        let host_line = |keys: &str| {
+            format!("interface: br0\nhosts:\n  \"52:54:00:12:34:56\": {{ bmc: {{ {keys} }} }}\n")
+        };
+        let bad = |text: &str, says: &str| {
+            let e = Config::parse(&path, text).unwrap_err().to_string();
+            assert!(e.contains(":3:") && e.contains(says), "{e}");
+        };
+        bad(
+            &host_line("address: b, username: u, password_env: P"),
+            "no type",
+        );
+        bad(
+            &host_line("type: ipmi, address: b, password_env: P"),
+            "no username",
+        );
+        bad(
+            &host_line("type: ipmi, address: b, username: u"),
+            "never written",
+        );
+        bad(
+            &host_line("type: ipmi, address: b, username: u, password: x"),
+            "password",
+        );
+        bad(
+            &host_line("type: ipmi, address: b, username: u, password_env: P, password_file: f"),
+            "not both",
+        );
+        bad(
+            &host_line("type: ipmi, address: b, username: u, password_file: nope.pw"),
+            "nope.pw does not exist",
+        );
+        bad(&host_line("type: idrac, address: b"), "idrac");
     }
 
     #[test]

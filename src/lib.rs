@@ -17,6 +17,7 @@
 //! - [`cli`]: the command line, the only place that reads flags and the environment.
 
 pub mod appliance;
+pub mod bmc;
 pub mod bootfiles;
 pub mod cli;
 pub mod config;

@@ -87,6 +87,7 @@ mod tests {
             group: None,
             disk: "auto".into(),
             ip: None,
+            bmc: None,
         }
     }
 

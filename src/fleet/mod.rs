@@ -1,16 +1,28 @@
 //! The fleet: which machines exist, what each should run, what each runs now.
 //!
 //! - [`state`]: the observed state in SQLite — hosts, leases, events.
-//! - [`reimage_targets`]: the hosts a reimage request names.
+//! - [`reimage_targets`]: the hosts a reimage request names; [`with_bmcs`]: each with its BMC.
+//! - [`follow`]: hosts followed through the install they were just sent to.
 //!
 //! The boot decision itself lives in the appliance core (`crate::appliance`).
 
+pub mod follow;
 pub mod state;
 
 pub use state::{FleetState, HostRecord, HostStatus, StateError, Token, Write};
 
 use crate::config::Config;
 use crate::mac::Mac;
+
+/// Hosts, each with its BMC (`None`: it has none).
+pub type HostBmcs = Vec<(Mac, Option<crate::bmc::Bmc>)>;
+
+/// Each host with its BMC from the configuration.
+pub fn with_bmcs(config: &Config, macs: &[Mac]) -> HostBmcs {
+    macs.iter()
+        .map(|m| (*m, config.hosts.get(m).and_then(|h| h.bmc.clone())))
+        .collect()
+}
 
 /// The hosts a reimage request names: MACs from the configuration, or every host of a group.
 pub fn reimage_targets(

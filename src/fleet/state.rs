@@ -533,6 +533,29 @@ impl FleetState {
         self.wrap(|db| log(db, t, mac, kind, detail, self.limits.events_max))
     }
 
+    /// The id of the newest event (0 when there is none): a mark to read later events from.
+    pub fn event_mark(&self) -> Result<i64, StateError> {
+        self.wrap(|db| db.query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0)))
+    }
+
+    /// `mac`'s events after `mark` (see [`FleetState::event_mark`]), oldest first.
+    pub fn events_after(&self, mark: i64, mac: Mac) -> Result<Vec<Event>, StateError> {
+        self.wrap(|db| {
+            let mut stmt = db.prepare(
+                "SELECT ts, mac, kind, detail FROM events WHERE id > ?1 AND mac = ?2 ORDER BY id",
+            )?;
+            let rows = stmt.query_map(params![mark, mac.to_string()], |r| {
+                Ok(Event {
+                    ts: r.get(0)?,
+                    mac: r.get(1)?,
+                    kind: r.get(2)?,
+                    detail: r.get(3)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
     /// The newest `limit` events, newest first.
     pub fn events(&self, limit: usize) -> Result<Vec<Event>, StateError> {
         self.wrap(|db| {

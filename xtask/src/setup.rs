@@ -27,6 +27,13 @@ const PACKAGES: &[(&str, &str)] = &[
     ("kea-admin", "perfdhcp"),
     // A real browser for the dashboard test.
     ("chromium", "chromium"),
+    // BMCs: OpenIPMI's emulator and the IPMI client the appliance runs; VMs behind them;
+    // openssl makes the Redfish emulator's certificate; python3-venv holds that emulator.
+    ("openipmi", "ipmi_sim"),
+    ("ipmitool", "ipmitool"),
+    ("qemu-system-x86", "qemu-system-x86_64"),
+    ("openssl", "openssl"),
+    ("python3-venv", "/usr/share/doc/python3-venv/copyright"),
 ];
 
 /// Packages only the store benchmark needs (the anchors and the image builder).
@@ -55,7 +62,25 @@ pub const SERVE_BENCH_PACKAGES: &[(&str, &str)] = &[
 
 pub fn run() -> Result<()> {
     apt_install(PACKAGES)?;
+    redfish_emulator()?;
     rustup_components()
+}
+
+/// sushy-tools (OpenStack's Redfish emulator, from PyPI, at the version the lab's driver
+/// configuration is written for) in a virtualenv under target/.
+fn redfish_emulator() -> Result<()> {
+    use fleetboot_lab::bmc::{sushy_venv, SUSHY_TOOLS_VERSION};
+    let venv = sushy_venv();
+    if venv.join("bin/sushy-emulator").is_file() {
+        return Ok(());
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    util::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    util::run(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "--disable-pip-version-check"])
+            .arg(format!("sushy-tools=={SUSHY_TOOLS_VERSION}")),
+    )
 }
 
 /// Installs the packages in `wanted` whose command is missing.

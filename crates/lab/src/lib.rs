@@ -7,6 +7,8 @@
 //! Namespace names are `fb-{lab}-{name}-{pid}-{n}`: a lab left behind by a process that was
 //! killed is recognised (its pid is gone) and removed by the next lab made.
 
+pub mod bmc;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
