@@ -309,6 +309,33 @@ async fn the_agent_conversation_installs_then_boots_local_then_reimages() {
     .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
 
+    // Power through the admin API: the token is required, a host must be named, and a host
+    // without a BMC gets its own answer (tests/bmc.rs drives real BMCs).
+    let power = serde_json::json!({"macs": [MAC], "action": "status"});
+    let (s, _) = post(&rig, "/api/power", "nope", power.clone()).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, body) = post(&rig, "/api/power", "s3cret", power).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let answers: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answers[0]["mac"], MAC);
+    assert_eq!(answers[0]["ok"], false);
+    assert!(
+        answers[0]["error"].as_str().unwrap().contains("no bmc"),
+        "{body}"
+    );
+    let (s, body) = post(
+        &rig,
+        "/api/power",
+        "s3cret",
+        serde_json::json!({"action": "off"}),
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::BAD_REQUEST,
+        "no host named: nothing done ({body})"
+    );
+
     let req = Request::get("/api/hosts")
         .header("authorization", "Bearer s3cret")
         .body(Body::empty())

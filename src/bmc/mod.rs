@@ -66,7 +66,7 @@ impl std::fmt::Debug for Secret {
 }
 
 /// A machine's power.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PowerState {
     On,

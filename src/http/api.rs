@@ -283,18 +283,106 @@ pub async fn hosts(
     blocking(move || current_views(&st).map(Json)).await
 }
 
-/// `{"macs": [...]}` or `{"group": "web"}`.
+/// `{"macs": [...]}` or `{"group": "web"}`; `"reboot": true` also boots each host from the
+/// network now through its BMC (PXE once, power cycle). Follow the installs in `/api/hosts`.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct ReimageRequest {
     #[serde(default)]
     pub macs: Vec<String>,
     #[serde(default)]
     pub group: Option<String>,
+    #[serde(default)]
+    pub reboot: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ReimageAnswer {
     pub marked: Vec<String>,
+    /// With `reboot`: what each host's BMC did.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rebooted: Vec<BmcAnswer>,
+}
+
+/// `{"macs": [...]}` or `{"group": "rack"}`, and `"action": "status" | "on" | "off" | "cycle"`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PowerRequest {
+    #[serde(default)]
+    pub macs: Vec<String>,
+    #[serde(default)]
+    pub group: Option<String>,
+    pub action: PowerRequestAction,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PowerRequestAction {
+    Status,
+    On,
+    Off,
+    Cycle,
+}
+
+/// One host's BMC call: its power state (for status), or why it failed.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BmcAnswer {
+    pub mac: String,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power: Option<crate::bmc::PowerState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// BMCs talked to at once by one API call.
+const BMC_PARALLEL: usize = 8;
+
+fn bmc_answers(
+    results: Vec<(
+        Mac,
+        Result<Option<crate::bmc::PowerState>, crate::bmc::BmcError>,
+    )>,
+) -> Vec<BmcAnswer> {
+    results
+        .into_iter()
+        .map(|(mac, r)| match r {
+            Ok(power) => BmcAnswer {
+                mac: mac.to_string(),
+                ok: true,
+                power,
+                error: None,
+            },
+            Err(e) => BmcAnswer {
+                mac: mac.to_string(),
+                ok: false,
+                power: None,
+                error: Some(e.to_string()),
+            },
+        })
+        .collect()
+}
+
+/// Power through the named hosts' BMCs; every host gets an answer, failures included.
+pub async fn power(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Json(req): Json<PowerRequest>,
+) -> Result<Json<Vec<BmcAnswer>>, AppError> {
+    use crate::bmc::PowerAction;
+    admin(&st, &headers)?;
+    let config = st.config();
+    let macs = crate::fleet::reimage_targets(&config, &req.macs, req.group.as_deref())
+        .map_err(|e| AppError(StatusCode::BAD_REQUEST, e))?;
+    let hosts = crate::fleet::with_bmcs(&config, &macs);
+    blocking(move || {
+        let results = crate::bmc::for_each(&hosts, BMC_PARALLEL, |bmc| match req.action {
+            PowerRequestAction::Status => bmc.power_state().map(Some),
+            PowerRequestAction::On => bmc.power(PowerAction::On).map(|_| None),
+            PowerRequestAction::Off => bmc.power(PowerAction::Off).map(|_| None),
+            PowerRequestAction::Cycle => bmc.power(PowerAction::Cycle).map(|_| None),
+        });
+        Ok(Json(bmc_answers(results)))
+    })
+    .await
 }
 
 pub async fn reimage(
@@ -305,10 +393,19 @@ pub async fn reimage(
     admin(&st, &headers)?;
     let macs = crate::fleet::reimage_targets(&st.config(), &req.macs, req.group.as_deref())
         .map_err(|e| AppError(StatusCode::BAD_REQUEST, e))?;
+    let hosts = crate::fleet::with_bmcs(&st.config(), &macs);
     blocking(move || {
         st.fleet().request_reimage(&macs)?;
+        let rebooted = if req.reboot {
+            bmc_answers(crate::bmc::for_each(&hosts, BMC_PARALLEL, |bmc| {
+                bmc.boot_from_network().map(|_| None)
+            }))
+        } else {
+            Vec::new()
+        };
         Ok(Json(ReimageAnswer {
             marked: macs.iter().map(|m| m.to_string()).collect(),
+            rebooted,
         }))
     })
     .await

@@ -137,6 +137,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/api/agent/{mac}/failed", post(api::failed))
         .route("/api/hosts", get(api::hosts))
         .route("/api/reimage", post(api::reimage))
+        .route("/api/power", post(api::power))
         .route("/store/packs/{name}", get(packs::get))
         .route("/store/manifests/{name}/{file}", get(manifest))
         .route("/meta/{mac}/{doc}", get(meta::get))

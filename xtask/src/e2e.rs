@@ -308,7 +308,7 @@ fn boot_vm(
 ) -> Result<String> {
     let mut qemu = ns.cmd("timeout");
     qemu.arg("400");
-    vm_args(&mut qemu, fw, fw.mac(), work, disk, 1024)?;
+    vm_args(&mut qemu, fw, fw.mac(), work, disk, 1024, true)?;
     let status = qemu
         .stdin(Stdio::null())
         .stdout(fs::File::create(log)?)
@@ -351,9 +351,11 @@ fn boot_vm(
     Ok(text)
 }
 
-/// Appends `qemu-system-x86_64` and its arguments to `qemu`: a TCG VM network-booting (NIC
-/// first, disk second) through SeaBIOS and the NIC's iPXE ROM, or through OVMF's own PXE (ROM
-/// removed; its variables kept in `work`) with the disk on NVMe, the serial console on stdout.
+/// Appends `qemu-system-x86_64` and its arguments to `qemu`: a TCG VM network-booting through
+/// SeaBIOS and the NIC's iPXE ROM, or through OVMF's own PXE (ROM removed; its variables kept
+/// in `work`) with the disk on NVMe, the serial console on stdout. `network_first`: the NIC
+/// before the disk in the boot order; else the disk first (a blank disk falls through to the
+/// NIC), as a server's order is after its install.
 pub(crate) fn vm_args(
     qemu: &mut Command,
     fw: Firmware,
@@ -361,7 +363,9 @@ pub(crate) fn vm_args(
     work: &Path,
     disk: &Path,
     memory_mib: u32,
+    network_first: bool,
 ) -> Result<()> {
+    let (nic_index, disk_index) = if network_first { (1, 2) } else { (2, 1) };
     qemu.args(["qemu-system-x86_64", "-accel", "tcg", "-smp", "1", "-m"])
         .arg(memory_mib.to_string())
         .arg("-nographic")
@@ -370,7 +374,7 @@ pub(crate) fn vm_args(
         Firmware::Bios => {
             qemu.args([
                 "-device",
-                &format!("virtio-net-pci,netdev=n0,mac={mac},bootindex=1"),
+                &format!("virtio-net-pci,netdev=n0,mac={mac},bootindex={nic_index}"),
             ]);
         }
         Firmware::Uefi => {
@@ -388,18 +392,18 @@ pub(crate) fn vm_args(
                 .args(["-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n"])
                 .args([
                     "-device",
-                    &format!("virtio-net-pci,netdev=n0,mac={mac},romfile=,bootindex=1"),
+                    &format!("virtio-net-pci,netdev=n0,mac={mac},romfile=,bootindex={nic_index}"),
                 ]);
         }
     }
     // BIOS: a virtio disk; UEFI: NVMe (OVMF then hands GRUB the disk to search).
     let disk_device = match fw {
-        Firmware::Bios => "virtio-blk-pci,drive=d0,bootindex=2",
-        Firmware::Uefi => "nvme,drive=d0,serial=fleetboot-e2e,bootindex=2",
+        Firmware::Bios => format!("virtio-blk-pci,drive=d0,bootindex={disk_index}"),
+        Firmware::Uefi => format!("nvme,drive=d0,serial=fleetboot-e2e,bootindex={disk_index}"),
     };
     qemu.arg("-drive")
         .arg(format!("file={},format=raw,if=none,id=d0", disk.display()))
-        .args(["-device", disk_device]);
+        .args(["-device", &disk_device]);
     Ok(())
 }
 

@@ -9,15 +9,25 @@
 //! checks from outside, over SSH from the lab's switch namespace with the key the YAML gives:
 //! the hostname is the YAML's, a `runcmd` of the YAML's `user_data` ran, the root filesystem
 //! grew to ≥ 90 % of the disk, and (across the two VMs) the SSH host keys differ. Then debian@2
-//! is assigned, the VM is rebooted over SSH, the agent reimages it moving only what changed, and
-//! it comes up as itself again with version 2's package and a new instance-id.
+//! is assigned and `fleetboot reimage MAC --reboot` takes the running machine to it through its
+//! BMC with no hand on it — PXE on the next boot only, power cycle, followed until installed —
+//! the agent reimages it moving only what changed, and it comes up as itself again with version
+//! 2's package and a new instance-id.
+//!
+//! Each VM sits behind a real BMC emulation (the lab's chassis script starts and stops it):
+//! the BIOS one behind OpenIPMI's `ipmi_sim` (IPMI over LAN), the UEFI one behind sushy-tools'
+//! Redfish emulator (HTTPS, its certificate checked against the lab CA's). Their boot order is
+//! disk first, as a server's is after its install: a blank disk falls through to the network,
+//! and only the BMC's one-time override sends an installed machine back to PXE. They are
+//! powered on and off with `fleetboot power`.
 
 use crate::e2e::{prepare, serve, vm_args, vm_network, Firmware};
 use crate::util::{self, root};
 use anyhow::{bail, Context, Result};
+use fleetboot_lab::bmc::{self, BmcLogin, Chassis};
 use fleetboot_lab::{Daemon, Host};
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -25,6 +35,11 @@ const DISK_BYTES: u64 = 4 << 30;
 const MEMORY_MIB: u32 = 2048;
 /// The installed OS's default user (Debian's cloud-init configuration).
 const USER: &str = "debian";
+/// Both BMC emulators listen on the appliance's address: IPMI on UDP 623, Redfish on this port.
+const BMC_ADDRESS: &str = "10.77.0.1";
+const REDFISH_PORT: u16 = 8443;
+const BMC_USER: &str = "admin";
+const BMC_PASSWORD: &str = "e2e-bmc-Pw91";
 
 struct Machine {
     fw: Firmware,
@@ -93,12 +108,22 @@ pub fn run(uefi: bool) -> Result<()> {
         .iter()
         .filter(|m| uefi || m.fw == Firmware::Bios)
         .collect();
+    let mut vms = Vec::new();
+    let mut bmc_ca = None;
+    for m in &machines {
+        let (vm, ca) = Vm::new(&ns, &work, m)?;
+        bmc_ca = bmc_ca.or(ca);
+        vms.push(vm);
+    }
+    fs::write(work.join("bmc.pw"), format!("{BMC_PASSWORD}\n"))?;
     let mut rig = Rig {
         ns: ns.clone(),
         work: work.clone(),
         key,
         public,
         boot,
+        fleetboot: fleetboot.clone(),
+        bmc_ca,
         versions: machines.iter().map(|m| (m.mac, 1)).collect(),
         server: None,
     };
@@ -107,8 +132,8 @@ pub fn run(uefi: bool) -> Result<()> {
 
     let mut summary = Vec::new();
     let mut host_keys = Vec::new();
-    for m in &machines {
-        let (line, host_key) = rig.scenario(m)?;
+    for (m, vm) in machines.iter().zip(&vms) {
+        let (line, host_key) = rig.scenario(m, vm)?;
         summary.push(line);
         host_keys.push(host_key);
     }
@@ -126,12 +151,86 @@ pub fn run(uefi: bool) -> Result<()> {
     Ok(())
 }
 
+/// A machine's VM behind its BMC emulator: the chassis holds the VM's power and console
+/// (`vm.log`, appended at every start).
+struct Vm {
+    chassis: Chassis,
+    _bmc: Daemon,
+}
+
+impl Vm {
+    /// The disk (blank or used), the chassis whose start script runs QEMU with the disk first
+    /// (or the NIC first when the BMC asked for PXE), and its BMC: IPMI for BIOS, Redfish for
+    /// UEFI (then also the CA to trust, as PEM).
+    fn new(ns: &Host, work: &Path, m: &Machine) -> Result<(Vm, Option<PathBuf>)> {
+        let name = format!("{:?}", m.fw).to_lowercase();
+        let disk = work.join(format!("disk-{name}.img"));
+        fs::File::create(&disk)?.set_len(DISK_BYTES)?;
+        if m.used_disk {
+            fill(&disk)?;
+        }
+        let qemu = |network_first| -> Result<String> {
+            let mut c = Command::new("exec");
+            vm_args(&mut c, m.fw, m.mac, work, &disk, MEMORY_MIB, network_first)?;
+            Ok(c.get_args()
+                .map(|a| shell_quote(&a.to_string_lossy()))
+                .collect::<Vec<_>>()
+                .join(" "))
+        };
+        let script = format!(
+            "#!/bin/bash\n# $1: pxe (the BMC's one-time override) or disk.\n\
+             if [ \"$1\" = pxe ]; then\n  exec {}\nfi\nexec {}\n",
+            qemu(true)?,
+            qemu(false)?
+        );
+        let dir = work.join(format!("bmc-{name}"));
+        let chassis = Chassis::new(&dir.join("chassis"), &script)?;
+        let mut login = BmcLogin {
+            address: BMC_ADDRESS.into(),
+            port: 623,
+            username: BMC_USER.into(),
+            password: BMC_PASSWORD.into(),
+        };
+        let (daemon, ca) = match m.fw {
+            Firmware::Bios => (bmc::ipmi_sim(ns, &chassis, &login, &dir)?, None),
+            Firmware::Uefi => {
+                login.port = REDFISH_PORT;
+                let system = ("8a1c3e0a-5f0b-4d3e-9b1e-f1eeb00e2e02", m.mac);
+                let (d, ca) = bmc::sushy(ns, &chassis, &login, system, &dir)?;
+                (d, Some(ca))
+            }
+        };
+        Ok((
+            Vm {
+                chassis,
+                _bmc: daemon,
+            },
+            ca,
+        ))
+    }
+
+    fn log(&self) -> PathBuf {
+        self.chassis.dir().join("vm.log")
+    }
+
+    fn log_len(&self) -> usize {
+        fs::metadata(self.log()).map_or(0, |m| m.len() as usize)
+    }
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
 struct Rig {
     ns: Host,
     work: PathBuf,
     key: PathBuf,
     public: String,
     boot: PathBuf,
+    fleetboot: PathBuf,
+    /// The CA the Redfish emulator's certificate is signed by.
+    bmc_ca: Option<PathBuf>,
     /// Each machine's assigned version of `debian`.
     versions: Vec<(&'static str, u32)>,
     server: Option<Daemon>,
@@ -153,8 +252,21 @@ impl Rig {
             } else {
                 String::new()
             };
+            let bmc = match (m.fw, &self.bmc_ca) {
+                (Firmware::Bios, _) => format!(
+                    "{{ type: ipmi, address: {BMC_ADDRESS}, username: {BMC_USER}, \
+                     password_file: bmc.pw, cipher_suite: 3 }}"
+                ),
+                (Firmware::Uefi, Some(ca)) => format!(
+                    "{{ type: redfish, address: {BMC_ADDRESS}, port: {REDFISH_PORT}, \
+                     username: {BMC_USER}, password_file: bmc.pw, ca_file: {} }}",
+                    ca.display()
+                ),
+                (Firmware::Uefi, None) => bail!("the Redfish emulator's CA is missing"),
+            };
             hosts += &format!(
-                "  \"{mac}\": {{ image: debian@{version}, hostname: {}, ip: {}{network} }}\n",
+                "  \"{mac}\": {{ image: debian@{version}, hostname: {}, ip: {}{network},\n\
+                 \x20   bmc: {bmc} }}\n",
                 m.hostname, m.address
             );
         }
@@ -174,6 +286,28 @@ impl Rig {
         Ok(())
     }
 
+    /// Runs `fleetboot --config … ARGS` in the lab (where the BMCs are), printing its output.
+    fn fleetboot(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = self.ns.cmd(&self.fleetboot);
+        cmd.arg("--config")
+            .arg(self.work.join("fleetboot.yaml"))
+            .args(args);
+        println!("e2e: $ fleetboot {}", args.join(" "));
+        let out = cmd.output()?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for line in text.lines() {
+            println!("e2e:   {line}");
+        }
+        if !out.status.success() {
+            bail!("`fleetboot {}` failed ({})", args.join(" "), out.status);
+        }
+        Ok(text)
+    }
+
     fn assign(&mut self, mac: &str, version: u32) -> Result<()> {
         for v in self.versions.iter_mut().filter(|v| v.0 == mac) {
             v.1 = version;
@@ -188,21 +322,11 @@ impl Rig {
 
     /// Install debian@1, check the machine from outside, reimage to debian@2, check again.
     /// Returns the summary line and the machine's SSH host key.
-    fn scenario(&mut self, m: &Machine) -> Result<(String, String)> {
+    fn scenario(&mut self, m: &Machine, vm: &Vm) -> Result<(String, String)> {
         let name = format!("{:?}", m.fw).to_lowercase();
-        let disk = self.work.join(format!("disk-{name}.img"));
-        fs::File::create(&disk)?.set_len(DISK_BYTES)?;
-        if m.used_disk {
-            fill(&disk)?;
-        }
-        let mut qemu = self.ns.cmd("timeout");
-        qemu.arg("3600");
-        vm_args(&mut qemu, m.fw, m.mac, &self.work, &disk, MEMORY_MIB)?;
-        let log = self.work.join(format!("vm-{name}.log"));
-        let mut vm = Daemon::start(&mut qemu, &log)?;
-
         let t1 = Instant::now();
-        wait_console(&mut vm, 0, "installed; rebooting", 900)?;
+        self.fleetboot(&["power", "on", m.mac])?;
+        wait_console(vm, 0, "installed; rebooting", 900)?;
         let installed_1 = t1.elapsed();
         let ssh = Ssh {
             ns: self.ns.clone(),
@@ -226,13 +350,19 @@ impl Rig {
         );
 
         self.assign(m.mac, 2)?;
-        let mark = fs::read(&vm.log).map(|b| b.len()).unwrap_or(0);
+        let mark = vm.log_len();
         let t2 = Instant::now();
-        // The reboot cuts the SSH connection: its exit status says nothing.
-        let _ = ssh.run("sudo systemctl reboot");
-        wait_console(&mut vm, mark, "installed; rebooting", 900)?;
+        // No hand on the machine: its BMC boots it from the network once, and the command
+        // follows the install to its end.
+        let out = self.fleetboot(&["reimage", m.mac, "--reboot", "--timeout", "20m"])?;
+        if !out.contains(&format!("{}: installed debian@2", m.mac)) {
+            bail!("{name}: `reimage --reboot` did not report debian@2 installed:\n{out}");
+        }
         let installed_2 = t2.elapsed();
-        let after = fs::read(&vm.log).unwrap_or_default();
+        if vm.chassis.starts().last().map(String::as_str) != Some("pxe") {
+            bail!("{name}: the BMC did not start the VM from the network");
+        }
+        let after = fs::read(vm.log()).unwrap_or_default();
         let (fetched, reused) = util::install_figures(&String::from_utf8_lossy(
             after.get(mark..).unwrap_or_default(),
         ))?;
@@ -249,9 +379,8 @@ impl Rig {
         if second.instance_id == first.instance_id {
             bail!("{name}: the reimage kept instance-id {}", first.instance_id);
         }
-        let _ = ssh.run("sudo systemctl poweroff");
-        let _ = wait_exit(&mut vm, 120);
-        vm.terminate();
+        self.fleetboot(&["power", "off", m.mac])?;
+        vm.chassis.wait_power(false, 30)?;
         Ok((
             format!(
                 "{name}: install {:.0} s, up with SSH {:.0} s (root {:.1} of {:.1} GiB); \
@@ -385,26 +514,27 @@ impl Ssh {
 }
 
 /// Waits until the console, past byte `from`, shows `text`.
-fn wait_console(vm: &mut Daemon, from: usize, text: &str, secs: u64) -> Result<()> {
+fn wait_console(vm: &Vm, from: usize, text: &str, secs: u64) -> Result<()> {
     let until = Instant::now() + Duration::from_secs(secs);
+    let log = vm.log();
     loop {
-        let seen = fs::read(&vm.log).unwrap_or_default();
+        let seen = fs::read(&log).unwrap_or_default();
         if seen
             .get(from..)
             .is_some_and(|s| String::from_utf8_lossy(s).contains(text))
         {
             return Ok(());
         }
-        if !vm.alive() {
+        if !vm.chassis.powered()? {
             bail!(
                 "the VM stopped before {text:?}; console in {}",
-                vm.log.display()
+                log.display()
             );
         }
         if Instant::now() > until {
             bail!(
                 "no {text:?} on the console within {secs} s; console in {}",
-                vm.log.display()
+                log.display()
             );
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -421,12 +551,4 @@ fn fill(disk: &std::path::Path) -> Result<()> {
     }
     f.flush()?;
     Ok(())
-}
-
-fn wait_exit(vm: &mut Daemon, secs: u64) -> bool {
-    let until = Instant::now() + Duration::from_secs(secs);
-    while vm.alive() && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    !vm.alive()
 }
