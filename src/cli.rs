@@ -102,6 +102,15 @@ enum HostCommand {
         #[arg(long)]
         json: bool,
     },
+    /// A host's install console log (its agent's output and, on a machine, the kernel's): the
+    /// newest install, or --instance ID; --list shows the installs kept.
+    Log {
+        mac: String,
+        #[arg(long)]
+        instance: Option<String>,
+        #[arg(long)]
+        list: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -208,6 +217,11 @@ pub fn run() -> Result<()> {
         Command::Store(c) => store_cmd(&store, c),
         Command::Serve => serve(cli.config),
         Command::Host(HostCommand::List { json }) => host_list(&cli.config, json),
+        Command::Host(HostCommand::Log {
+            mac,
+            instance,
+            list,
+        }) => host_log(&cli.config, &mac, instance.as_deref(), list),
         Command::Reimage {
             macs,
             group,
@@ -369,6 +383,34 @@ fn serve(config: PathBuf) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?
         .block_on(crate::serve::run(options))
+}
+
+fn host_log(config: &std::path::Path, mac: &str, instance: Option<&str>, list: bool) -> Result<()> {
+    let config = crate::config::Config::load(config)?;
+    let mac: crate::mac::Mac = mac.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let logs = crate::fleet::logs::InstallLogs::new(&config.state_dir);
+    if list {
+        let mut out = std::io::stdout().lock();
+        for e in logs.list(mac) {
+            let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(e.modified as u64);
+            writeln!(
+                out,
+                "{}  {}  {} bytes",
+                e.instance,
+                humantime::format_rfc3339_seconds(when),
+                e.bytes
+            )?;
+        }
+        return Ok(());
+    }
+    let Some((_, text)) = logs.read(mac, instance)? else {
+        bail!(
+            "no install log of {mac}{}",
+            instance.map(|i| format!(" for {i}")).unwrap_or_default()
+        );
+    };
+    std::io::stdout().lock().write_all(&text)?;
+    Ok(())
 }
 
 fn host_list(config: &std::path::Path, json: bool) -> Result<()> {

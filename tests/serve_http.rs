@@ -206,6 +206,38 @@ async fn the_agent_conversation_installs_then_boots_local_then_reimages() {
         StatusCode::NOT_FOUND
     );
 
+    // The install's console log: appended by offset with the token, read with the admin token.
+    let log = |offset: u64, text: &'static str, token: &str| {
+        Request::post(format!("/api/agent/{MAC}/log?offset={offset}"))
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::from(text))
+            .unwrap()
+    };
+    let (s, body) = call(&rig, log(0, "line one\n", &token)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(String::from_utf8_lossy(&body), r#"{"length":9}"#);
+    let (s, body) = call(&rig, log(30, "lost\n", &token)).await;
+    assert_eq!(s, StatusCode::CONFLICT, "a gap: resend from what is held");
+    assert_eq!(String::from_utf8_lossy(&body), r#"{"length":9}"#);
+    assert_eq!(
+        call(&rig, log(9, "x\n", "nope")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(&rig, log(9, "line two\n", &token)).await.0,
+        StatusCode::OK
+    );
+    let read = |auth: &str| {
+        Request::get(format!("/api/hosts/{MAC}/log"))
+            .header("authorization", format!("Bearer {auth}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    assert_eq!(call(&rig, read(&token)).await.0, StatusCode::UNAUTHORIZED);
+    let (s, body) = call(&rig, read("s3cret")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(String::from_utf8_lossy(&body), "line one\nline two\n");
+
     let (s, _) = post(
         &rig,
         &format!("/api/agent/{MAC}/progress"),

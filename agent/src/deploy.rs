@@ -28,6 +28,7 @@ pub struct Settings {
 /// Installs the host's assigned image on the target and reports the outcome.
 pub fn deploy(s: &Settings) -> Result<InstallReport> {
     let client = Client::new(&s.server, &s.mac, s.token.clone())?;
+    crate::console::send_to(&client.server, &client.mac, client.token());
     // A panic must become a `failed` report: as process 1 an unwinding agent is a kernel panic,
     // and the appliance would never hear why.
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| install(&client, s)))
@@ -42,6 +43,9 @@ pub fn deploy(s: &Settings) -> Result<InstallReport> {
             ))
         });
     if let Err(e) = &result {
+        // In the install's log before the report ends the install (and voids the token).
+        crate::console::say(&format!("FAILED: {e:#}"));
+        crate::console::send();
         client.failed(&format!("{e:#}"));
     }
     result
@@ -155,6 +159,11 @@ fn install(client: &Client, s: &Settings) -> Result<InstallReport> {
         seconds: started.elapsed().as_secs_f64(),
         seed,
     };
+    crate::console::say(&format!(
+        "{} verified on {}; reporting done",
+        report.image, report.target
+    ));
+    crate::console::send();
     client.done(&report)?;
     Ok(report)
 }

@@ -77,6 +77,7 @@ pub fn run() -> ! {
 
 fn setup_and_install() -> Result<()> {
     mount_filesystems()?;
+    crate::console::capture(true);
     let cmdline = Cmdline::parse(
         &std::fs::read_to_string("/proc/cmdline").context("cannot read /proc/cmdline")?,
     );

@@ -9,6 +9,7 @@
 //! line (`fleetboot.url=`, `fleetboot.mac=`, `fleetboot.token=`, `fleetboot.ip=` …), see [`init`].
 
 mod client;
+mod console;
 mod deploy;
 mod dhcp;
 mod disk;
@@ -57,12 +58,15 @@ fn run() -> Result<()> {
             let (Some(server), Some(mac), Some(target)) = (server, mac, target) else {
                 bail!("{USAGE}");
             };
+            console::capture(false);
             let report = deploy::deploy(&deploy::Settings {
                 server,
                 mac,
                 token,
                 target: Some(target.into()),
-            })?;
+            });
+            console::finish();
+            let report = report?;
             println!(
                 "{}{}",
                 fleetboot_image::api::REPORT_PREFIX,

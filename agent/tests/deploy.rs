@@ -256,6 +256,22 @@ fn installs_then_reinstalls_moving_only_what_changed() {
     assert_eq!(r.image.to_string(), "os@2");
     assert_eq!(r.digest, r.image.digest);
     assert_eq!(app.status().1.as_deref(), Some("os@2"));
+
+    // Each install's console log reached the appliance, one per install, newest first.
+    let mac = MAC.parse().unwrap();
+    let installs = app.state.logs.list(mac);
+    assert_eq!(installs.len(), 2, "{installs:?}");
+    let (_, text) = app.state.logs.read(mac, None).unwrap().unwrap();
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.contains("installing os@2"), "{text}");
+    assert!(text.contains("os@2 verified on"), "{text}");
+    let (_, first) = app
+        .state
+        .logs
+        .read(mac, Some(&installs[1].instance))
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("installing os@1"));
 }
 
 /// Issue 8, item 1: host has os@1; os@2 is assigned; its install fails half-way (a damaged
@@ -457,6 +473,19 @@ fn a_damaged_pack_fails_the_install_and_says_why() {
     let (status, installed, detail) = app.status();
     assert_eq!((status, installed), (HostStatus::Failed, None));
     assert!(detail.unwrap_or_default().contains("writing the image"));
+    // The failed install keeps its log, the reason in it.
+    let (_, log) = app
+        .state
+        .logs
+        .read(MAC.parse().unwrap(), None)
+        .unwrap()
+        .unwrap();
+    let log = String::from_utf8_lossy(&log);
+    assert!(log.contains("installing os@1"), "{log}");
+    assert!(
+        log.contains("FAILED:") && log.contains("writing the image"),
+        "{log}"
+    );
 }
 
 #[test]

@@ -64,6 +64,8 @@ pub struct AppState {
     addresses: Mutex<Addresses>,
     /// Bytes of pack data the HTTP side may hold in memory at once.
     pub http_buffer_budget: Arc<tokio::sync::Semaphore>,
+    /// Every install's console log, as its agent sends it.
+    pub logs: crate::fleet::logs::InstallLogs,
 }
 
 impl AppState {
@@ -81,7 +83,9 @@ impl AppState {
             tokens.insert(mac, token);
         }
         let http = config.http.clone();
+        let logs = crate::fleet::logs::InstallLogs::new(&config.state_dir);
         Ok(Arc::new(AppState {
+            logs,
             store: Store::new(&config.store),
             config: RwLock::new(Arc::new(config)),
             fleet: Mutex::new(fleet),

@@ -42,21 +42,9 @@ fn ipmitool(bmc: &Bmc, args: &[&str]) -> Result<String, BmcError> {
             format!("cannot run ipmitool (Debian package ipmitool): {e}"),
         )
     })?;
-    let (mut stdout, mut stderr) = (child.stdout.take(), child.stderr.take());
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(o) = stdout.as_mut() {
-            let _ = o.read_to_string(&mut s);
-        }
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(e) = stderr.as_mut() {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    });
+    // Both pipes drained while waiting, so a chatty ipmitool never blocks on a full pipe.
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
     let started = Instant::now();
     let status = loop {
         match child.try_wait() {
@@ -96,6 +84,16 @@ fn ipmitool(bmc: &Bmc, args: &[&str]) -> Result<String, BmcError> {
         ));
     }
     Ok(stdout)
+}
+
+fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_string(&mut s);
+        }
+        s
+    })
 }
 
 pub(super) fn power_state(bmc: &Bmc) -> Result<PowerState, BmcError> {

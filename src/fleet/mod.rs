@@ -3,10 +3,12 @@
 //! - [`state`]: the observed state in SQLite — hosts, leases, events.
 //! - [`reimage_targets`]: the hosts a reimage request names; [`with_bmcs`]: each with its BMC.
 //! - [`follow`]: hosts followed through the install they were just sent to.
+//! - [`logs`]: every install's console log, one file each.
 //!
 //! The boot decision itself lives in the appliance core (`crate::appliance`).
 
 pub mod follow;
+pub mod logs;
 pub mod state;
 
 pub use state::{FleetState, HostRecord, HostStatus, StateError, Token, Write};

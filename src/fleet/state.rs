@@ -544,14 +544,7 @@ impl FleetState {
             let mut stmt = db.prepare(
                 "SELECT ts, mac, kind, detail FROM events WHERE id > ?1 AND mac = ?2 ORDER BY id",
             )?;
-            let rows = stmt.query_map(params![mark, mac.to_string()], |r| {
-                Ok(Event {
-                    ts: r.get(0)?,
-                    mac: r.get(1)?,
-                    kind: r.get(2)?,
-                    detail: r.get(3)?,
-                })
-            })?;
+            let rows = stmt.query_map(params![mark, mac.to_string()], row_to_event)?;
             rows.collect()
         })
     }
@@ -561,17 +554,20 @@ impl FleetState {
         self.wrap(|db| {
             let mut stmt =
                 db.prepare("SELECT ts, mac, kind, detail FROM events ORDER BY id DESC LIMIT ?1")?;
-            let rows = stmt.query_map(params![limit as i64], |r| {
-                Ok(Event {
-                    ts: r.get(0)?,
-                    mac: r.get(1)?,
-                    kind: r.get(2)?,
-                    detail: r.get(3)?,
-                })
-            })?;
+            let rows = stmt.query_map(params![limit as i64], row_to_event)?;
             rows.collect()
         })
     }
+}
+
+/// An event from `SELECT ts, mac, kind, detail`.
+fn row_to_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
+    Ok(Event {
+        ts: r.get(0)?,
+        mac: r.get(1)?,
+        kind: r.get(2)?,
+        detail: r.get(3)?,
+    })
 }
 
 /// Appends an event and prunes the log to its newest `events_max`.

@@ -118,6 +118,75 @@ pub async fn progress(
     .await
 }
 
+/// `?offset=N`: where the chunk starts in the install's log.
+#[derive(Debug, Deserialize)]
+pub struct LogOffset {
+    pub offset: u64,
+}
+
+/// The log's length after an append (or, with 409, the length to resend from).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LogLength {
+    pub length: u64,
+}
+
+/// The agent appends to its install's console log (the install is the one its token is for).
+pub async fn log_append(
+    State(st): State<Arc<AppState>>,
+    Path(mac): Path<String>,
+    axum::extract::Query(at): axum::extract::Query<LogOffset>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+) -> Result<(StatusCode, Json<LogLength>), AppError> {
+    use crate::fleet::logs::LogError;
+    let token = bearer(&headers).map(str::to_string);
+    blocking(move || {
+        let (mac, record) = agent(&st, &mac, token.as_deref(), peer)?;
+        let instance = record.instance_id.ok_or_else(|| {
+            AppError(
+                StatusCode::CONFLICT,
+                format!("{mac} has no install under way"),
+            )
+        })?;
+        match st.logs.append(mac, &instance, at.offset, &body) {
+            Ok(length) => Ok((StatusCode::OK, Json(LogLength { length }))),
+            Err(LogError::Gap { length, .. }) => {
+                Ok((StatusCode::CONFLICT, Json(LogLength { length })))
+            }
+            Err(e) => Err(AppError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+        }
+    })
+    .await
+}
+
+/// `?instance=ID`: one install's log rather than the newest.
+#[derive(Debug, Deserialize)]
+pub struct LogWhich {
+    #[serde(default)]
+    pub instance: Option<String>,
+}
+
+/// A host's newest install log (or `?instance=`), as text.
+pub async fn log_read(
+    State(st): State<Arc<AppState>>,
+    Path(mac): Path<String>,
+    axum::extract::Query(which): axum::extract::Query<LogWhich>,
+    headers: HeaderMap,
+) -> Result<String, AppError> {
+    admin(&st, &headers)?;
+    let mac = parse_mac(&mac)?;
+    blocking(move || match st.logs.read(mac, which.instance.as_deref()) {
+        Ok(Some((_, text))) => Ok(String::from_utf8_lossy(&text).into_owned()),
+        Ok(None) => Err(AppError(
+            StatusCode::NOT_FOUND,
+            format!("no install log of {mac}"),
+        )),
+        Err(e) => Err(AppError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    })
+    .await
+}
+
 pub async fn done(
     State(st): State<Arc<AppState>>,
     Path(mac): Path<String>,

@@ -135,6 +135,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/api/agent/{mac}/progress", post(api::progress))
         .route("/api/agent/{mac}/done", post(api::done))
         .route("/api/agent/{mac}/failed", post(api::failed))
+        .route("/api/agent/{mac}/log", post(api::log_append))
+        .route("/api/hosts/{mac}/log", get(api::log_read))
         .route("/api/hosts", get(api::hosts))
         .route("/api/reimage", post(api::reimage))
         .route("/api/power", post(api::power))

@@ -362,6 +362,8 @@ impl Rig {
         if vm.chassis.starts().last().map(String::as_str) != Some("pxe") {
             bail!("{name}: the BMC did not start the VM from the network");
         }
+        // The agent prints its report on the console just after the appliance recorded it.
+        wait_console(vm, mark, "installed; rebooting", 60)?;
         let after = fs::read(vm.log()).unwrap_or_default();
         let (fetched, reused) = util::install_figures(&String::from_utf8_lossy(
             after.get(mark..).unwrap_or_default(),
