@@ -169,12 +169,26 @@ fn kernel_line(record: &[u8]) -> Option<String> {
     let (head, message) = text.split_once(';')?;
     let usec: u64 = head.split(',').nth(2)?.parse().ok()?;
     // Continuation lines (` KEY=value`) carry device properties: left out.
-    let message = message.lines().next().unwrap_or("");
+    let message = redact(message.lines().next().unwrap_or(""));
     Some(format!(
         "[{:5}.{:06}] {message}\n",
         usec / 1_000_000,
         usec % 1_000_000
     ))
+}
+
+/// The kernel prints its command line, which holds the install token: not in the log.
+fn redact(line: &str) -> String {
+    let key = fleetboot_image::api::cmdline::TOKEN;
+    line.split(' ')
+        .map(
+            |w| match w.strip_prefix(key).and_then(|r| r.strip_prefix('=')) {
+                Some(_) => format!("{key}=***"),
+                None => w.to_string(),
+            },
+        )
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// From now on, sends the log to the appliance at `server` for `mac` with the install `token`.
@@ -254,5 +268,10 @@ mod tests {
             Some("[    5.140900] virtio_net virtio0 eth0: renamed\n")
         );
         assert_eq!(kernel_line(b"garbage"), None);
+        assert_eq!(
+            kernel_line(b"5,0,0,-;Kernel command line: console=ttyS0 fleetboot.token=s3cret x=1")
+                .as_deref(),
+            Some("[    0.000000] Kernel command line: console=ttyS0 fleetboot.token=*** x=1\n")
+        );
     }
 }

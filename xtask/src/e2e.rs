@@ -168,6 +168,19 @@ impl Rig {
         );
         let check = |image| check_disk(&fleetboot, &store, image, &disk, &work, &hostname);
         let first_instance = check("demo@1")?;
+        // The install's console log reached the appliance: the agent's lines and the kernel's.
+        let log = util::output(Command::new(&self.fleetboot).current_dir(&self.work).args([
+            "host",
+            "log",
+            "--config",
+            "fleetboot.yaml",
+            fw.mac(),
+        ]))?;
+        for wanted in ["fleetboot-agent: installing demo@1", "Linux version"] {
+            if !log.contains(wanted) {
+                bail!("{name}: the install log has no {wanted:?}:\n{log}");
+            }
+        }
 
         self.assign(fw, "demo@2")?;
         let t2 = Instant::now();
