@@ -280,17 +280,29 @@ impl Targets {
 
 fn power(config: &std::path::Path, action: PowerArg, targets: &Targets) -> Result<()> {
     use crate::bmc::PowerAction;
-    let (_, hosts) = targets.resolve(config)?;
+    use crate::bmc::PowerState;
+    let (config, hosts) = targets.resolve(config)?;
+    // Every action ends in a known state: what the host shows from now on.
     let results = crate::bmc::for_each(&hosts, targets.parallel, |bmc| match action {
-        PowerArg::Status => bmc.power_state().map(|s| s.to_string()),
-        PowerArg::On => bmc.power(PowerAction::On).map(|_| "powered on".into()),
-        PowerArg::Off => bmc.power(PowerAction::Off).map(|_| "powered off".into()),
-        PowerArg::Cycle => bmc.power(PowerAction::Cycle).map(|_| "power cycled".into()),
+        PowerArg::Status => bmc.power_state(),
+        PowerArg::On => bmc.power(PowerAction::On).map(|_| PowerState::On),
+        PowerArg::Off => bmc.power(PowerAction::Off).map(|_| PowerState::Off),
+        PowerArg::Cycle => bmc.power(PowerAction::Cycle).map(|_| PowerState::On),
     });
+    let fleet = crate::fleet::FleetState::open(&config.state_dir)?;
+    if let Err(e) = fleet.set_power(&crate::fleet::power_records(&results)) {
+        eprintln!("power states not recorded: {e}");
+    }
     let mut failed = 0;
     for (mac, r) in &results {
+        let what = |s: &PowerState| match action {
+            PowerArg::Status => s.to_string(),
+            PowerArg::On => "powered on".into(),
+            PowerArg::Off => "powered off".into(),
+            PowerArg::Cycle => "power cycled".into(),
+        };
         match r {
-            Ok(what) => println!("{mac}  {what}"),
+            Ok(s) => println!("{mac}  {}", what(s)),
             Err(e) => {
                 failed += 1;
                 println!("{mac}  error: {e}");
@@ -316,12 +328,17 @@ fn reimage_reboot(
     let mark = fleet.event_mark()?;
     let macs: Vec<_> = hosts.iter().map(|(m, _)| *m).collect();
     fleet.request_reimage(&macs)?;
-    let results = crate::bmc::for_each(&hosts, targets.parallel, |bmc| bmc.boot_from_network());
+    let results = crate::bmc::for_each(&hosts, targets.parallel, |bmc| {
+        bmc.boot_from_network().map(|_| crate::bmc::PowerState::On)
+    });
+    if let Err(e) = fleet.set_power(&crate::fleet::power_records(&results)) {
+        eprintln!("power states not recorded: {e}");
+    }
     let mut sent = Vec::new();
     let mut not_reached = 0;
     for (mac, r) in &results {
         match r {
-            Ok(()) => {
+            Ok(_) => {
                 println!("{mac}: booting from the network (PXE once, power cycled)");
                 sent.push(*mac);
             }
@@ -420,7 +437,7 @@ fn host_list(config: &std::path::Path, json: bool) -> Result<()> {
         Store::new(&config.store),
         crate::appliance::ImageCatalog::default(),
     );
-    let views = crate::http::api::host_views(&config, &fleet.hosts()?, &|r| {
+    let views = crate::http::api::host_views(&config, &fleet.hosts()?, &fleet.power()?, &|r| {
         catalog.resolve(&store, r).ok().map(|x| x.id)
     });
     if json {
@@ -429,8 +446,8 @@ fn host_list(config: &std::path::Path, json: bool) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{:<17} {:<12} {:<14} {:<14} {:<10} {:>4}  DETAIL",
-        "MAC", "HOSTNAME", "ASSIGNED", "INSTALLED", "STATUS", "%"
+        "{:<17} {:<12} {:<14} {:<14} {:<10} {:>4} {:<5}  DETAIL",
+        "MAC", "HOSTNAME", "ASSIGNED", "INSTALLED", "STATUS", "%", "POWER"
     )?;
     for v in views {
         let assigned = match (&v.image, &v.target) {
@@ -440,13 +457,19 @@ fn host_list(config: &std::path::Path, json: bool) -> Result<()> {
         };
         writeln!(
             out,
-            "{:<17} {:<12} {:<14} {:<14} {:<10} {:>4}  {}{}",
+            "{:<17} {:<12} {:<14} {:<14} {:<10} {:>4} {:<5}  {}{}",
             v.mac,
             v.hostname.unwrap_or_default(),
             assigned,
             v.installed.map_or_else(|| "-".into(), |i| i.to_string()),
             v.status,
             v.progress_pct,
+            match v.power.as_deref() {
+                Some("on") => "on",
+                Some("off") => "off",
+                Some(_) => "?",
+                None => "-",
+            },
             v.detail.unwrap_or_default(),
             if v.reimage {
                 " (reimage requested)"

@@ -94,6 +94,7 @@ pub async fn run(options: ServeOptions) -> Result<()> {
     }
     tokio::spawn(reload_loop(state.clone(), options.config.clone()));
     tokio::spawn(close_deleted_packs(state.clone()));
+    tokio::spawn(poll_power(state.clone()));
     match http.await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e).context("HTTP server failed"),
@@ -111,6 +112,37 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
     }
     tracing::info!("shutting down");
+}
+
+/// How often the appliance asks every BMC for its host's power (for the dashboard and `host
+/// list`); commands record what they do at once.
+const POWER_POLL: Duration = Duration::from_secs(60);
+/// BMCs asked at once by the poll.
+const POWER_POLL_PARALLEL: usize = 4;
+
+/// Asks each configured BMC for its host's power state, now and every `POWER_POLL`.
+async fn poll_power(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(POWER_POLL);
+    loop {
+        tick.tick().await;
+        let config = state.config();
+        let hosts: crate::fleet::HostBmcs = config
+            .hosts
+            .values()
+            .filter_map(|h| h.bmc.clone().map(|b| (h.mac, Some(b))))
+            .collect();
+        if hosts.is_empty() {
+            continue;
+        }
+        let st = state.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let results = crate::bmc::for_each(&hosts, POWER_POLL_PARALLEL, |b| b.power_state());
+            if let Err(e) = st.fleet().set_power(&crate::fleet::power_records(&results)) {
+                tracing::warn!("cannot record power states: {e}");
+            }
+        })
+        .await;
+    }
 }
 
 /// How often kept-open pack files are checked for deletion by gc.

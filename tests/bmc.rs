@@ -138,7 +138,8 @@ fn power_and_next_boot_through_ipmi_and_redfish_emulators() {
     std::fs::write(
         &config,
         format!(
-            "interface: eth0\nboot_dir: boot\nstore: store\nstate_dir: state\n\
+            "interface: eth0\nhttp_port: 8080\nboot_dir: boot\nstore: store\nstate_dir: state\n\
+             dhcp: {{ mode: off }}\n\
              groups:\n\
              \x20 rack:\n\
              \x20   bmc: {{ type: ipmi, username: admin, password_file: ipmi.pw, cipher_suite: 3 }}\n\
@@ -173,6 +174,21 @@ fn power_and_next_boot_through_ipmi_and_redfish_emulators() {
     let r = run(&["power", "status", IPMI_MAC, REDFISH_MAC]);
     assert!(line(&r.out, IPMI_MAC).ends_with("on"), "{}", r.out);
     assert!(line(&r.out, REDFISH_MAC).ends_with("on"), "{}", r.out);
+    // What the BMCs said is recorded: `host list` shows it.
+    let r = run(&["host", "list", "--json"]);
+    let hosts: serde_json::Value = serde_json::from_str(&r.out).expect(&r.out);
+    let power = |mac: &str| {
+        hosts
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["mac"] == mac)
+            .map(|h| h["power"].clone())
+            .unwrap()
+    };
+    assert_eq!(power(IPMI_MAC), "on");
+    assert_eq!(power(REDFISH_MAC), "on");
+    assert_eq!(power(NO_BMC_MAC), serde_json::Value::Null);
 
     // Every kind of trouble is that host's alone; the others are answered.
     let r = run(&[
@@ -266,4 +282,62 @@ fn power_and_next_boot_through_ipmi_and_redfish_emulators() {
         r.out
     );
     assert!(rf_vm.powered().unwrap());
+
+    // The appliance asks every BMC for its host's power (the VM turned on by hand above is
+    // seen), and the dashboard shows it, in a real browser.
+    std::fs::create_dir_all(d.join("boot")).unwrap();
+    let mut serve = admin
+        .spawn(
+            env!("CARGO_BIN_EXE_fleetboot"),
+            &["serve", "--config", config.to_str().unwrap()],
+            &d.join("serve.log"),
+        )
+        .unwrap();
+    serve.wait_for("serving HTTP", 20).unwrap();
+    let row = |dom: &str, mac: &str| -> String {
+        dom.split("<tr")
+            .find(|r| r.contains(mac))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let started = std::time::Instant::now();
+    let dom = loop {
+        let dom = dashboard(&admin, d);
+        let (ipmi_row, rf_row) = (row(&dom, IPMI_MAC), row(&dom, REDFISH_MAC));
+        if ipmi_row.contains(">off<") && rf_row.contains(">on<") {
+            break dom;
+        }
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "the dashboard shows no fresh power states:\n{dom}\n{}",
+            serve.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    };
+    assert!(row(&dom, DEAD_MAC).contains(">unknown<"), "{dom}");
+    assert!(!dom.contains(IPMI_PASSWORD) && !dom.contains(REDFISH_PASSWORD));
+}
+
+/// The dashboard's DOM as headless Chromium renders it.
+fn dashboard(admin: &Host, dir: &Path) -> String {
+    let out = admin
+        .cmd("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--timeout=5000",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            dir.join("chromium").display()
+        ))
+        .args(["--dump-dom", "http://10.81.0.2:8080/"])
+        .output()
+        .expect("chromium (cargo xtask setup installs it)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -16,6 +16,24 @@ pub use state::{FleetState, HostRecord, HostStatus, StateError, Token, Write};
 use crate::config::Config;
 use crate::mac::Mac;
 
+/// What BMC calls said of hosts' power, as `FleetState::set_power` records it: the state, or
+/// why the BMC could not be asked (hosts without a BMC are left out).
+pub fn power_records(
+    results: &[(Mac, Result<crate::bmc::PowerState, crate::bmc::BmcError>)],
+) -> Vec<(Mac, String)> {
+    results
+        .iter()
+        .filter(|(_, r)| !matches!(r, Err(crate::bmc::BmcError::NotConfigured)))
+        .map(|(mac, r)| {
+            let state = match r {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("error: {e}"),
+            };
+            (*mac, state)
+        })
+        .collect()
+}
+
 /// Hosts, each with its BMC (`None`: it has none).
 pub type HostBmcs = Vec<(Mac, Option<crate::bmc::Bmc>)>;
 

@@ -51,6 +51,11 @@ CREATE TABLE IF NOT EXISTS leases (
     mac TEXT NOT NULL UNIQUE,
     expires INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS power (
+    mac TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     ts INTEGER NOT NULL,
@@ -531,6 +536,41 @@ impl FleetState {
     ) -> Result<(), StateError> {
         let t = now();
         self.wrap(|db| log(db, t, mac, kind, detail, self.limits.events_max))
+    }
+
+    /// Records what hosts' BMCs last said of their power (`on`, `off`, or why the BMC could
+    /// not be asked).
+    pub fn set_power(&self, states: &[(Mac, String)]) -> Result<(), StateError> {
+        let t = now();
+        self.wrap(|db| {
+            let tx = db.unchecked_transaction()?;
+            for (mac, state) in states {
+                tx.execute(
+                    "INSERT INTO power (mac, state, at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(mac) DO UPDATE SET state = ?2, at = ?3",
+                    params![mac.to_string(), state, t],
+                )?;
+            }
+            tx.commit()
+        })
+    }
+
+    /// Each host's last recorded power state and when (Unix seconds).
+    pub fn power(&self) -> Result<std::collections::HashMap<Mac, (String, i64)>, StateError> {
+        self.wrap(|db| {
+            let mut stmt = db.prepare("SELECT mac, state, at FROM power")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?))
+            })?;
+            let mut out = std::collections::HashMap::new();
+            for row in rows {
+                let (mac, state, at) = row?;
+                if let Ok(mac) = mac.parse() {
+                    out.insert(mac, (state, at));
+                }
+            }
+            Ok(out)
+        })
     }
 
     /// The id of the newest event (0 when there is none): a mark to read later events from.

@@ -283,13 +283,20 @@ pub struct HostView {
     pub reimage: bool,
     /// The last install's report.
     pub report: Option<InstallReport>,
+    /// What its BMC last said of its power (`on`, `off`, or the error), and when (Unix s).
+    pub power: Option<String>,
+    pub power_at: Option<i64>,
 }
+
+/// Each host's last recorded power state, and when.
+pub type PowerStates = std::collections::HashMap<Mac, (String, i64)>;
 
 /// Every host the configuration names or the state has seen; `resolve` gives the identity of an
 /// image as the configuration names it (`None`: not in the store).
 pub fn host_views(
     config: &crate::config::Config,
     records: &[HostRecord],
+    power: &PowerStates,
     resolve: &dyn Fn(&crate::store::ImageRef) -> Option<ImageId>,
 ) -> Vec<HostView> {
     let empty = |mac: Mac| HostView {
@@ -307,6 +314,8 @@ pub fn host_views(
         detail: None,
         reimage: false,
         report: None,
+        power: None,
+        power_at: None,
     };
     let mut views: std::collections::BTreeMap<Mac, HostView> = std::collections::BTreeMap::new();
     for h in config.hosts.values() {
@@ -328,7 +337,11 @@ pub fn host_views(
         v.reimage = r.reimage;
         v.report = r.report.clone();
     }
-    for v in views.values_mut() {
+    for (mac, v) in views.iter_mut() {
+        if let Some((state, at)) = power.get(mac) {
+            v.power = Some(state.clone());
+            v.power_at = Some(*at);
+        }
         v.pending = v.target.as_ref().is_some_and(|t| {
             v.reimage || v.installed.as_ref().map(|i| &i.digest) != Some(&t.digest)
         });
@@ -338,8 +351,11 @@ pub fn host_views(
 
 /// The views as the appliance sees them now (blocking).
 pub fn current_views(st: &AppState) -> Result<Vec<HostView>, AppError> {
-    let records = st.fleet().hosts()?;
-    Ok(host_views(&st.config(), &records, &|r| {
+    let (records, power) = {
+        let fleet = st.fleet();
+        (fleet.hosts()?, fleet.power()?)
+    };
+    Ok(host_views(&st.config(), &records, &power, &|r| {
         st.images.resolve(&st.store, r).ok().map(|x| x.id)
     }))
 }
@@ -391,7 +407,7 @@ pub enum PowerRequestAction {
     Cycle,
 }
 
-/// One host's BMC call: its power state (for status), or why it failed.
+/// One host's BMC call: its power state after it, or why it failed.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct BmcAnswer {
     pub mac: String,
@@ -405,19 +421,21 @@ pub struct BmcAnswer {
 /// BMCs talked to at once by one API call.
 const BMC_PARALLEL: usize = 8;
 
+/// The answers, with the power states recorded for the dashboard and `host list`.
 fn bmc_answers(
-    results: Vec<(
-        Mac,
-        Result<Option<crate::bmc::PowerState>, crate::bmc::BmcError>,
-    )>,
+    st: &AppState,
+    results: Vec<(Mac, Result<crate::bmc::PowerState, crate::bmc::BmcError>)>,
 ) -> Vec<BmcAnswer> {
+    if let Err(e) = st.fleet().set_power(&crate::fleet::power_records(&results)) {
+        tracing::warn!("cannot record power states: {e}");
+    }
     results
         .into_iter()
         .map(|(mac, r)| match r {
             Ok(power) => BmcAnswer {
                 mac: mac.to_string(),
                 ok: true,
-                power,
+                power: Some(power),
                 error: None,
             },
             Err(e) => BmcAnswer {
@@ -443,13 +461,14 @@ pub async fn power(
         .map_err(|e| AppError(StatusCode::BAD_REQUEST, e))?;
     let hosts = crate::fleet::with_bmcs(&config, &macs);
     blocking(move || {
+        use crate::bmc::PowerState;
         let results = crate::bmc::for_each(&hosts, BMC_PARALLEL, |bmc| match req.action {
-            PowerRequestAction::Status => bmc.power_state().map(Some),
-            PowerRequestAction::On => bmc.power(PowerAction::On).map(|_| None),
-            PowerRequestAction::Off => bmc.power(PowerAction::Off).map(|_| None),
-            PowerRequestAction::Cycle => bmc.power(PowerAction::Cycle).map(|_| None),
+            PowerRequestAction::Status => bmc.power_state(),
+            PowerRequestAction::On => bmc.power(PowerAction::On).map(|_| PowerState::On),
+            PowerRequestAction::Off => bmc.power(PowerAction::Off).map(|_| PowerState::Off),
+            PowerRequestAction::Cycle => bmc.power(PowerAction::Cycle).map(|_| PowerState::On),
         });
-        Ok(Json(bmc_answers(results)))
+        Ok(Json(bmc_answers(&st, results)))
     })
     .await
 }
@@ -466,9 +485,10 @@ pub async fn reimage(
     blocking(move || {
         st.fleet().request_reimage(&macs)?;
         let rebooted = if req.reboot {
-            bmc_answers(crate::bmc::for_each(&hosts, BMC_PARALLEL, |bmc| {
-                bmc.boot_from_network().map(|_| None)
-            }))
+            let results = crate::bmc::for_each(&hosts, BMC_PARALLEL, |bmc| {
+                bmc.boot_from_network().map(|_| crate::bmc::PowerState::On)
+            });
+            bmc_answers(&st, results)
         } else {
             Vec::new()
         };
