@@ -102,6 +102,13 @@ enum HostCommand {
         #[arg(long)]
         json: bool,
     },
+    /// One host: what the configuration says, what was recorded, its inventory (from an
+    /// inspection) and, for a machine not in the configuration, the YAML line that enrols it.
+    Show {
+        mac: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// A host's install console log (its agent's output and, on a machine, the kernel's): the
     /// newest install, or --instance ID; --list shows the installs kept.
     Log {
@@ -217,6 +224,7 @@ pub fn run() -> Result<()> {
         Command::Store(c) => store_cmd(&store, c),
         Command::Serve => serve(cli.config),
         Command::Host(HostCommand::List { json }) => host_list(&cli.config, json),
+        Command::Host(HostCommand::Show { mac, json }) => host_show(&cli.config, &mac, json),
         Command::Host(HostCommand::Log {
             mac,
             instance,
@@ -400,6 +408,141 @@ fn serve(config: PathBuf) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?
         .block_on(crate::serve::run(options))
+}
+
+fn host_show(config: &std::path::Path, mac: &str, json: bool) -> Result<()> {
+    let config = crate::config::Config::load(config)?;
+    let mac: crate::mac::Mac = mac.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let fleet = crate::fleet::FleetState::open(&config.state_dir)?;
+    let record = fleet.host(mac)?;
+    let inventory: Option<fleetboot_image::api::Inventory> = fleet
+        .inventory(mac)?
+        .and_then(|(j, _)| serde_json::from_str(&j).ok());
+    let host = config.hosts.get(&mac);
+    if record.is_none() && host.is_none() {
+        bail!(
+            "no host {mac}: not in {} and never seen",
+            config.path.display()
+        );
+    }
+    let (store, catalog) = (
+        Store::new(&config.store),
+        crate::appliance::ImageCatalog::default(),
+    );
+    let view = crate::http::api::host_views(&config, record.as_slice(), &fleet.power()?, &|r| {
+        catalog.resolve(&store, r).ok().map(|x| x.id)
+    })
+    .into_iter()
+    .find(|v| v.mac == mac.to_string());
+    let enrol = host.is_none().then(|| enrol_line(mac, inventory.as_ref()));
+    if json {
+        return print_json(&serde_json::json!({
+            "host": view,
+            "bmc": host.and_then(|h| h.bmc.as_ref()).map(|b| serde_json::json!({
+                "type": b.kind, "address": b.address, "port": b.port, "username": b.username,
+            })),
+            "inventory": inventory,
+            "enrol": enrol,
+        }));
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "host {mac}")?;
+    if let Some(v) = &view {
+        writeln!(
+            out,
+            "  status {}{}, assigned {}, installed {}, power {}",
+            v.status,
+            v.detail
+                .as_deref()
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default(),
+            v.image.as_deref().unwrap_or("-"),
+            v.installed.as_ref().map_or("-".into(), |i| i.to_string()),
+            v.power.as_deref().unwrap_or("-"),
+        )?;
+    }
+    if let Some(b) = host.and_then(|h| h.bmc.as_ref()) {
+        writeln!(out, "  bmc {:?} {} as {}", b.kind, b.address, b.username)?;
+    }
+    match &inventory {
+        None => writeln!(
+            out,
+            "  no inventory (unknown_hosts: discover inspects new machines)"
+        )?,
+        Some(inv) => {
+            let s = &inv.system;
+            writeln!(
+                out,
+                "  system {} {} serial {} uuid {}",
+                s.vendor.as_deref().unwrap_or("?"),
+                s.product.as_deref().unwrap_or("?"),
+                s.serial.as_deref().unwrap_or("?"),
+                s.uuid.as_deref().unwrap_or("?")
+            )?;
+            writeln!(
+                out,
+                "  {} CPUs ({}), {} memory",
+                inv.cpus,
+                inv.cpu_model.as_deref().unwrap_or("?"),
+                human(inv.memory_bytes)
+            )?;
+            for d in &inv.disks {
+                writeln!(
+                    out,
+                    "  disk {} {} model {} serial {} wwn {} {}{} by-path {}",
+                    d.name,
+                    human(d.size_bytes),
+                    d.model.as_deref().unwrap_or("-"),
+                    d.serial.as_deref().unwrap_or("-"),
+                    d.wwn.as_deref().unwrap_or("-"),
+                    if d.rotational {
+                        "rotational"
+                    } else {
+                        "solid-state"
+                    },
+                    if d.removable { ", removable" } else { "" },
+                    d.by_path.as_deref().unwrap_or("-"),
+                )?;
+            }
+            for n in &inv.nics {
+                writeln!(
+                    out,
+                    "  nic {} {} driver {} link {}{}",
+                    n.name,
+                    n.mac,
+                    n.driver.as_deref().unwrap_or("-"),
+                    if n.link { "up" } else { "down" },
+                    n.speed_mbps
+                        .map(|s| format!(" {s} Mb/s"))
+                        .unwrap_or_default(),
+                )?;
+            }
+        }
+    }
+    if let Some(line) = enrol {
+        writeln!(
+            out,
+            "to enrol it, add under hosts: in {}:",
+            config.path.display()
+        )?;
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
+}
+
+/// The `hosts:` entry that enrols a machine by hand, its inventory as a comment.
+fn enrol_line(mac: crate::mac::Mac, inv: Option<&fleetboot_image::api::Inventory>) -> String {
+    let about = inv
+        .map(|i| {
+            format!(
+                "  # {} {}, serial {}",
+                i.system.vendor.as_deref().unwrap_or("?"),
+                i.system.product.as_deref().unwrap_or("?"),
+                i.system.serial.as_deref().unwrap_or("?")
+            )
+        })
+        .unwrap_or_default();
+    format!("  \"{mac}\": {{ image: IMAGE, hostname: HOSTNAME }}{about}")
 }
 
 fn host_log(config: &std::path::Path, mac: &str, instance: Option<&str>, list: bool) -> Result<()> {

@@ -407,17 +407,36 @@ async fn unknown_hosts_follow_the_policy() {
     let (s, _) = get(&rig, "/boot/52:54:00:99:99:99.ipxe").await;
     assert_eq!(s, StatusCode::NOT_FOUND, "unknown_hosts defaults to ignore");
 
+    // Discover: the agent inspects the machine first (a token, inspect mode), then its disk.
     let discover = rig_with_policy("discover");
     let (s, script) = get(&discover, "/boot/52:54:00:99:99:99.ipxe").await;
     assert_eq!(s, StatusCode::OK);
-    assert!(local_boot(&script));
-    let h = discover
-        .state
-        .fleet()
-        .host("52:54:00:99:99:99".parse().unwrap())
-        .unwrap()
-        .unwrap();
-    assert_eq!(h.status, HostStatus::Discovered);
+    assert!(script.contains("fleetboot.mode=inspect"), "{script}");
+    let status = || {
+        discover
+            .state
+            .fleet()
+            .host("52:54:00:99:99:99".parse().unwrap())
+            .unwrap()
+            .unwrap()
+            .status
+    };
+    assert_eq!(status(), HostStatus::Inspecting);
+    let token = token_of(&script);
+    let inventory = serde_json::json!({
+        "system": {"vendor": "QEMU", "product": "Standard PC"},
+        "cpus": 2, "memory_bytes": 1073741824, "disks": [], "nics": []
+    });
+    let uri = "/api/agent/52:54:00:99:99:99/inventory";
+    let (s, _) = post(&discover, uri, "nope", inventory.clone()).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, body) = post(&discover, uri, &token, inventory.clone()).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{body}");
+    assert_eq!(status(), HostStatus::Discovered);
+    let (_, script) = get(&discover, "/boot/52:54:00:99:99:99.ipxe").await;
+    assert!(local_boot(&script), "inspected: its own disk now\n{script}");
+    let (s, _) = post(&discover, uri, &token, inventory).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "the inspection token is spent");
 
     let install = rig_with_policy("install:demo");
     let (_, script) = get(&install, "/boot/52:54:00:99:99:99.ipxe").await;

@@ -156,6 +156,17 @@ impl Client {
         })
     }
 
+    /// Reports the machine's inventory (inspection).
+    pub fn inventory(&self, inv: &fleetboot_image::api::Inventory) -> Result<()> {
+        retry("inventory", || {
+            self.http
+                .post(self.url("inventory"))
+                .header("authorization", self.bearer())
+                .send_json(inv)?;
+            Ok(())
+        })
+    }
+
     pub fn failed(&self, reason: &str) {
         let body = Failed {
             reason: reason.to_string(),

@@ -39,41 +39,22 @@ pub fn choose(spec: &str, size: u64) -> Result<PathBuf> {
     Ok(PathBuf::from(format!("/dev/{name}")))
 }
 
-/// The machine's disks, from /sys/block (loop, RAM, optical, floppy, md, dm and nbd devices are
-/// not install targets).
+/// The machine's disks, as the inventory lists them (loop, RAM, optical, floppy, md, dm and nbd
+/// devices are not install targets).
 fn scan() -> Result<Vec<DiskInfo>> {
-    let mut disks = Vec::new();
-    for e in std::fs::read_dir("/sys/block")
-        .context("cannot list /sys/block")?
-        .flatten()
-    {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if ["loop", "ram", "zram", "sr", "fd", "md", "dm-", "nbd"]
-            .iter()
-            .any(|p| name.starts_with(p))
-        {
-            continue;
-        }
-        let read = |f: &str| {
-            std::fs::read_to_string(e.path().join(f))
-                .unwrap_or_default()
-                .trim()
-                .to_string()
-        };
-        let ids = ["device/serial", "device/wwid", "wwid", "serial"]
-            .iter()
-            .map(|f| read(f))
-            .filter(|id| !id.is_empty())
-            .collect();
-        disks.push(DiskInfo {
-            bytes: read("size").parse::<u64>().unwrap_or(0) * 512,
-            removable: read("removable") == "1",
-            name,
-            ids,
-        });
+    let disks = crate::inventory::disks(std::path::Path::new("/"));
+    if disks.is_empty() && std::fs::read_dir("/sys/block").is_err() {
+        bail!("cannot list /sys/block");
     }
-    disks.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(disks)
+    Ok(disks
+        .into_iter()
+        .map(|d| DiskInfo {
+            bytes: d.size_bytes,
+            removable: d.removable,
+            ids: [d.serial, d.wwn].into_iter().flatten().collect(),
+            name: d.name,
+        })
+        .collect())
 }
 
 /// The disk `spec` names among `disks`. Ambiguity is decided before size: with two candidates

@@ -55,10 +55,14 @@ pub fn run() -> ! {
         .map(|c| Cmdline::parse(&c).get(cmdline::ON_FAILURE) == Some("poweroff"))
         .unwrap_or(false);
     match result {
-        Ok(()) => {
+        Ok(Done::Installed) => {
             say("installed; rebooting into it");
             nix::unistd::sync();
             let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+        }
+        Ok(Done::Inspected) => {
+            say("inspected; powering off");
+            let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
         }
         Err(e) => {
             say(&format!("FAILED: {e:#}"));
@@ -75,7 +79,15 @@ pub fn run() -> ! {
     }
 }
 
-fn setup_and_install() -> Result<()> {
+/// What the agent did, and so what comes next.
+enum Done {
+    /// Installed: reboot into it.
+    Installed,
+    /// Inspected: power off (the machine waits for its enrolment).
+    Inspected,
+}
+
+fn setup_and_install() -> Result<Done> {
     mount_filesystems()?;
     crate::console::capture(true);
     let cmdline = Cmdline::parse(
@@ -128,6 +140,25 @@ fn setup_and_install() -> Result<()> {
     netconf::configure(&ifname, &ip, &netmask, gateway.as_deref())?;
     say(&format!("{ifname} ({mac}) up as {ip}/{netmask}"));
 
+    if cmdline.get(cmdline::MODE) == Some("inspect") {
+        let token = token.context("inspection needs fleetboot.token= (the appliance's script)")?;
+        let client = crate::client::Client::new(&url, &mac, Some(token.clone()))?;
+        crate::console::send_to(&url, &mac, &token);
+        let inv = crate::inventory::collect(Path::new("/"));
+        say(&format!(
+            "inventory: {} {}, {} CPUs, {} bytes of memory, {} disks, {} NICs",
+            inv.system.vendor.as_deref().unwrap_or("?"),
+            inv.system.product.as_deref().unwrap_or("?"),
+            inv.cpus,
+            inv.memory_bytes,
+            inv.disks.len(),
+            inv.nics.len()
+        ));
+        crate::console::send();
+        client.inventory(&inv)?;
+        return Ok(Done::Inspected);
+    }
+
     let report = deploy::deploy(&deploy::Settings {
         server: url,
         mac,
@@ -143,7 +174,7 @@ fn setup_and_install() -> Result<()> {
         fleetboot_image::api::REPORT_PREFIX,
         serde_json::to_string(&report)?
     );
-    Ok(())
+    Ok(Done::Installed)
 }
 
 fn mount_filesystems() -> Result<()> {

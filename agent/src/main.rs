@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! fleetboot-agent deploy --server URL --mac MAC --target FILE_OR_DEVICE [--token TOKEN]
+//! fleetboot-agent inspect --server URL --mac MAC [--token TOKEN]
 //! ```
 //! On a host (benchmarks, tests): asks the appliance for the MAC's boot script as iPXE would —
 //! which hands out the per-boot token — then installs the assigned image on the target.
@@ -14,6 +15,7 @@ mod deploy;
 mod dhcp;
 mod disk;
 mod init;
+mod inventory;
 mod modules;
 mod netconf;
 mod seed;
@@ -22,7 +24,8 @@ mod source;
 use anyhow::{bail, Context, Result};
 
 const USAGE: &str =
-    "usage: fleetboot-agent deploy --server URL --mac MAC --target FILE_OR_DEVICE [--token TOKEN]";
+    "usage: fleetboot-agent deploy --server URL --mac MAC --target FILE_OR_DEVICE [--token TOKEN]\n\
+     \x20      fleetboot-agent inspect --server URL --mac MAC [--token TOKEN]";
 
 fn main() {
     if std::process::id() == 1 {
@@ -37,7 +40,7 @@ fn main() {
 fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("deploy") => {
+        Some(command @ ("deploy" | "inspect")) => {
             let mut server = None;
             let mut mac = None;
             let mut target = None;
@@ -54,6 +57,17 @@ fn run() -> Result<()> {
                     "--token" => token = Some(value.clone()),
                     other => bail!("unknown option {other}\n{USAGE}"),
                 }
+            }
+            if command == "inspect" {
+                let (Some(server), Some(mac)) = (server, mac) else {
+                    bail!("{USAGE}");
+                };
+                // This host as it is: what the machine's agent reports under discover.
+                let client = client::Client::new(&server, &mac, token)?;
+                let inv = inventory::collect(std::path::Path::new("/"));
+                client.inventory(&inv)?;
+                println!("{}", serde_json::to_string(&inv)?);
+                return Ok(());
             }
             let (Some(server), Some(mac), Some(target)) = (server, mac, target) else {
                 bail!("{USAGE}");

@@ -719,3 +719,88 @@ fn a_disk_without_room_for_the_seed_fails_the_install() {
         "the image's table, untouched"
     );
 }
+
+/// `unknown_hosts: discover`: an unknown machine is handed the agent in inspection mode, reports
+/// what it is (here: this very machine, through the real agent binary), and boots its own disk
+/// from then on; its token ends with the report.
+#[test]
+fn an_unknown_machine_is_inspected_then_boots_its_disk() {
+    let app = Appliance::start(&[image(7, &[])]);
+    let path = app.dir.path().join("fleetboot.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "interface: lo\nstore: store\nstate_dir: state\nboot_dir: .\nunknown_hosts: discover\n\
+             hosts:\n  \"{MAC}\": {{ image: os@1 }}\n"
+        ),
+    )
+    .unwrap();
+    *app.state.config.write().unwrap() = Arc::new(Config::load(&path).unwrap());
+    let unknown = "52:54:00:ab:cd:99";
+    let script_url = format!("{}/boot/{unknown}.ipxe", app.url);
+    let fetch = |url: &str| {
+        let out = Command::new("curl").args(["-sf", url]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let script = fetch(&script_url);
+    assert!(script.contains("fleetboot.mode=inspect"), "{script}");
+    let token = script
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("fleetboot.token="))
+        .expect("an inspection token")
+        .to_string();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetboot-agent"))
+        .args([
+            "inspect", "--server", &app.url, "--mac", unknown, "--token", &token,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mac = unknown.parse().unwrap();
+    let (json, _) = app.state.fleet().inventory(mac).unwrap().expect("kept");
+    let inv: fleetboot_image::api::Inventory = serde_json::from_str(&json).unwrap();
+    // What this machine has, read independently.
+    let cpus = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count() as u32;
+    assert_eq!(inv.cpus, cpus);
+    assert!(inv.memory_bytes > 0);
+    let vda = std::path::Path::new("/sys/block/vda/size");
+    if vda.exists() {
+        let sectors: u64 = std::fs::read_to_string(vda)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let d = inv
+            .disks
+            .iter()
+            .find(|d| d.name == "vda")
+            .expect("vda listed");
+        assert_eq!(d.size_bytes, sectors * 512);
+    }
+    assert!(inv.disks.iter().all(|d| !d.name.starts_with("loop")));
+    let h = app.state.fleet().host(mac).unwrap().unwrap();
+    assert_eq!(
+        (h.status, h.detail.as_deref()),
+        (HostStatus::Discovered, Some("inspected"))
+    );
+
+    // Inspected: its disk from now on, and the token is void.
+    let script = fetch(&script_url);
+    assert!(script.contains("sanboot"), "{script}");
+    let again = Command::new(env!("CARGO_BIN_EXE_fleetboot-agent"))
+        .args([
+            "inspect", "--server", &app.url, "--mac", unknown, "--token", &token,
+        ])
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "a spent token is refused");
+}

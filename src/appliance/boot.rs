@@ -26,6 +26,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub enum BootPlan {
     /// Boot the agent, which installs `image` using `token`.
     Agent { image: ImageId, token: String },
+    /// Boot the agent to report the machine's inventory and power off (an unknown machine
+    /// under `unknown_hosts: discover`, not inspected yet).
+    Inspect { token: String },
     /// Boot the local disk.
     LocalDisk,
 }
@@ -99,6 +102,42 @@ impl AppState {
             }
             Err(e) => return Err(e.into()),
         };
+        let inspect = !config.hosts.contains_key(&mac)
+            && config.unknown_hosts == UnknownHosts::Discover
+            && matches!(fleet.inventory(mac), Ok(None));
+        if inspect {
+            let leased = self
+                .address_of(mac)
+                .map(IpAddr::V4)
+                .or_else(|| record.as_ref()?.ip.as_deref()?.parse().ok());
+            if let Some(leased) = leased {
+                if leased != peer {
+                    return Err(BootError::WrongAddress { mac, leased, peer });
+                }
+            }
+            let t = now();
+            let inspecting = record
+                .as_ref()
+                .is_some_and(|r| r.status == crate::fleet::HostStatus::Inspecting);
+            if let Some(token) = self.tokens.live(mac, t) {
+                if inspecting && token.ip == peer {
+                    return Ok(BootPlan::Inspect {
+                        token: token.secret,
+                    });
+                }
+            }
+            let token = Token {
+                secret: random_token().map_err(BootError::Random)?,
+                ip: peer,
+                expires: t.saturating_add(config.install_token_ttl.as_secs() as i64),
+            };
+            fleet.start_inspect(mac, &token)?;
+            self.tokens.insert(mac, token.clone());
+            tracing::info!(%mac, %peer, "booting the agent to inspect an unknown machine");
+            return Ok(BootPlan::Inspect {
+                token: token.secret,
+            });
+        }
         let plan = script_plan(
             assigned.as_ref(),
             record.as_ref().and_then(|r| r.installed.as_ref()),

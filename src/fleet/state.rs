@@ -51,6 +51,11 @@ CREATE TABLE IF NOT EXISTS leases (
     mac TEXT NOT NULL UNIQUE,
     expires INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS inventory (
+    mac TEXT PRIMARY KEY,
+    json TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS power (
     mac TEXT PRIMARY KEY,
     state TEXT NOT NULL,
@@ -72,8 +77,10 @@ const SCHEMA_VERSION: i64 = 3;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HostStatus {
-    /// Seen on the network, nothing done yet.
+    /// Seen on the network, nothing done yet (or inspected: see its inventory).
     Discovered,
+    /// Handed the agent to report its inventory (`unknown_hosts: discover`).
+    Inspecting,
     /// Handed the agent; not reported yet.
     Booting,
     /// The agent reports progress.
@@ -89,6 +96,7 @@ impl HostStatus {
     pub fn as_str(self) -> &'static str {
         match self {
             HostStatus::Discovered => "discovered",
+            HostStatus::Inspecting => "inspecting",
             HostStatus::Booting => "booting",
             HostStatus::Imaging => "imaging",
             HostStatus::Installed => "installed",
@@ -98,6 +106,7 @@ impl HostStatus {
     fn parse(s: &str) -> HostStatus {
         match s {
             "booting" => HostStatus::Booting,
+            "inspecting" => HostStatus::Inspecting,
             "imaging" => HostStatus::Imaging,
             "installed" => HostStatus::Installed,
             "failed" => HostStatus::Failed,
@@ -536,6 +545,66 @@ impl FleetState {
     ) -> Result<(), StateError> {
         let t = now();
         self.wrap(|db| log(db, t, mac, kind, detail, self.limits.events_max))
+    }
+
+    /// The agent was handed to `mac` to inspect it, with `token`; nothing is installed.
+    pub fn start_inspect(&self, mac: Mac, token: &Token) -> Result<(), StateError> {
+        let t = now();
+        self.wrap(|db| {
+            let tx = db.unchecked_transaction()?;
+            tx.execute(
+                "UPDATE hosts SET token = ?2, token_ip = ?3, token_expires = ?4,
+                    status = 'inspecting', detail = NULL, last_seen = ?5 WHERE mac = ?1",
+                params![
+                    mac.to_string(),
+                    token.secret,
+                    token.ip.to_string(),
+                    token.expires,
+                    t
+                ],
+            )?;
+            log(
+                &tx,
+                t,
+                Some(mac),
+                "agent-booted",
+                Some("inspect"),
+                self.limits.events_max,
+            )?;
+            tx.commit()
+        })
+    }
+
+    /// Keeps `mac`'s inventory (JSON, as the agent reported it) and ends the inspection.
+    pub fn save_inventory(&self, mac: Mac, json: &str) -> Result<(), StateError> {
+        let t = now();
+        self.wrap(|db| {
+            let tx = db.unchecked_transaction()?;
+            tx.execute(
+                "INSERT INTO inventory (mac, json, at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(mac) DO UPDATE SET json = ?2, at = ?3",
+                params![mac.to_string(), json, t],
+            )?;
+            tx.execute(
+                "UPDATE hosts SET token = NULL, token_ip = NULL, token_expires = NULL,
+                    status = 'discovered', detail = 'inspected', last_seen = ?2 WHERE mac = ?1",
+                params![mac.to_string(), t],
+            )?;
+            log(&tx, t, Some(mac), "inspected", None, self.limits.events_max)?;
+            tx.commit()
+        })
+    }
+
+    /// `mac`'s inventory (JSON) and when it was reported.
+    pub fn inventory(&self, mac: Mac) -> Result<Option<(String, i64)>, StateError> {
+        self.wrap(|db| {
+            db.query_row(
+                "SELECT json, at FROM inventory WHERE mac = ?1",
+                params![mac.to_string()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+        })
     }
 
     /// Records what hosts' BMCs last said of their power (`on`, `off`, or why the BMC could

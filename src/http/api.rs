@@ -118,6 +118,28 @@ pub async fn progress(
     .await
 }
 
+/// An inspected machine reports what it is; its token ends with it.
+pub async fn inventory(
+    State(st): State<Arc<AppState>>,
+    Path(mac): Path<String>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    Json(inv): Json<fleetboot_image::api::Inventory>,
+) -> Result<StatusCode, AppError> {
+    let token = bearer(&headers).map(str::to_string);
+    blocking(move || {
+        let (mac, _) = agent(&st, &mac, token.as_deref(), peer)?;
+        let json = serde_json::to_string(&inv)
+            .map_err(|e| AppError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        st.fleet().save_inventory(mac, &json)?;
+        st.tokens.remove(mac);
+        tracing::info!(%mac, product = ?inv.system.product, disks = inv.disks.len(),
+            "inspected an unknown machine");
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
+}
+
 /// `?offset=N`: where the chunk starts in the install's log.
 #[derive(Debug, Deserialize)]
 pub struct LogOffset {

@@ -136,6 +136,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/api/agent/{mac}/done", post(api::done))
         .route("/api/agent/{mac}/failed", post(api::failed))
         .route("/api/agent/{mac}/log", post(api::log_append))
+        .route("/api/agent/{mac}/inventory", post(api::inventory))
         .route("/api/hosts/{mac}/log", get(api::log_read))
         .route("/api/hosts", get(api::hosts))
         .route("/api/reimage", post(api::reimage))

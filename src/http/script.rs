@@ -35,20 +35,27 @@ pub async fn for_host(st: Arc<AppState>, mac: Mac, peer: IpAddr) -> Result<Strin
     })
     .await?;
     Ok(match plan {
-        BootPlan::Agent { token, .. } => agent_script(&base, mac, &token),
+        BootPlan::Agent { token, .. } => agent_script(&base, mac, &token, false),
+        BootPlan::Inspect { token } => agent_script(&base, mac, &token, true),
         BootPlan::LocalDisk => local_disk_script(&base),
     })
 }
 
-/// Boots the agent. iPXE fills in `${ip}` and friends from its own lease, so the agent can
-/// configure its NIC without a second DHCP exchange.
-pub fn agent_script(base: &str, mac: Mac, token: &str) -> String {
+/// Boots the agent (to install, or with `inspect` to report the machine and power off). iPXE
+/// fills in `${ip}` and friends from its own lease, so the agent can configure its NIC without a
+/// second DHCP exchange.
+pub fn agent_script(base: &str, mac: Mac, token: &str, inspect: bool) -> String {
+    let (what, mode) = if inspect {
+        ("inspecting", format!(" {}=inspect", cmdline::MODE))
+    } else {
+        ("installing on", String::new())
+    };
     format!(
         "#!ipxe\n\
-         echo fleetboot: installing on {mac}\n\
+         echo fleetboot: {what} {mac}\n\
          kernel {base}/boot/{AGENT_KERNEL} initrd={AGENT_INITRD} console=tty0 console=ttyS0,115200 \
          {url}={base} {mac_key}={mac} {token_key}={token} \
-         {ip}=${{ip}} {netmask}=${{netmask}} {gateway}=${{gateway}}\n\
+         {ip}=${{ip}} {netmask}=${{netmask}} {gateway}=${{gateway}}{mode}\n\
          initrd {base}/boot/{AGENT_INITRD}\n\
          boot\n",
         url = cmdline::URL,

@@ -6,6 +6,7 @@
 //! POST /api/agent/{mac}/progress     <- Progress
 //! POST /api/agent/{mac}/done         <- InstallReport
 //! POST /api/agent/{mac}/failed       <- Failed
+//! POST /api/agent/{mac}/inventory    <- Inventory      (inspection: the machine as it is)
 //! GET  /store/manifests/…, /store/packs/…               (the same bearer token, unless the
 //!                                                        appliance has `store_access: open`)
 //! ```
@@ -91,6 +92,57 @@ pub struct Failed {
     pub reason: String,
 }
 
+/// A machine as the agent found it (inspection of an unknown machine, and before an install).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inventory {
+    pub system: SystemInfo,
+    /// Logical CPUs.
+    pub cpus: u32,
+    pub cpu_model: Option<String>,
+    pub memory_bytes: u64,
+    pub disks: Vec<DiskInfo>,
+    pub nics: Vec<NicInfo>,
+    /// The BMC's LAN address, where the kernel's IPMI driver finds one.
+    pub bmc_address: Option<String>,
+}
+
+/// What the firmware says of the machine (DMI/SMBIOS).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SystemInfo {
+    pub vendor: Option<String>,
+    pub product: Option<String>,
+    pub serial: Option<String>,
+    pub uuid: Option<String>,
+}
+
+/// One disk (loop, RAM, optical, md, dm and nbd devices left out).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// The kernel's name: `sda`, `vda`, `nvme0n1`.
+    pub name: String,
+    pub size_bytes: u64,
+    pub model: Option<String>,
+    pub vendor: Option<String>,
+    pub serial: Option<String>,
+    pub wwn: Option<String>,
+    pub rotational: bool,
+    pub removable: bool,
+    /// As udev's `/dev/disk/by-path/` names it, e.g. `pci-0000:00:04.0`,
+    /// `pci-0000:00:05.0-nvme-1`.
+    pub by_path: Option<String>,
+}
+
+/// One network interface (loopback and virtual ones left out).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicInfo {
+    pub name: String,
+    pub mac: String,
+    pub driver: Option<String>,
+    /// Carrier seen.
+    pub link: bool,
+    pub speed_mbps: Option<u32>,
+}
+
 /// Kernel command-line keys of the agent (the boot script writes them, `/init` reads them).
 pub mod cmdline {
     pub const URL: &str = "fleetboot.url";
@@ -100,6 +152,8 @@ pub mod cmdline {
     pub const NETMASK: &str = "fleetboot.netmask";
     pub const GATEWAY: &str = "fleetboot.gateway";
     pub const ON_FAILURE: &str = "fleetboot.on_failure";
+    /// `inspect`: report the machine's inventory and power off, install nothing.
+    pub const MODE: &str = "fleetboot.mode";
 }
 
 /// Prefix of the one console line that carries the agent's [`InstallReport`] as JSON.

@@ -1,0 +1,119 @@
+//! `fleetboot host show` and `fleetboot host log` through the binary, against a state folder
+//! written by the appliance's own code (an inspected unknown machine, a known host with a BMC,
+//! an install's log).
+
+use fleetboot::fleet::logs::InstallLogs;
+use fleetboot::fleet::FleetState;
+use fleetboot_image::api::{DiskInfo, Inventory, SystemInfo};
+use std::process::Command;
+
+const KNOWN: &str = "52:54:00:c1:00:01";
+const UNKNOWN: &str = "52:54:00:c1:00:99";
+
+fn fleetboot(config: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetboot"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("FB_TEST_BMC_PW", "pw-never-shown")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains("pw-never-shown"), "{text}");
+    (out.status.success(), text)
+}
+
+#[test]
+fn host_show_prints_the_inventory_and_how_to_enrol_and_host_log_the_install() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fleetboot.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "interface: lo\nstore: store\nstate_dir: state\nunknown_hosts: discover\nhosts:\n  \
+             \"{KNOWN}\": {{ bmc: {{ type: ipmi, address: 10.0.0.5, username: admin, \
+             password_env: FB_TEST_BMC_PW }} }}\n"
+        ),
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let fleet = FleetState::open(&state).unwrap();
+    let unknown = UNKNOWN.parse().unwrap();
+    fleet.seen(unknown, None, None).unwrap();
+    let inv = Inventory {
+        system: SystemInfo {
+            vendor: Some("Dell Inc.".into()),
+            product: Some("PowerEdge R650".into()),
+            serial: Some("ABC1234".into()),
+            uuid: None,
+        },
+        cpus: 64,
+        cpu_model: Some("Xeon Gold".into()),
+        memory_bytes: 256 << 30,
+        disks: vec![DiskInfo {
+            name: "nvme0n1".into(),
+            size_bytes: 960 << 30,
+            serial: Some("S5XNNA0R".into()),
+            by_path: Some("pci-0000:00:05.0-nvme-1".into()),
+            ..Default::default()
+        }],
+        nics: vec![],
+        bmc_address: None,
+    };
+    fleet
+        .save_inventory(unknown, &serde_json::to_string(&inv).unwrap())
+        .unwrap();
+
+    let (ok, out) = fleetboot(&config, &["host", "show", UNKNOWN]);
+    assert!(ok, "{out}");
+    for wanted in [
+        "status discovered (inspected)",
+        "Dell Inc. PowerEdge R650 serial ABC1234",
+        "64 CPUs (Xeon Gold), 256.0 GiB memory",
+        "disk nvme0n1 960.0 GiB",
+        "serial S5XNNA0R",
+        "by-path pci-0000:00:05.0-nvme-1",
+        "to enrol it",
+        &format!("\"{UNKNOWN}\": {{ image: IMAGE, hostname: HOSTNAME }}"),
+    ] {
+        assert!(out.contains(wanted), "no {wanted:?} in:\n{out}");
+    }
+    let (ok, out) = fleetboot(&config, &["host", "show", UNKNOWN, "--json"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["inventory"]["disks"][0]["serial"], "S5XNNA0R");
+    assert_eq!(v["host"]["status"], "discovered");
+
+    let (ok, out) = fleetboot(&config, &["host", "show", KNOWN]);
+    assert!(ok, "{out}");
+    assert!(out.contains("bmc Ipmi 10.0.0.5 as admin"), "{out}");
+    assert!(!out.contains("to enrol"), "{out}");
+    let (ok, out) = fleetboot(&config, &["host", "show", "52:54:00:c1:00:77"]);
+    assert!(!ok && out.contains("no host 52:54:00:c1:00:77"), "{out}");
+
+    // An install's log, as the agent appended it.
+    let logs = InstallLogs::new(&state);
+    let known = KNOWN.parse().unwrap();
+    let (ok, out) = fleetboot(&config, &["host", "log", KNOWN]);
+    assert!(!ok && out.contains("no install log"), "{out}");
+    logs.append(
+        known,
+        "fleetboot-0123abcd",
+        0,
+        b"fleetboot-agent: installing os@1\n",
+    )
+    .unwrap();
+    let (ok, out) = fleetboot(&config, &["host", "log", KNOWN]);
+    assert!(ok, "{out}");
+    assert_eq!(out, "fleetboot-agent: installing os@1\n");
+    let (ok, out) = fleetboot(&config, &["host", "log", KNOWN, "--list"]);
+    assert!(
+        ok && out.starts_with("fleetboot-0123abcd  ") && out.contains("33 bytes"),
+        "{out}"
+    );
+}
