@@ -15,6 +15,10 @@
 //! TFTP, then iPXE takes over) with an NVMe disk; its local boot is iPXE chaining
 //! `fleetboot-localboot.efi`, a standalone GRUB that chainloads the disk's `\EFI\BOOT\BOOTX64.EFI`.
 //! `--bios-only` skips the UEFI run.
+//!
+//! Last, a machine the YAML does not list (`unknown_hosts: discover`), with an NVMe and a virtio
+//! disk of different sizes and serials and its own SMBIOS identity, network-boots: the agent
+//! inspects it and powers it off, and `fleetboot host show --json` must list what QEMU gave it.
 
 use crate::util::{self, root};
 use anyhow::{bail, Context, Result};
@@ -71,6 +75,7 @@ pub fn run(args: &[&str]) -> Result<()> {
     if uefi {
         summary.push(lab.scenario(Firmware::Uefi)?);
     }
+    summary.push(lab.inspect_unknown()?);
     println!(
         "e2e: PASS in {:.0} s — {}",
         started.elapsed().as_secs_f64(),
@@ -125,11 +130,129 @@ impl Rig {
             format!(
                 "interface: br0\nhttp_port: 8080\nboot_dir: {}\nstore: store\nstate_dir: state\n\
                  router_advertisements: true\nboot_files: {{ uefi: snponly.efi }}\n\
-                 dhcp: {{ mode: full, range: [10.77.0.100, 10.77.0.150], router: 10.77.0.1 }}\nhosts:\n{hosts}",
+                 dhcp: {{ mode: full, range: [10.77.0.100, 10.77.0.150], router: 10.77.0.1 }}\n\
+                 unknown_hosts: discover\nhosts:\n{hosts}",
                 self.boot.display()
             ),
         )?;
         Ok(())
+    }
+
+    /// An unknown machine (two disks, its own SMBIOS identity) is inspected and powered off;
+    /// the appliance must hold what QEMU gave it. Returns the summary.
+    fn inspect_unknown(&self) -> Result<String> {
+        const UNKNOWN: &str = "52:54:00:e2:e0:99";
+        let (nvme, virtio) = (
+            self.work.join("unknown-nvme.img"),
+            self.work.join("unknown-virtio.img"),
+        );
+        fs::File::create(&nvme)?.set_len(512 << 20)?;
+        fs::File::create(&virtio)?.set_len(256 << 20)?;
+        let log = self.work.join("vm-unknown.log");
+        let started = Instant::now();
+        let mut qemu = self.ns.cmd("timeout");
+        qemu.args([
+            "300",
+            "qemu-system-x86_64",
+            "-accel",
+            "tcg",
+            "-smp",
+            "2",
+            "-m",
+            "768",
+        ])
+        .arg("-nographic")
+        .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
+        .args([
+            "-device",
+            &format!("virtio-net-pci,netdev=n0,mac={UNKNOWN},bootindex=1"),
+        ])
+        .args([
+            "-smbios",
+            "type=1,manufacturer=Fleetboot Lab,product=Rack Server 9000,serial=LAB-0099",
+        ])
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=none,id=d0", nvme.display()))
+        .args(["-device", "nvme,drive=d0,serial=FB-NVME-1"])
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=none,id=d1",
+            virtio.display()
+        ))
+        .args(["-device", "virtio-blk-pci,drive=d1,serial=FB-VIRTIO-2"]);
+        let status = qemu
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log)?)
+            .stderr(Stdio::null())
+            .status()?;
+        let console = String::from_utf8_lossy(&fs::read(&log)?).into_owned();
+        if !status.success() || !console.contains("inspected; powering off") {
+            bail!(
+                "the unknown machine was not inspected and powered off ({status}); console in {}",
+                log.display()
+            );
+        }
+        let took = started.elapsed();
+        let out = util::output(Command::new(&self.fleetboot).current_dir(&self.work).args([
+            "host",
+            "show",
+            "--config",
+            "fleetboot.yaml",
+            "--json",
+            UNKNOWN,
+        ]))?;
+        let v: serde_json::Value = serde_json::from_str(&out).context("host show --json")?;
+        let inv = &v["inventory"];
+        let disk = |serial: &str| {
+            inv["disks"]
+                .as_array()
+                .and_then(|d| d.iter().find(|d| d["serial"] == serial))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let (n, d) = (disk("FB-NVME-1"), disk("FB-VIRTIO-2"));
+        let checks = [
+            (inv["system"]["vendor"] == "Fleetboot Lab", "SMBIOS vendor"),
+            (
+                inv["system"]["product"] == "Rack Server 9000",
+                "SMBIOS product",
+            ),
+            (inv["system"]["serial"] == "LAB-0099", "SMBIOS serial"),
+            (inv["cpus"] == 2, "2 CPUs"),
+            (
+                inv["memory_bytes"].as_u64().unwrap_or(0) > 512 << 20,
+                "memory over 512 MiB",
+            ),
+            (n["size_bytes"] == 512u64 << 20, "the NVMe disk's size"),
+            (
+                n["by_path"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("pci-") && p.ends_with("-nvme-1")),
+                "the NVMe disk's by-path",
+            ),
+            (d["size_bytes"] == 256u64 << 20, "the virtio disk's size"),
+            (d["name"] == "vda", "the virtio disk's name"),
+            (
+                inv["nics"]
+                    .as_array()
+                    .is_some_and(|n| n.iter().any(|n| n["mac"] == UNKNOWN && n["link"] == true)),
+                "its NIC, link up",
+            ),
+            (
+                v["enrol"].as_str().is_some_and(|l| l.contains(UNKNOWN)),
+                "the enrol line",
+            ),
+        ];
+        for (ok, what) in checks {
+            if !ok {
+                bail!("the unknown machine's inventory lacks {what}:\n{out}");
+            }
+        }
+        println!("e2e: the unknown machine was inspected: {}", inv);
+        Ok(format!(
+            "unknown machine inspected and powered off in {:.1} s (2 disks, serials, SMBIOS)",
+            took.as_secs_f64()
+        ))
     }
 
     fn assign(&mut self, fw: Firmware, image: &'static str) -> Result<()> {
