@@ -435,6 +435,11 @@ fn host_show(config: &std::path::Path, mac: &str, json: bool) -> Result<()> {
     .into_iter()
     .find(|v| v.mac == mac.to_string());
     let enrol = host.is_none().then(|| enrol_line(mac, inventory.as_ref()));
+    // A discovery rule this machine falls under: what its next boot installs.
+    let rule = config.rule_for(mac, inventory.as_ref()).map(|(i, r)| {
+        let image = config.host_for(mac, inventory.as_ref()).image;
+        (i + 1, r.line, image.map(|i| i.to_string()), r.group.clone())
+    });
     if json {
         return print_json(&serde_json::json!({
             "host": view,
@@ -443,6 +448,9 @@ fn host_show(config: &std::path::Path, mac: &str, json: bool) -> Result<()> {
             })),
             "inventory": inventory,
             "enrol": enrol,
+            "rule": rule.as_ref().map(|(n, line, image, group)| serde_json::json!({
+                "number": n, "line": line, "image": image, "group": group,
+            })),
         }));
     }
     let mut out = std::io::stdout().lock();
@@ -518,6 +526,17 @@ fn host_show(config: &std::path::Path, mac: &str, json: bool) -> Result<()> {
                 )?;
             }
         }
+    }
+    if let Some((n, line, image, group)) = &rule {
+        writeln!(
+            out,
+            "  matches rule {n} (line {line}{}): installs {} at its next boot",
+            group
+                .as_ref()
+                .map(|g| format!(", group {g}"))
+                .unwrap_or_default(),
+            image.as_deref().unwrap_or("-")
+        )?;
     }
     if let Some(line) = enrol {
         writeln!(

@@ -47,6 +47,8 @@ pub struct Config {
     pub defaults: Assignment,
     pub groups: BTreeMap<String, Assignment>,
     pub hosts: BTreeMap<Mac, Host>,
+    /// Discovery rules: how an inspected machine the YAML does not list is enrolled.
+    pub rules: Vec<crate::rules::Rule>,
     /// Every image the configuration names, with where, for checking against the store.
     pub image_uses: Vec<ImageUse>,
     /// Files the configuration reads besides itself (`user_data_file`): a change to one is a
@@ -365,6 +367,35 @@ struct RawConfig {
     groups: BTreeMap<String, Spanned<RawAssignment>>,
     #[serde(default)]
     hosts: BTreeMap<String, Spanned<RawHost>>,
+    #[serde(default)]
+    rules: Vec<Spanned<RawRule>>,
+}
+
+/// `{ match: { product: …, memory: ">=256G" }, image: …, group: … }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    #[serde(rename = "match")]
+    matches: RawMatch,
+    #[serde(default)]
+    image: Option<Spanned<String>>,
+    #[serde(default)]
+    group: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    #[serde(default)]
+    vendor: Option<String>,
+    #[serde(default)]
+    product: Option<String>,
+    #[serde(default)]
+    serial: Option<String>,
+    #[serde(default)]
+    cpus: Option<serde_json::Value>,
+    #[serde(default)]
+    memory: Option<String>,
 }
 
 fn default_http_port() -> u16 {
@@ -730,13 +761,42 @@ impl Config {
     /// The host `mac` as the configuration resolves it; a MAC it does not list gets the
     /// defaults (what `unknown_hosts: install` installs it as).
     pub fn host_or_defaults(&self, mac: Mac) -> Host {
+        self.host_for(mac, None)
+    }
+
+    /// The discovery rule an inspected machine the YAML does not list falls under (the first
+    /// its inventory matches), with its index.
+    pub fn rule_for(
+        &self,
+        mac: Mac,
+        inventory: Option<&fleetboot_image::api::Inventory>,
+    ) -> Option<(usize, &crate::rules::Rule)> {
+        if self.hosts.contains_key(&mac) {
+            return None;
+        }
+        crate::rules::first_match(&self.rules, inventory?)
+    }
+
+    /// The host `mac` as the configuration resolves it: its entry; else, with an inventory
+    /// that a rule matches, the rule's image and its group's keys; else the defaults.
+    pub fn host_for(&self, mac: Mac, inventory: Option<&fleetboot_image::api::Inventory>) -> Host {
         if let Some(h) = self.hosts.get(&mac) {
             return h.clone();
         }
-        let keys = &self.defaults.identity;
+        let rule = self.rule_for(mac, inventory).map(|(_, r)| r);
+        let group = rule
+            .and_then(|r| r.group.as_ref())
+            .and_then(|g| Some((g.clone(), self.groups.get(g)?)));
+        let keys = match &group {
+            Some((_, g)) => g.identity.over(&self.defaults.identity),
+            None => self.defaults.identity.clone(),
+        };
         Host {
             mac,
-            image: self.defaults.image.clone(),
+            image: rule
+                .and_then(|r| r.image.clone())
+                .or_else(|| group.as_ref().and_then(|(_, g)| g.image.clone()))
+                .or_else(|| self.defaults.image.clone()),
             hostname: keys.hostname.as_ref().map(|n| hostname_for(n, mac)),
             identity: Identity {
                 ssh_authorized_keys: keys.ssh_authorized_keys.clone().unwrap_or_default(),
@@ -744,8 +804,12 @@ impl Config {
                 network: None,
                 cloud_init: keys.cloud_init.unwrap_or_default(),
             },
-            group: None,
-            disk: self.defaults.disk.clone().unwrap_or_else(|| "auto".into()),
+            disk: group
+                .as_ref()
+                .and_then(|(_, g)| g.disk.clone())
+                .or_else(|| self.defaults.disk.clone())
+                .unwrap_or_else(|| "auto".into()),
+            group: group.map(|(name, _)| name),
             ip: None,
             bmc: None,
         }
@@ -939,6 +1003,59 @@ impl Config {
                 return Err(at(&h.referenced, format!("host {mac} is listed twice")));
             }
         }
+        let mut rules = Vec::new();
+        for r in &raw.rules {
+            let bad = |m: String| at(&r.referenced, format!("rule: {m}"));
+            let m = &r.value.matches;
+            let compare = |key: &str, v: Option<String>| {
+                v.map(|t| {
+                    crate::rules::Comparison::parse(&t).map_err(|e| bad(format!("{key}: {e}")))
+                })
+                .transpose()
+            };
+            let cpus = m.cpus.as_ref().map(|v| match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            });
+            let matches = crate::rules::Match {
+                vendor: m.vendor.clone(),
+                product: m.product.clone(),
+                serial: m.serial.clone(),
+                cpus: compare("cpus", cpus)?,
+                memory: compare("memory", m.memory.clone())?,
+            };
+            let group = match &r.value.group {
+                Some(g) if !groups.contains_key(&g.value) => {
+                    return Err(at(
+                        &g.referenced,
+                        format!(
+                            "rule names group {:?}, which `groups` does not define",
+                            g.value
+                        ),
+                    ))
+                }
+                Some(g) => Some(g.value.clone()),
+                None => None,
+            };
+            let image = r.value.image.as_ref().map(&mut image).transpose()?;
+            let has_image = image.is_some()
+                || group
+                    .as_ref()
+                    .and_then(|g| groups.get(g))
+                    .is_some_and(|g| g.image.is_some())
+                || defaults.image.is_some();
+            if !has_image {
+                return Err(bad(
+                    "no image: give the rule an image, or a group (or defaults) with one".into(),
+                ));
+            }
+            rules.push(crate::rules::Rule {
+                matches,
+                image,
+                group,
+                line: r.referenced.line(),
+            });
+        }
         let whole = |message: String| ConfigError::Whole {
             path: path.to_path_buf(),
             message,
@@ -992,6 +1109,7 @@ impl Config {
             defaults,
             groups,
             hosts,
+            rules,
             image_uses,
             watched_files: watched,
         })
@@ -1305,6 +1423,51 @@ hosts:
             "nope.pw does not exist",
         );
         bad(&host_line("type: idrac, address: b"), "idrac");
+    }
+
+    #[test]
+    fn discovery_rules_are_read_and_checked() {
+        let c = parse(
+            "interface: br0\ngroups:\n  db: { image: debian@1, hostname: \"db-{mac}\" }\n\
+             rules:\n\
+             \x20 - match: { vendor: \"Dell Inc.\", product: \"PowerEdge R650\", memory: \">=256G\", cpus: 64 }\n\
+             \x20   group: db\n\
+             \x20 - { match: { serial: ABC }, image: debian@2 }\n",
+        )
+        .unwrap();
+        assert_eq!(c.rules.len(), 2);
+        let r = &c.rules[0];
+        assert_eq!(r.matches.product.as_deref(), Some("PowerEdge R650"));
+        assert_eq!(r.matches.memory.unwrap().value, 256 << 30);
+        assert_eq!(r.matches.cpus.unwrap().value, 64);
+        assert_eq!((r.group.as_deref(), r.line), (Some("db"), 5));
+        let inv = fleetboot_image::api::Inventory {
+            system: fleetboot_image::api::SystemInfo {
+                vendor: Some("Dell Inc.".into()),
+                product: Some("PowerEdge R650".into()),
+                ..Default::default()
+            },
+            cpus: 64,
+            memory_bytes: 512 << 30,
+            ..Default::default()
+        };
+        let mac: Mac = "52:54:00:00:00:aa".parse().unwrap();
+        let h = c.host_for(mac, Some(&inv));
+        assert_eq!(h.image.unwrap().to_string(), "debian@1");
+        assert_eq!(h.group.as_deref(), Some("db"));
+        assert_eq!(h.hostname.as_deref(), Some("db-5254000000aa"));
+        assert_eq!(c.rule_for(mac, None), None, "no inventory, no rule");
+
+        let rule =
+            |r: &str| format!("interface: br0\ngroups:\n  db: {{ image: x@1 }}\nrules:\n  - {r}\n");
+        assert_invalid(&rule("{ match: { memory: lots }, group: db }"), 5, "memory");
+        assert_invalid(
+            &rule("{ match: { product: X }, group: web }"),
+            5,
+            "does not define",
+        );
+        assert_invalid(&rule("{ match: { colour: red }, group: db }"), 5, "colour");
+        assert_invalid(&rule("{ match: { product: X } }"), 5, "no image");
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod mac;
 pub mod metrics;
 pub mod net;
 pub mod ra;
+pub mod rules;
 pub mod serve;
 pub mod store;
 pub mod tftp;

@@ -34,7 +34,10 @@ fn host_show_prints_the_inventory_and_how_to_enrol_and_host_log_the_install() {
     std::fs::write(
         &config,
         format!(
-            "interface: lo\nstore: store\nstate_dir: state\nunknown_hosts: discover\nhosts:\n  \
+            "interface: lo\nstore: store\nstate_dir: state\nunknown_hosts: discover\n\
+             groups:\n  db: {{ image: debian@2 }}\n\
+             rules:\n  - {{ match: {{ product: \"PowerEdge R650\", memory: \">=256G\" }}, group: db }}\n\
+             hosts:\n  \
              \"{KNOWN}\": {{ bmc: {{ type: ipmi, address: 10.0.0.5, username: admin, \
              password_env: FB_TEST_BMC_PW }} }}\n"
         ),
@@ -78,6 +81,7 @@ fn host_show_prints_the_inventory_and_how_to_enrol_and_host_log_the_install() {
         "disk nvme0n1 960.0 GiB",
         "serial S5XNNA0R",
         "by-path pci-0000:00:05.0-nvme-1",
+        "matches rule 1 (line 8, group db): installs debian@2 at its next boot",
         "to enrol it",
         &format!("\"{UNKNOWN}\": {{ image: IMAGE, hostname: HOSTNAME }}"),
     ] {
@@ -88,6 +92,7 @@ fn host_show_prints_the_inventory_and_how_to_enrol_and_host_log_the_install() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["inventory"]["disks"][0]["serial"], "S5XNNA0R");
     assert_eq!(v["host"]["status"], "discovered");
+    assert_eq!(v["rule"]["image"], "debian@2");
 
     let (ok, out) = fleetboot(&config, &["host", "show", KNOWN]);
     assert!(ok, "{out}");

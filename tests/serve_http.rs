@@ -438,6 +438,50 @@ async fn unknown_hosts_follow_the_policy() {
     let (s, _) = post(&discover, uri, &token, inventory).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "the inspection token is spent");
 
+    // Rules: an inspected machine that matches one is installed with its image at its next
+    // boot; one that matches none boots its disk.
+    let ruled = rig_with_policy(
+        "discover\nrules:\n  - { match: { product: \"Rack Server 9000\", \
+         memory: \">=1G\", cpus: \">=2\" }, group: web }\n",
+    );
+    for (mac, product, installs) in [
+        ("52:54:00:99:99:01", "Rack Server 9000", true),
+        ("52:54:00:99:99:02", "Desktop 1", false),
+    ] {
+        let uri = format!("/boot/{mac}.ipxe");
+        let (_, script) = get(&ruled, &uri).await;
+        assert!(script.contains("fleetboot.mode=inspect"), "{script}");
+        let inventory = serde_json::json!({
+            "system": {"vendor": "Fleetboot Lab", "product": product},
+            "cpus": 2, "memory_bytes": 2u64 << 30, "disks": [], "nics": []
+        });
+        let (s, body) = post(
+            &ruled,
+            &format!("/api/agent/{mac}/inventory"),
+            &token_of(&script),
+            inventory,
+        )
+        .await;
+        assert_eq!(s, StatusCode::NO_CONTENT, "{body}");
+        let (_, script) = get(&ruled, &uri).await;
+        if installs {
+            assert!(
+                script.contains("fleetboot.token=") && !script.contains("mode=inspect"),
+                "{script}"
+            );
+            let req = Request::get(format!("/api/agent/{mac}/assignment"))
+                .header("authorization", format!("Bearer {}", token_of(&script)))
+                .body(Body::empty())
+                .unwrap();
+            let (s, body) = call(&ruled, req).await;
+            assert_eq!(s, StatusCode::OK);
+            let a: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(a["image"]["name"], "demo", "the rule's group's image");
+        } else {
+            assert!(local_boot(&script), "no rule matches: its disk\n{script}");
+        }
+    }
+
     let install = rig_with_policy("install:demo");
     let (_, script) = get(&install, "/boot/52:54:00:99:99:99.ipxe").await;
     assert!(script.contains("fleetboot.token="), "{script}");

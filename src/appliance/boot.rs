@@ -73,7 +73,13 @@ impl AppState {
             Some(h) => h.image.clone(),
             None => match &config.unknown_hosts {
                 UnknownHosts::Ignore => return Err(BootError::UnknownHost(mac)),
-                UnknownHosts::Discover => None,
+                // Inspected, and a rule matches what it is: the rule's image.
+                UnknownHosts::Discover => {
+                    let inventory = self.inventory(mac);
+                    config
+                        .rule_for(mac, inventory.as_ref())
+                        .and_then(|_| config.host_for(mac, inventory.as_ref()).image)
+                }
                 UnknownHosts::Install(image) => Some(image.clone()),
             },
         };

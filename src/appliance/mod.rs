@@ -102,6 +102,12 @@ impl AppState {
         }))
     }
 
+    /// `mac`'s inventory, if it was inspected (blocking: SQLite).
+    pub fn inventory(&self, mac: Mac) -> Option<fleetboot_image::api::Inventory> {
+        let json = self.fleet().inventory(mac).ok()??.0;
+        serde_json::from_str(&json).ok()
+    }
+
     pub fn config(&self) -> Arc<Config> {
         self.config
             .read()

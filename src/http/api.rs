@@ -63,7 +63,8 @@ pub async fn assignment(
             )
         })?;
         let config = st.config();
-        let host = config.hosts.get(&mac);
+        // Its entry; an enrolled-by-rule machine its rule's group; else the defaults.
+        let host = config.host_for(mac, st.inventory(mac).as_ref());
         let hint = record
             .hint
             .as_ref()
@@ -75,13 +76,10 @@ pub async fn assignment(
             image,
             size: resolved.size,
             packs_url: format!("{}/store/packs", st.base_url),
-            disk: host
-                .map(|h| h.disk.clone())
-                .or_else(|| config.defaults.disk.clone())
-                .unwrap_or_else(|| "auto".into()),
-            hostname: host.and_then(|h| h.hostname.clone()),
+            disk: host.disk.clone(),
+            hostname: host.hostname.clone(),
             installed_manifest_url: hint,
-            seed: seed(&config.host_or_defaults(mac), record.instance_id.as_deref()),
+            seed: seed(&host, record.instance_id.as_deref()),
         }))
     })
     .await
