@@ -109,6 +109,16 @@ enum HostCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Retire hosts: at the next boot each one's disks are wiped (its `wipe:` — quick, or the
+    /// drives' own secure erase) and it powers off; it shows `retired` and boots nothing until
+    /// a reimage is requested.
+    Retire {
+        /// MAC addresses of hosts in the configuration.
+        macs: Vec<String>,
+        /// Every host of this group.
+        #[arg(long)]
+        group: Option<String>,
+    },
     /// A host's install console log (its agent's output and, on a machine, the kernel's): the
     /// newest install, or --instance ID; --list shows the installs kept.
     Log {
@@ -225,6 +235,9 @@ pub fn run() -> Result<()> {
         Command::Serve => serve(cli.config),
         Command::Host(HostCommand::List { json }) => host_list(&cli.config, json),
         Command::Host(HostCommand::Show { mac, json }) => host_show(&cli.config, &mac, json),
+        Command::Host(HostCommand::Retire { macs, group }) => {
+            host_retire(&cli.config, &macs, group.as_deref())
+        }
         Command::Host(HostCommand::Log {
             mac,
             instance,
@@ -410,6 +423,19 @@ fn serve(config: PathBuf) -> Result<()> {
         .block_on(crate::serve::run(options))
 }
 
+fn host_retire(config: &std::path::Path, macs: &[String], group: Option<&str>) -> Result<()> {
+    let config = crate::config::Config::load(config)?;
+    let targets =
+        crate::fleet::reimage_targets(&config, macs, group).map_err(anyhow::Error::msg)?;
+    let how = crate::fleet::wipe_modes(&config, &targets);
+    let fleet = crate::fleet::FleetState::open(&config.state_dir)?;
+    fleet.request_retire(&targets, &how)?;
+    for (mac, how) in targets.iter().zip(&how) {
+        println!("{mac}: at its next boot its disks are wiped ({how}) and it powers off");
+    }
+    Ok(())
+}
+
 fn host_show(config: &std::path::Path, mac: &str, json: bool) -> Result<()> {
     let config = crate::config::Config::load(config)?;
     let mac: crate::mac::Mac = mac.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -435,6 +461,15 @@ fn host_show(config: &std::path::Path, mac: &str, json: bool) -> Result<()> {
     .into_iter()
     .find(|v| v.mac == mac.to_string());
     let enrol = host.is_none().then(|| enrol_line(mac, inventory.as_ref()));
+    // Which disk the image would go on, on this machine as inspected.
+    let resolved = config.host_for(mac, inventory.as_ref());
+    let disk_pick: Option<String> = match (&resolved.disk, &inventory) {
+        (crate::config::DiskChoice::Hints(h), Some(inv)) => Some(match h.pick(&inv.disks) {
+            Ok(d) => d.name.clone(),
+            Err(e) => format!("none: {e}"),
+        }),
+        _ => None,
+    };
     // A discovery rule this machine falls under: what its next boot installs.
     let rule = config.rule_for(mac, inventory.as_ref()).map(|(i, r)| {
         let image = config.host_for(mac, inventory.as_ref()).image;
@@ -448,6 +483,11 @@ fn host_show(config: &std::path::Path, mac: &str, json: bool) -> Result<()> {
             })),
             "inventory": inventory,
             "enrol": enrol,
+            "disk": match &resolved.disk {
+                crate::config::DiskChoice::Name(n) => serde_json::json!(n),
+                crate::config::DiskChoice::Hints(h) => serde_json::json!(h),
+            },
+            "disk_pick": disk_pick,
             "rule": rule.as_ref().map(|(n, line, image, group)| serde_json::json!({
                 "number": n, "line": line, "image": image, "group": group,
             })),
@@ -526,6 +566,18 @@ fn host_show(config: &std::path::Path, mac: &str, json: bool) -> Result<()> {
                 )?;
             }
         }
+    }
+    match (&resolved.disk, &disk_pick) {
+        (crate::config::DiskChoice::Name(n), _) => writeln!(out, "  disk {n}")?,
+        (crate::config::DiskChoice::Hints(h), pick) => writeln!(
+            out,
+            "  disk hints {}: {}",
+            serde_json::to_string(h).unwrap_or_default(),
+            match pick {
+                Some(p) => format!("pick {p}"),
+                None => "no inventory to check them against".into(),
+            }
+        )?,
     }
     if let Some((n, line, image, group)) = &rule {
         writeln!(

@@ -207,7 +207,8 @@ pub enum UnknownHosts {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Assignment {
     pub image: Option<ImageRef>,
-    pub disk: Option<String>,
+    pub disk: Option<DiskChoice>,
+    pub wipe: Option<WipeMode>,
     pub identity: IdentityKeys,
 }
 
@@ -292,12 +293,41 @@ pub struct Host {
     pub hostname: Option<String>,
     pub identity: Identity,
     pub group: Option<String>,
-    /// `auto`, a device path, `/dev/disk/by-id/…`, a serial or a WWN.
-    pub disk: String,
+    /// Which disk the image goes on.
+    pub disk: DiskChoice,
+    /// How its disks are wiped when it is retired.
+    pub wipe: WipeMode,
     /// Reserved address (full DHCP mode).
     pub ip: Option<Ipv4Addr>,
     /// Its BMC (`bmc:`), for power and a one-time network boot.
     pub bmc: Option<Bmc>,
+}
+
+/// `disk:` — a name (`auto`, a device path, a serial or a WWN) or hints (`{ size: ">=400G",
+/// rotational: false, … }`: every one given must hold, and exactly one disk may match).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum DiskChoice {
+    Name(String),
+    Hints(fleetboot_image::hints::DiskHints),
+}
+
+impl Default for DiskChoice {
+    fn default() -> Self {
+        DiskChoice::Name("auto".into())
+    }
+}
+
+/// `wipe:` — how a retired host's disks are wiped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WipeMode {
+    /// Discard where the disk can, and zero its first and last 16 MiB and every partition's
+    /// first and last MiB (MAAS's quick erase).
+    #[default]
+    Quick,
+    /// The drive's own secure erase (secure discard); a drive without it fails the wipe.
+    Secure,
 }
 
 /// An image named by the configuration, and where.
@@ -417,7 +447,9 @@ struct RawAssignment {
     #[serde(default)]
     image: Option<Spanned<String>>,
     #[serde(default)]
-    disk: Option<String>,
+    disk: Option<Spanned<DiskChoice>>,
+    #[serde(default)]
+    wipe: Option<WipeMode>,
     // The identity keys (see `RawIdentity`), written out: serde's flatten would lose their
     // line numbers.
     #[serde(default)]
@@ -511,7 +543,9 @@ struct RawHost {
     #[serde(default)]
     group: Option<Spanned<String>>,
     #[serde(default)]
-    disk: Option<String>,
+    disk: Option<Spanned<DiskChoice>>,
+    #[serde(default)]
+    wipe: Option<WipeMode>,
     #[serde(default)]
     ip: Option<Ipv4Addr>,
     #[serde(default)]
@@ -808,7 +842,12 @@ impl Config {
                 .as_ref()
                 .and_then(|(_, g)| g.disk.clone())
                 .or_else(|| self.defaults.disk.clone())
-                .unwrap_or_else(|| "auto".into()),
+                .unwrap_or_default(),
+            wipe: group
+                .as_ref()
+                .and_then(|(_, g)| g.wipe)
+                .or(self.defaults.wipe)
+                .unwrap_or_default(),
             group: group.map(|(name, _)| name),
             ip: None,
             bmc: None,
@@ -901,13 +940,31 @@ impl Config {
                     )
                 })?,
         };
+        // A level's `disk`, its hints checked (a size that is no comparison, no hint at all).
+        let disk_choice =
+            |d: &Option<Spanned<DiskChoice>>| -> Result<Option<DiskChoice>, ConfigError> {
+                match d {
+                    Some(Spanned {
+                        value: DiskChoice::Hints(h),
+                        referenced,
+                        ..
+                    }) => {
+                        h.check()
+                            .map_err(|e| at(referenced, format!("disk hints: {e}")))?;
+                        Ok(Some(DiskChoice::Hints(h.clone())))
+                    }
+                    Some(s) => Ok(Some(s.value.clone())),
+                    None => Ok(None),
+                }
+            };
         let mut watched = Vec::new();
         let mut identity = |r: &RawIdentity<'_>, host_level: bool| {
             identity_keys(r, host_level, base, &mut watched, &at)
         };
         let defaults = Assignment {
             image: raw.defaults.image.as_ref().map(&mut image).transpose()?,
-            disk: raw.defaults.disk.clone(),
+            disk: disk_choice(&raw.defaults.disk)?,
+            wipe: raw.defaults.wipe,
             identity: identity(&raw.defaults.identity(), false)?,
         };
         let mut groups = BTreeMap::new();
@@ -916,7 +973,8 @@ impl Config {
                 name.clone(),
                 Assignment {
                     image: g.value.image.as_ref().map(&mut image).transpose()?,
-                    disk: g.value.disk.clone(),
+                    disk: disk_choice(&g.value.disk)?,
+                    wipe: g.value.wipe,
                     identity: identity(&g.value.identity(), false)?,
                 },
             );
@@ -989,13 +1047,16 @@ impl Config {
                     network: keys.network,
                     cloud_init: keys.cloud_init.unwrap_or_default(),
                 },
-                disk: h
-                    .value
-                    .disk
-                    .clone()
+                disk: disk_choice(&h.value.disk)?
                     .or_else(|| from_group.and_then(|g| g.disk.clone()))
                     .or_else(|| defaults.disk.clone())
-                    .unwrap_or_else(|| "auto".into()),
+                    .unwrap_or_default(),
+                wipe: h
+                    .value
+                    .wipe
+                    .or_else(|| from_group.and_then(|g| g.wipe))
+                    .or(defaults.wipe)
+                    .unwrap_or_default(),
                 group,
                 ip: h.value.ip,
             };
@@ -1185,14 +1246,14 @@ hosts:
         let web: Mac = "52:54:00:12:34:56".parse().unwrap();
         let h = &c.hosts[&web];
         assert_eq!(h.image, Some("web@3".parse().unwrap()));
-        assert_eq!(h.disk, "/dev/nvme0n1");
+        assert_eq!(h.disk, DiskChoice::Name("/dev/nvme0n1".into()));
         assert_eq!(h.hostname.as_deref(), Some("web-01"));
         let other = &c.hosts[&"52:54:00:12:34:57".parse().unwrap()];
         assert_eq!(other.image, Some("other".parse().unwrap()));
         assert_eq!(other.ip, Some(Ipv4Addr::new(10, 0, 0, 7)));
         let plain = &c.hosts[&"52:54:00:12:34:58".parse().unwrap()];
         assert_eq!(plain.image, Some("debian".parse().unwrap()));
-        assert_eq!(plain.disk, "auto");
+        assert_eq!(plain.disk, DiskChoice::Name("auto".into()));
         assert_eq!(c.image_uses.len(), 4);
     }
 
@@ -1423,6 +1484,35 @@ hosts:
             "nope.pw does not exist",
         );
         bad(&host_line("type: idrac, address: b"), "idrac");
+    }
+
+    #[test]
+    fn disk_hints_are_read_and_checked() {
+        let c = parse(
+            "interface: br0\ngroups:\n  db: { disk: { size: \">=400G\", rotational: false } }\n\
+             hosts:\n  \"52:54:00:00:00:01\": { group: db }\n\
+             \x20 \"52:54:00:00:00:02\": { group: db, disk: { serial: S5XNNA0R } }\n",
+        )
+        .unwrap();
+        let host = |m: &str| c.hosts[&m.parse::<Mac>().unwrap()].disk.clone();
+        let DiskChoice::Hints(h) = host("52:54:00:00:00:01") else {
+            panic!("hints from the group")
+        };
+        assert_eq!(
+            (h.size.as_deref(), h.rotational),
+            (Some(">=400G"), Some(false))
+        );
+        let DiskChoice::Hints(h) = host("52:54:00:00:00:02") else {
+            panic!("the host's own hints")
+        };
+        assert_eq!(
+            (h.serial.as_deref(), h.size.as_deref()),
+            (Some("S5XNNA0R"), None)
+        );
+        let bad =
+            |d: &str| format!("interface: br0\nhosts:\n  \"52:54:00:00:00:01\": {{ disk: {d} }}\n");
+        assert_invalid(&bad("{ size: huge }"), 3, "size");
+        assert_invalid(&bad("{}"), 3, "no hint");
     }
 
     #[test]

@@ -9,71 +9,7 @@
 //! `"<8"`, `"=64"`, `"512G"` meaning `=`; K, M, G, T are binary units). Every key given must hold.
 
 use fleetboot_image::api::Inventory;
-
-/// `>=`, `<=`, `>`, `<` or `=` a number.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Comparison {
-    pub op: Op,
-    pub value: u64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Op {
-    Ge,
-    Le,
-    Gt,
-    Lt,
-    Eq,
-}
-
-impl Comparison {
-    /// `">=256G"`, `"<8"`, `"64"`; units K, M, G, T (×1024 each), optionally followed by `B`
-    /// or `iB`.
-    pub fn parse(text: &str) -> Result<Comparison, String> {
-        let t = text.trim();
-        let (op, rest) = [
-            (">=", Op::Ge),
-            ("<=", Op::Le),
-            (">", Op::Gt),
-            ("<", Op::Lt),
-            ("=", Op::Eq),
-        ]
-        .iter()
-        .find_map(|(p, op)| t.strip_prefix(p).map(|r| (*op, r)))
-        .unwrap_or((Op::Eq, t));
-        let rest = rest.trim();
-        let upper = rest.to_ascii_uppercase();
-        let digits = upper.trim_end_matches(|c: char| c.is_ascii_alphabetic());
-        let unit = upper[digits.len()..]
-            .trim_end_matches("IB")
-            .trim_end_matches('B');
-        let scale: u64 = match unit {
-            "" => 1,
-            "K" => 1 << 10,
-            "M" => 1 << 20,
-            "G" => 1 << 30,
-            "T" => 1 << 40,
-            _ => return Err(format!("{text:?}: unknown unit (K, M, G or T)")),
-        };
-        let n: u64 = digits.trim().parse().map_err(|_| {
-            format!("{text:?} is not a comparison like \">=256G\", \"<8\" or \"64\"")
-        })?;
-        let value = n
-            .checked_mul(scale)
-            .ok_or_else(|| format!("{text:?} is too large"))?;
-        Ok(Comparison { op, value })
-    }
-
-    pub fn holds(&self, v: u64) -> bool {
-        match self.op {
-            Op::Ge => v >= self.value,
-            Op::Le => v <= self.value,
-            Op::Gt => v > self.value,
-            Op::Lt => v < self.value,
-            Op::Eq => v == self.value,
-        }
-    }
-}
+pub use fleetboot_image::hints::{Comparison, Op};
 
 /// What a rule asks of an inventory.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -119,33 +55,6 @@ pub fn first_match<'a>(rules: &'a [Rule], inv: &Inventory) -> Option<(usize, &'a
 mod tests {
     use super::*;
     use fleetboot_image::api::SystemInfo;
-
-    #[test]
-    fn comparisons_parse_with_units_and_hold() {
-        let c = |s: &str| Comparison::parse(s).unwrap();
-        assert_eq!(
-            c(">=256G"),
-            Comparison {
-                op: Op::Ge,
-                value: 256 << 30
-            }
-        );
-        assert_eq!(
-            c("<8"),
-            Comparison {
-                op: Op::Lt,
-                value: 8
-            }
-        );
-        assert_eq!(c("64").op, Op::Eq);
-        assert_eq!(c("= 1 TiB").value, 1 << 40);
-        assert_eq!(c("512MB").value, 512 << 20);
-        assert!(c(">=256G").holds(256 << 30) && !c(">=256G").holds((256 << 30) - 1));
-        assert!(c("<=4").holds(4) && !c("<4").holds(4) && c(">3").holds(4));
-        for bad in ["", ">=", "lots", ">=12X", "99999999999T"] {
-            assert!(Comparison::parse(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn the_first_rule_whose_every_key_holds_wins() {

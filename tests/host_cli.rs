@@ -39,7 +39,7 @@ fn host_show_prints_the_inventory_and_how_to_enrol_and_host_log_the_install() {
              rules:\n  - {{ match: {{ product: \"PowerEdge R650\", memory: \">=256G\" }}, group: db }}\n\
              hosts:\n  \
              \"{KNOWN}\": {{ bmc: {{ type: ipmi, address: 10.0.0.5, username: admin, \
-             password_env: FB_TEST_BMC_PW }} }}\n"
+             password_env: FB_TEST_BMC_PW }}, disk: {{ size: \">=500G\", rotational: false }} }}\n"
         ),
     )
     .unwrap();
@@ -94,8 +94,22 @@ fn host_show_prints_the_inventory_and_how_to_enrol_and_host_log_the_install() {
     assert_eq!(v["host"]["status"], "discovered");
     assert_eq!(v["rule"]["image"], "debian@2");
 
+    // The known host's disk hints, checked against its inventory: one disk of two matches.
+    let known_mac = KNOWN.parse().unwrap();
+    fleet.seen(known_mac, None, None).unwrap();
+    let mut two = inv.clone();
+    two.disks.push(DiskInfo {
+        name: "sda".into(),
+        size_bytes: 4000 << 30,
+        rotational: true,
+        ..Default::default()
+    });
+    fleet
+        .save_inventory(known_mac, &serde_json::to_string(&two).unwrap())
+        .unwrap();
     let (ok, out) = fleetboot(&config, &["host", "show", KNOWN]);
     assert!(ok, "{out}");
+    assert!(out.contains("pick nvme0n1"), "{out}");
     assert!(out.contains("bmc Ipmi 10.0.0.5 as admin"), "{out}");
     assert!(!out.contains("to enrol"), "{out}");
     let (ok, out) = fleetboot(&config, &["host", "show", "52:54:00:c1:00:77"]);

@@ -921,3 +921,72 @@ async fn each_host_gets_its_own_cloud_init_data_at_its_address_only() {
     let second = yaml(&fetch(DB_IP, "meta-data", false).await.1)["instance-id"].clone();
     assert_ne!(first, second, "a new install, a new instance");
 }
+
+/// `host retire` through the admin API: the next boot wipes (the agent in wipe mode, a token);
+/// once the agent reports the disks wiped the host is retired and boots nothing, even with an
+/// image assigned, until a reimage is requested.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_host_is_wiped_then_boots_nothing_until_reimaged() {
+    let rig = rig("");
+    let script_uri = format!("/boot/{MAC}.ipxe");
+    let (s, _) = post(
+        &rig,
+        "/api/retire",
+        "nope",
+        serde_json::json!({"macs": [MAC]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, body) = post(
+        &rig,
+        "/api/retire",
+        "s3cret",
+        serde_json::json!({"macs": [MAC]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (_, script) = get(&rig, &script_uri).await;
+    assert!(
+        script.contains("fleetboot.mode=wipe") && !script.contains("fleetboot.wipe=secure"),
+        "{script}"
+    );
+    let status = || {
+        rig.state
+            .fleet()
+            .host(MAC.parse().unwrap())
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(status().status, HostStatus::Wiping);
+    let report = serde_json::json!({"disks": [{"name": "vda", "bytes": 1048576, "how": "zeroed"}]});
+    let uri = format!("/api/agent/{MAC}/wiped");
+    let (s, _) = post(&rig, &uri, "nope", report.clone()).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, body) = post(&rig, &uri, &token_of(&script), report).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{body}");
+    let h = status();
+    assert_eq!(h.status, HostStatus::Retired);
+    assert!(h
+        .detail
+        .unwrap_or_default()
+        .contains("vda 1048576 bytes zeroed"));
+    let (_, script) = get(&rig, &script_uri).await;
+    assert!(
+        local_boot(&script),
+        "retired: nothing is installed\n{script}"
+    );
+
+    let (s, _) = post(
+        &rig,
+        "/api/reimage",
+        "s3cret",
+        serde_json::json!({"macs": [MAC]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, script) = get(&rig, &script_uri).await;
+    assert!(
+        script.contains("fleetboot.token=") && !script.contains("fleetboot.mode"),
+        "a reimage installs it again\n{script}"
+    );
+}

@@ -156,6 +156,17 @@ impl Client {
         })
     }
 
+    /// Reports the retired machine's disks wiped.
+    pub fn wiped(&self, report: &fleetboot_image::api::WipeReport) -> Result<()> {
+        retry("wiped", || {
+            self.http
+                .post(self.url("wiped"))
+                .header("authorization", self.bearer())
+                .send_json(report)?;
+            Ok(())
+        })
+    }
+
     /// Reports the machine's inventory (inspection).
     pub fn inventory(&self, inv: &fleetboot_image::api::Inventory) -> Result<()> {
         retry("inventory", || {

@@ -54,9 +54,10 @@ pub fn deploy(s: &Settings) -> Result<InstallReport> {
 fn install(client: &Client, s: &Settings) -> Result<InstallReport> {
     let started = Instant::now();
     let a = client.assignment()?;
-    let target = match &s.target {
-        Some(t) => t.clone(),
-        None => crate::disk::choose(&a.disk, a.size)?,
+    let target = match (&s.target, &a.disk_hints) {
+        (Some(t), _) => t.clone(),
+        (None, Some(hints)) => crate::disk::choose_by_hints(hints, a.size)?,
+        (None, None) => crate::disk::choose(&a.disk, a.size)?,
     };
     eprintln!(
         "fleetboot-agent: installing {} ({} bytes) on {}",

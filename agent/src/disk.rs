@@ -39,6 +39,20 @@ pub fn choose(spec: &str, size: u64) -> Result<PathBuf> {
     Ok(PathBuf::from(format!("/dev/{name}")))
 }
 
+/// The one disk the root device hints pick, which must hold `size` bytes.
+pub fn choose_by_hints(hints: &fleetboot_image::hints::DiskHints, size: u64) -> Result<PathBuf> {
+    let disks = crate::inventory::disks(std::path::Path::new("/"));
+    let disk = hints.pick(&disks).map_err(anyhow::Error::msg)?;
+    if disk.size_bytes < size {
+        bail!(
+            "the disk the hints pick, {} ({} bytes), is smaller than the image ({size} bytes)",
+            disk.name,
+            disk.size_bytes
+        );
+    }
+    Ok(PathBuf::from(format!("/dev/{}", disk.name)))
+}
+
 /// The machine's disks, as the inventory lists them (loop, RAM, optical, floppy, md, dm and nbd
 /// devices are not install targets).
 fn scan() -> Result<Vec<DiskInfo>> {

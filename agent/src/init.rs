@@ -64,6 +64,11 @@ pub fn run() -> ! {
             say("inspected; powering off");
             let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
         }
+        Ok(Done::Wiped) => {
+            say("disks wiped; powering off");
+            nix::unistd::sync();
+            let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+        }
         Err(e) => {
             say(&format!("FAILED: {e:#}"));
             nix::unistd::sync();
@@ -85,6 +90,8 @@ enum Done {
     Installed,
     /// Inspected: power off (the machine waits for its enrolment).
     Inspected,
+    /// Retired, its disks wiped: power off.
+    Wiped,
 }
 
 fn setup_and_install() -> Result<Done> {
@@ -140,6 +147,29 @@ fn setup_and_install() -> Result<Done> {
     netconf::configure(&ifname, &ip, &netmask, gateway.as_deref())?;
     say(&format!("{ifname} ({mac}) up as {ip}/{netmask}"));
 
+    if cmdline.get(cmdline::MODE) == Some("wipe") {
+        let token = token.context("a wipe needs fleetboot.token= (the appliance's script)")?;
+        let client = crate::client::Client::new(&url, &mac, Some(token.clone()))?;
+        crate::console::send_to(&url, &mac, &token);
+        let mode = match cmdline.get(cmdline::WIPE) {
+            Some("secure") => crate::wipe::Mode::Secure,
+            _ => crate::wipe::Mode::Quick,
+        };
+        say(&format!("retired: wiping every fixed disk ({mode:?})"));
+        match crate::wipe::all_disks(mode) {
+            Ok(report) => {
+                crate::console::send();
+                client.wiped(&report)?;
+                return Ok(Done::Wiped);
+            }
+            Err(e) => {
+                crate::console::say(&format!("FAILED: {e:#}"));
+                crate::console::send();
+                client.failed(&format!("wipe: {e:#}"));
+                return Err(e);
+            }
+        }
+    }
     if cmdline.get(cmdline::MODE) == Some("inspect") {
         let token = token.context("inspection needs fleetboot.token= (the appliance's script)")?;
         let client = crate::client::Client::new(&url, &mac, Some(token.clone()))?;

@@ -3,6 +3,7 @@
 //! ```text
 //! fleetboot-agent deploy --server URL --mac MAC --target FILE_OR_DEVICE [--token TOKEN]
 //! fleetboot-agent inspect --server URL --mac MAC [--token TOKEN]
+//! fleetboot-agent wipe --target DEVICE_OR_FILE [--secure]
 //! ```
 //! On a host (benchmarks, tests): asks the appliance for the MAC's boot script as iPXE would —
 //! which hands out the per-boot token — then installs the assigned image on the target.
@@ -20,12 +21,14 @@ mod modules;
 mod netconf;
 mod seed;
 mod source;
+mod wipe;
 
 use anyhow::{bail, Context, Result};
 
 const USAGE: &str =
     "usage: fleetboot-agent deploy --server URL --mac MAC --target FILE_OR_DEVICE [--token TOKEN]\n\
-     \x20      fleetboot-agent inspect --server URL --mac MAC [--token TOKEN]";
+     \x20      fleetboot-agent inspect --server URL --mac MAC [--token TOKEN]\n\
+     \x20      fleetboot-agent wipe --target DEVICE_OR_FILE [--secure]";
 
 fn main() {
     if std::process::id() == 1 {
@@ -40,6 +43,28 @@ fn main() {
 fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
+        // One disk, as a retired machine's agent wipes each of its own (its partitions from
+        // sysfs when it is a block device).
+        Some("wipe") => {
+            let (target, secure) = match &args[1..] {
+                [flag, t] if flag == "--target" => (t, false),
+                [flag, t, s] if flag == "--target" && s == "--secure" => (t, true),
+                _ => bail!("{USAGE}"),
+            };
+            let path = std::path::Path::new(target);
+            let name = std::fs::canonicalize(path)?
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let mode = if secure {
+                wipe::Mode::Secure
+            } else {
+                wipe::Mode::Quick
+            };
+            let w = wipe::wipe(path, &wipe::partitions(&name), mode)?;
+            println!("wiped {target} ({} bytes): {}", w.bytes, w.how);
+            Ok(())
+        }
         Some(command @ ("deploy" | "inspect")) => {
             let mut server = None;
             let mut mac = None;

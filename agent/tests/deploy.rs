@@ -804,3 +804,63 @@ fn an_unknown_machine_is_inspected_then_boots_its_disk() {
         .unwrap();
     assert!(!again.status.success(), "a spent token is refused");
 }
+
+/// A retired machine's disk, as its agent wipes it: a real block device (a loop device, which
+/// supports discard but not a secure one). The secure wipe is refused with the reason and
+/// changes nothing; the quick one discards, zeroes the edges and checks them.
+#[test]
+fn a_disk_is_wiped_quick_or_refused_secure() {
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    if !is_root {
+        eprintln!("SKIP: needs root for a loop device (CI runs as root)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("disk.bin");
+    let pattern: Vec<u8> = (0..64u32 << 20).map(|i| (i % 253) as u8 | 1).collect();
+    std::fs::write(&backing, &pattern).unwrap();
+    let out = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&backing)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "losetup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let wipe = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_fleetboot-agent"))
+            .args(["wipe", "--target", &dev])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let secure = wipe(&["--secure"]);
+    let untouched = std::fs::read(&backing).unwrap() == pattern;
+    let quick = wipe(&[]);
+    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    assert!(!secure.status.success());
+    let why = String::from_utf8_lossy(&secure.stderr);
+    assert!(why.contains("no secure erase"), "{why}");
+    assert!(untouched, "a refused secure wipe changes nothing");
+    assert!(
+        quick.status.success(),
+        "{}",
+        String::from_utf8_lossy(&quick.stderr)
+    );
+    let said = String::from_utf8_lossy(&quick.stdout);
+    assert!(said.contains("discard + zeroed"), "{said}");
+    let data = std::fs::read(&backing).unwrap();
+    assert_eq!(data.len(), pattern.len());
+    assert!(data[..16 << 20].iter().all(|&b| b == 0), "the first 16 MiB");
+    assert!(
+        data[data.len() - (16 << 20)..].iter().all(|&b| b == 0),
+        "the last 16 MiB"
+    );
+}

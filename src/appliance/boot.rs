@@ -29,6 +29,8 @@ pub enum BootPlan {
     /// Boot the agent to report the machine's inventory and power off (an unknown machine
     /// under `unknown_hosts: discover`, not inspected yet).
     Inspect { token: String },
+    /// Boot the agent to wipe every fixed disk and power off (`fleetboot host retire`).
+    Wipe { token: String, secure: bool },
     /// Boot the local disk.
     LocalDisk,
 }
@@ -108,41 +110,42 @@ impl AppState {
             }
             Err(e) => return Err(e.into()),
         };
+        use crate::fleet::HostStatus;
+        // A retirement requested: the disks are wiped, whatever is assigned.
+        if let Some(how) = record.as_ref().and_then(|r| r.retire.clone()) {
+            let secure = how == "secure";
+            let token = self.side_trip(
+                mac,
+                peer,
+                record.as_ref(),
+                &fleet,
+                &config,
+                HostStatus::Wiping,
+            )?;
+            tracing::info!(%mac, %peer, wipe = %how, "booting the agent to wipe a retired host");
+            return Ok(BootPlan::Wipe { token, secure });
+        }
+        // Retired: nothing boots on it until a reimage is asked for.
+        if record
+            .as_ref()
+            .is_some_and(|r| r.status == HostStatus::Retired && !r.reimage)
+        {
+            return Ok(BootPlan::LocalDisk);
+        }
         let inspect = !config.hosts.contains_key(&mac)
             && config.unknown_hosts == UnknownHosts::Discover
             && matches!(fleet.inventory(mac), Ok(None));
         if inspect {
-            let leased = self
-                .address_of(mac)
-                .map(IpAddr::V4)
-                .or_else(|| record.as_ref()?.ip.as_deref()?.parse().ok());
-            if let Some(leased) = leased {
-                if leased != peer {
-                    return Err(BootError::WrongAddress { mac, leased, peer });
-                }
-            }
-            let t = now();
-            let inspecting = record
-                .as_ref()
-                .is_some_and(|r| r.status == crate::fleet::HostStatus::Inspecting);
-            if let Some(token) = self.tokens.live(mac, t) {
-                if inspecting && token.ip == peer {
-                    return Ok(BootPlan::Inspect {
-                        token: token.secret,
-                    });
-                }
-            }
-            let token = Token {
-                secret: random_token().map_err(BootError::Random)?,
-                ip: peer,
-                expires: t.saturating_add(config.install_token_ttl.as_secs() as i64),
-            };
-            fleet.start_inspect(mac, &token)?;
-            self.tokens.insert(mac, token.clone());
+            let token = self.side_trip(
+                mac,
+                peer,
+                record.as_ref(),
+                &fleet,
+                &config,
+                HostStatus::Inspecting,
+            )?;
             tracing::info!(%mac, %peer, "booting the agent to inspect an unknown machine");
-            return Ok(BootPlan::Inspect {
-                token: token.secret,
-            });
+            return Ok(BootPlan::Inspect { token });
         }
         let plan = script_plan(
             assigned.as_ref(),
@@ -194,6 +197,48 @@ impl AppState {
             image,
             token: token.secret,
         })
+    }
+}
+
+impl AppState {
+    /// The token for a trip of the agent that installs nothing (`Inspecting` or `Wiping`),
+    /// bound to the host's address like an install's; the same one again if the host asks
+    /// again from its address while the trip runs.
+    fn side_trip(
+        &self,
+        mac: Mac,
+        peer: IpAddr,
+        record: Option<&crate::fleet::HostRecord>,
+        fleet: &crate::fleet::FleetState,
+        config: &crate::config::Config,
+        status: crate::fleet::HostStatus,
+    ) -> Result<String, BootError> {
+        let leased = self
+            .address_of(mac)
+            .map(IpAddr::V4)
+            .or_else(|| record?.ip.as_deref()?.parse().ok());
+        if let Some(leased) = leased {
+            if leased != peer {
+                return Err(BootError::WrongAddress { mac, leased, peer });
+            }
+        }
+        let t = now();
+        if let Some(token) = self.tokens.live(mac, t) {
+            if record.is_some_and(|r| r.status == status) && token.ip == peer {
+                return Ok(token.secret);
+            }
+        }
+        let token = Token {
+            secret: random_token().map_err(BootError::Random)?,
+            ip: peer,
+            expires: t.saturating_add(config.install_token_ttl.as_secs() as i64),
+        };
+        match status {
+            crate::fleet::HostStatus::Wiping => fleet.start_wipe(mac, &token)?,
+            _ => fleet.start_inspect(mac, &token)?,
+        }
+        self.tokens.insert(mac, token.clone());
+        Ok(token.secret)
     }
 }
 

@@ -85,7 +85,8 @@ mod tests {
             hostname: hostname.map(str::to_string),
             identity,
             group: None,
-            disk: "auto".into(),
+            disk: Default::default(),
+            wipe: Default::default(),
             ip: None,
             bmc: None,
         }

@@ -34,6 +34,16 @@ pub fn power_records(
         .collect()
 }
 
+/// How each host's disks are wiped when it is retired (`quick` or `secure`, its `wipe:`).
+pub fn wipe_modes(config: &Config, macs: &[Mac]) -> Vec<&'static str> {
+    macs.iter()
+        .map(|m| match config.hosts.get(m).map(|h| h.wipe) {
+            Some(crate::config::WipeMode::Secure) => "secure",
+            _ => "quick",
+        })
+        .collect()
+}
+
 /// Hosts, each with its BMC (`None`: it has none).
 pub type HostBmcs = Vec<(Mac, Option<crate::bmc::Bmc>)>;
 

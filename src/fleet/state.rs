@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS hosts (
     token_ip TEXT,
     token_expires INTEGER,
     report TEXT,
-    instance_id TEXT
+    instance_id TEXT,
+    retire TEXT
 );
 CREATE TABLE IF NOT EXISTS leases (
     ip TEXT PRIMARY KEY,
@@ -71,7 +72,7 @@ CREATE TABLE IF NOT EXISTS events (
 ";
 
 /// Schema version kept in `PRAGMA user_version`; [`migrate`] brings older files up to it.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// Where a host is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -81,6 +82,10 @@ pub enum HostStatus {
     Discovered,
     /// Handed the agent to report its inventory (`unknown_hosts: discover`).
     Inspecting,
+    /// Retired: handed the agent to wipe its disks.
+    Wiping,
+    /// Retired and its disks wiped; it boots nothing until a reimage is requested.
+    Retired,
     /// Handed the agent; not reported yet.
     Booting,
     /// The agent reports progress.
@@ -97,6 +102,8 @@ impl HostStatus {
         match self {
             HostStatus::Discovered => "discovered",
             HostStatus::Inspecting => "inspecting",
+            HostStatus::Wiping => "wiping",
+            HostStatus::Retired => "retired",
             HostStatus::Booting => "booting",
             HostStatus::Imaging => "imaging",
             HostStatus::Installed => "installed",
@@ -107,6 +114,8 @@ impl HostStatus {
         match s {
             "booting" => HostStatus::Booting,
             "inspecting" => HostStatus::Inspecting,
+            "wiping" => HostStatus::Wiping,
+            "retired" => HostStatus::Retired,
             "imaging" => HostStatus::Imaging,
             "installed" => HostStatus::Installed,
             "failed" => HostStatus::Failed,
@@ -147,6 +156,8 @@ pub struct HostRecord {
     /// The installed OS's cloud-init instance: new at every install, so cloud-init runs again on
     /// the first boot after a reimage (NoCloud `instance-id`).
     pub instance_id: Option<String>,
+    /// A retirement was requested: the next boot wipes its disks (`quick` or `secure`).
+    pub retire: Option<String>,
 }
 
 /// An install token and what it is bound to.
@@ -314,7 +325,7 @@ impl FleetState {
             for mac in macs {
                 tx.execute(
                     "INSERT INTO hosts (mac, first_seen, last_seen, reimage) VALUES (?1, ?2, ?2, 1)
-                     ON CONFLICT(mac) DO UPDATE SET reimage = 1",
+                     ON CONFLICT(mac) DO UPDATE SET reimage = 1, retire = NULL",
                     params![mac.to_string(), t],
                 )?;
                 tx.execute(
@@ -547,6 +558,84 @@ impl FleetState {
         self.wrap(|db| log(db, t, mac, kind, detail, self.limits.events_max))
     }
 
+    /// Marks hosts to be retired at their next boot: their disks wiped (`how`: `quick` or
+    /// `secure`), then off. Returns how many were marked.
+    pub fn request_retire(&self, macs: &[Mac], how: &[&str]) -> Result<usize, StateError> {
+        let t = now();
+        self.wrap(|db| {
+            let tx = db.unchecked_transaction()?;
+            for (mac, how) in macs.iter().zip(how) {
+                tx.execute(
+                    "INSERT INTO hosts (mac, first_seen, last_seen, retire) VALUES (?1, ?2, ?2, ?3)
+                     ON CONFLICT(mac) DO UPDATE SET retire = ?3, reimage = 0",
+                    params![mac.to_string(), t, how],
+                )?;
+                log(
+                    &tx,
+                    t,
+                    Some(*mac),
+                    "retire-requested",
+                    Some(how),
+                    self.limits.events_max,
+                )?;
+            }
+            tx.commit()?;
+            Ok(macs.len())
+        })
+    }
+
+    /// The agent was handed to `mac` to wipe its disks, with `token`.
+    pub fn start_wipe(&self, mac: Mac, token: &Token) -> Result<(), StateError> {
+        let t = now();
+        self.wrap(|db| {
+            let tx = db.unchecked_transaction()?;
+            tx.execute(
+                "UPDATE hosts SET token = ?2, token_ip = ?3, token_expires = ?4,
+                    status = 'wiping', detail = NULL, last_seen = ?5 WHERE mac = ?1",
+                params![
+                    mac.to_string(),
+                    token.secret,
+                    token.ip.to_string(),
+                    token.expires,
+                    t
+                ],
+            )?;
+            log(
+                &tx,
+                t,
+                Some(mac),
+                "agent-booted",
+                Some("wipe"),
+                self.limits.events_max,
+            )?;
+            tx.commit()
+        })
+    }
+
+    /// `mac`'s disks were wiped (`summary` says how): retired, nothing on its disk any more.
+    pub fn wiped(&self, mac: Mac, summary: &str) -> Result<(), StateError> {
+        let t = now();
+        self.wrap(|db| {
+            let tx = db.unchecked_transaction()?;
+            tx.execute(
+                "UPDATE hosts SET status = 'retired', retire = NULL, reimage = 0, detail = ?2,
+                    token = NULL, token_ip = NULL, token_expires = NULL, installed = NULL,
+                    installed_digest = NULL, hint = NULL, hint_digest = NULL, last_seen = ?3
+                 WHERE mac = ?1",
+                params![mac.to_string(), summary, t],
+            )?;
+            log(
+                &tx,
+                t,
+                Some(mac),
+                "wiped",
+                Some(summary),
+                self.limits.events_max,
+            )?;
+            tx.commit()
+        })
+    }
+
     /// The agent was handed to `mac` to inspect it, with `token`; nothing is installed.
     pub fn start_inspect(&self, mac: Mac, token: &Token) -> Result<(), StateError> {
         let t = now();
@@ -721,7 +810,7 @@ fn prune_hosts(db: &Connection, max: u64) -> rusqlite::Result<()> {
 
 const SELECT_HOST: &str = "SELECT mac, ip, arch, first_seen, last_seen, assigned, assigned_digest,
     installed, installed_digest, hint, hint_digest, status, progress_pct, bytes_done, bytes_total,
-    detail, reimage, token, token_ip, token_expires, report, instance_id FROM hosts";
+    detail, reimage, token, token_ip, token_expires, report, instance_id, retire FROM hosts";
 
 /// An image identity from its two columns (`NAME@N`, digest); `None` if either is missing or
 /// the name does not parse (a row written by hand).
@@ -771,6 +860,7 @@ fn row_to_host(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostRecord> {
             .get::<_, Option<String>>(20)?
             .and_then(|j| serde_json::from_str(&j).ok()),
         instance_id: r.get(21)?,
+        retire: r.get(22)?,
     })
 }
 
@@ -797,6 +887,7 @@ fn migrate(db: &Connection) -> rusqlite::Result<()> {
         ("token_expires", "INTEGER"),
         ("report", "TEXT"),
         ("instance_id", "TEXT"),
+        ("retire", "TEXT"),
     ] {
         if !have.contains(column) {
             tx.execute_batch(&format!("ALTER TABLE hosts ADD COLUMN {column} {kind}"))?;

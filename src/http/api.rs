@@ -2,6 +2,7 @@
 
 use super::{bearer, blocking, AppError, AppState, Peer};
 use crate::appliance::{boot_now, same_secret};
+use crate::config::DiskChoice;
 use crate::fleet::HostRecord;
 use crate::mac::Mac;
 use axum::extract::{Path, State};
@@ -76,7 +77,14 @@ pub async fn assignment(
             image,
             size: resolved.size,
             packs_url: format!("{}/store/packs", st.base_url),
-            disk: host.disk.clone(),
+            disk: match &host.disk {
+                DiskChoice::Name(n) => n.clone(),
+                DiskChoice::Hints(_) => "hints".into(),
+            },
+            disk_hints: match &host.disk {
+                DiskChoice::Hints(h) => Some(h.clone()),
+                DiskChoice::Name(_) => None,
+            },
             hostname: host.hostname.clone(),
             installed_manifest_url: hint,
             seed: seed(&host, record.instance_id.as_deref()),
@@ -112,6 +120,52 @@ pub async fn progress(
             .check_host(mac, token.as_deref(), peer, boot_now())?;
         st.fleet().progress(mac, p.done, p.total)?;
         Ok(StatusCode::NO_CONTENT)
+    })
+    .await
+}
+
+/// A retired machine's disks were wiped: it is retired, its token ends.
+pub async fn wiped(
+    State(st): State<Arc<AppState>>,
+    Path(mac): Path<String>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    Json(report): Json<fleetboot_image::api::WipeReport>,
+) -> Result<StatusCode, AppError> {
+    let token = bearer(&headers).map(str::to_string);
+    blocking(move || {
+        let (mac, _) = agent(&st, &mac, token.as_deref(), peer)?;
+        let summary = report
+            .disks
+            .iter()
+            .map(|d| format!("{} {} bytes {}", d.name, d.bytes, d.how))
+            .collect::<Vec<_>>()
+            .join("; ");
+        st.fleet().wiped(mac, &format!("wiped: {summary}"))?;
+        st.tokens.remove(mac);
+        tracing::info!(%mac, %summary, "a retired host's disks were wiped");
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
+}
+
+/// Retires hosts: at its next boot each one's disks are wiped (its `wipe:`), then it is off.
+pub async fn retire(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Json(req): Json<ReimageRequest>,
+) -> Result<Json<ReimageAnswer>, AppError> {
+    admin(&st, &headers)?;
+    let config = st.config();
+    let macs = crate::fleet::reimage_targets(&config, &req.macs, req.group.as_deref())
+        .map_err(|e| AppError(StatusCode::BAD_REQUEST, e))?;
+    let how = crate::fleet::wipe_modes(&config, &macs);
+    blocking(move || {
+        st.fleet().request_retire(&macs, &how)?;
+        Ok(Json(ReimageAnswer {
+            marked: macs.iter().map(|m| m.to_string()).collect(),
+            rebooted: Vec::new(),
+        }))
     })
     .await
 }

@@ -35,20 +35,31 @@ pub async fn for_host(st: Arc<AppState>, mac: Mac, peer: IpAddr) -> Result<Strin
     })
     .await?;
     Ok(match plan {
-        BootPlan::Agent { token, .. } => agent_script(&base, mac, &token, false),
-        BootPlan::Inspect { token } => agent_script(&base, mac, &token, true),
+        BootPlan::Agent { token, .. } => agent_script(&base, mac, &token, ""),
+        BootPlan::Inspect { token } => agent_script(&base, mac, &token, "inspect"),
+        BootPlan::Wipe { token, secure } => agent_script(
+            &base,
+            mac,
+            &token,
+            if secure { "wipe secure" } else { "wipe" },
+        ),
         BootPlan::LocalDisk => local_disk_script(&base),
     })
 }
 
-/// Boots the agent (to install, or with `inspect` to report the machine and power off). iPXE
-/// fills in `${ip}` and friends from its own lease, so the agent can configure its NIC without a
-/// second DHCP exchange.
-pub fn agent_script(base: &str, mac: Mac, token: &str, inspect: bool) -> String {
-    let (what, mode) = if inspect {
-        ("inspecting", format!(" {}=inspect", cmdline::MODE))
-    } else {
-        ("installing on", String::new())
+/// Boots the agent: to install (`mode` empty), to report the machine and power off
+/// (`inspect`), or to wipe its disks and power off (`wipe`, `wipe secure`). iPXE fills in
+/// `${ip}` and friends from its own lease, so the agent can configure its NIC without a second
+/// DHCP exchange.
+pub fn agent_script(base: &str, mac: Mac, token: &str, mode: &str) -> String {
+    let (what, mode) = match mode {
+        "" => ("installing on", String::new()),
+        "inspect" => ("inspecting", format!(" {}=inspect", cmdline::MODE)),
+        "wipe secure" => (
+            "wiping (secure erase)",
+            format!(" {}=wipe {}=secure", cmdline::MODE, cmdline::WIPE),
+        ),
+        _ => ("wiping", format!(" {}=wipe", cmdline::MODE)),
     };
     format!(
         "#!ipxe\n\

@@ -119,8 +119,12 @@ impl Rig {
             .assigned
             .iter()
             .map(|(fw, image)| {
+                // The disk by what it is (root device hints): virtio reports itself rotational,
+                // NVMe not.
+                let rotational = *fw == Firmware::Bios;
                 format!(
-                    "  \"{}\": {{ image: {image}, hostname: e2e-{fw:?} }}\n",
+                    "  \"{}\": {{ image: {image}, hostname: e2e-{fw:?}, \
+                     disk: {{ size: \"<=1G\", rotational: {rotational} }} }}\n",
                     fw.mac()
                 )
             })

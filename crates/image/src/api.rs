@@ -7,6 +7,7 @@
 //! POST /api/agent/{mac}/done         <- InstallReport
 //! POST /api/agent/{mac}/failed       <- Failed
 //! POST /api/agent/{mac}/inventory    <- Inventory      (inspection: the machine as it is)
+//! POST /api/agent/{mac}/wiped        <- WipeReport     (a retired machine's disks wiped)
 //! GET  /store/manifests/…, /store/packs/…               (the same bearer token, unless the
 //!                                                        appliance has `store_access: open`)
 //! ```
@@ -40,8 +41,11 @@ pub struct Assignment {
     /// The manifest (descriptive data); then the packs by range: `{packs_url}/{id}.pack`.
     pub manifest_url: String,
     pub packs_url: String,
-    /// `auto`, a path, `/dev/disk/by-id/…`, a serial or a WWN.
+    /// `auto`, a path, `/dev/disk/by-id/…`, a serial or a WWN (ignored when `disk_hints`).
     pub disk: String,
+    /// Root device hints: the one disk they all hold for.
+    #[serde(default)]
+    pub disk_hints: Option<crate::hints::DiskHints>,
     pub hostname: Option<String>,
     /// The image last verified on this disk (or being written over it), if it is still in the
     /// store: a hint of where chunks may already lie. The agent hashes every chunk it reuses,
@@ -143,6 +147,20 @@ pub struct NicInfo {
     pub speed_mbps: Option<u32>,
 }
 
+/// A retired machine's disks, wiped and checked.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WipeReport {
+    pub disks: Vec<WipedDisk>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WipedDisk {
+    pub name: String,
+    pub bytes: u64,
+    /// `discard + zeroed`, `zeroed` or `secure discard`.
+    pub how: String,
+}
+
 /// Kernel command-line keys of the agent (the boot script writes them, `/init` reads them).
 pub mod cmdline {
     pub const URL: &str = "fleetboot.url";
@@ -152,8 +170,11 @@ pub mod cmdline {
     pub const NETMASK: &str = "fleetboot.netmask";
     pub const GATEWAY: &str = "fleetboot.gateway";
     pub const ON_FAILURE: &str = "fleetboot.on_failure";
-    /// `inspect`: report the machine's inventory and power off, install nothing.
+    /// `inspect`: report the machine's inventory and power off, install nothing; `wipe`: wipe
+    /// every fixed disk (the machine is retired) and power off.
     pub const MODE: &str = "fleetboot.mode";
+    /// With `mode=wipe`: `secure` for the drives' own secure erase (default quick).
+    pub const WIPE: &str = "fleetboot.wipe";
 }
 
 /// Prefix of the one console line that carries the agent's [`InstallReport`] as JSON.

@@ -7,11 +7,13 @@
 //!   and the agent both run this one code path, with different frame sources and targets.
 //!
 //! - [`api`]: the agent API's JSON types.
+//! - [`hints`]: choosing a disk by what it is (root device hints) and the comparisons they use.
 //!
 //! Architecture invariant: this crate knows nothing of the store's directory layout, networks or
 //! the appliance; it only depends on hashing, compression and serde, so the agent stays small.
 
 pub mod api;
+pub mod hints;
 pub mod id;
 pub mod manifest;
 pub mod restore;
