@@ -16,6 +16,9 @@
 //! `fleetboot-localboot.efi`, a standalone GRUB that chainloads the disk's `\EFI\BOOT\BOOTX64.EFI`.
 //! `--bios-only` skips the UEFI run.
 //!
+//! Then the BIOS machine is retired (`fleetboot host retire`): its next boot wipes its disk and
+//! powers it off, and the disk's first and last 16 MiB must read as zeros.
+//!
 //! Last, a machine the YAML does not list (`unknown_hosts: discover`), with an NVMe and a virtio
 //! disk of different sizes and serials and its own SMBIOS identity, network-boots: the agent
 //! inspects it and powers it off, and `fleetboot host show --json` must list what QEMU gave it.
@@ -75,6 +78,7 @@ pub fn run(args: &[&str]) -> Result<()> {
     if uefi {
         summary.push(lab.scenario(Firmware::Uefi)?);
     }
+    summary.push(lab.retire(Firmware::Bios)?);
     summary.push(lab.inspect_unknown()?);
     println!(
         "e2e: PASS in {:.0} s — {}",
@@ -140,6 +144,63 @@ impl Rig {
             ),
         )?;
         Ok(())
+    }
+
+    /// Retires the machine: its next boot wipes its disk and powers it off; the disk's edges
+    /// must read as zeros and the host show `retired`. Returns the summary.
+    fn retire(&self, fw: Firmware) -> Result<String> {
+        let name = format!("{fw:?}").to_lowercase();
+        util::run(Command::new(&self.fleetboot).current_dir(&self.work).args([
+            "host",
+            "retire",
+            "--config",
+            "fleetboot.yaml",
+            fw.mac(),
+        ]))?;
+        let disk = self.work.join(format!("disk-{name}.img"));
+        let log = self.work.join(format!("vm-{name}-retire.log"));
+        let started = Instant::now();
+        let mut qemu = self.ns.cmd("timeout");
+        qemu.arg("300");
+        vm_args(&mut qemu, fw, fw.mac(), &self.work, &disk, 1024, true)?;
+        let status = qemu
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log)?)
+            .stderr(Stdio::null())
+            .status()?;
+        let console = String::from_utf8_lossy(&fs::read(&log)?).into_owned();
+        if !status.success() || !console.contains("disks wiped; powering off") {
+            bail!(
+                "{name}: the retired machine did not wipe and power off ({status}); console in {}",
+                log.display()
+            );
+        }
+        let took = started.elapsed();
+        let data = fs::read(&disk)?;
+        let edge = 16 << 20;
+        if data[..edge].iter().any(|&b| b != 0) || data[data.len() - edge..].iter().any(|&b| b != 0)
+        {
+            bail!("{name}: the wiped disk's first or last 16 MiB is not zero");
+        }
+        let hosts = util::output(Command::new(&self.fleetboot).current_dir(&self.work).args([
+            "host",
+            "list",
+            "--config",
+            "fleetboot.yaml",
+            "--json",
+        ]))?;
+        let hosts: serde_json::Value = serde_json::from_str(&hosts)?;
+        let retired = hosts
+            .as_array()
+            .and_then(|h| h.iter().find(|h| h["mac"] == fw.mac()))
+            .is_some_and(|h| h["status"] == "retired");
+        if !retired {
+            bail!("{name}: the host does not show retired");
+        }
+        Ok(format!(
+            "{name} retired: disk wiped and checked, powered off in {:.1} s",
+            took.as_secs_f64()
+        ))
     }
 
     /// An unknown machine (two disks, its own SMBIOS identity) is inspected and powered off;
