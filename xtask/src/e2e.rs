@@ -22,6 +22,8 @@
 //! Last, a machine the YAML does not list (`unknown_hosts: discover`), with an NVMe and a virtio
 //! disk of different sizes and serials and its own SMBIOS identity, network-boots: the agent
 //! inspects it and powers it off, and `fleetboot host show --json` must list what QEMU gave it.
+//! A discovery rule then enrols it, its group's disk hints picking the NVMe disk: it is installed
+//! there and boots it. Listed by hand and retired, it has both disks wiped.
 
 use crate::util::{self, root};
 use anyhow::{bail, Context, Result};
@@ -71,6 +73,7 @@ pub fn run(args: &[&str]) -> Result<()> {
         store,
         assigned: vec![(Firmware::Bios, "demo@1"), (Firmware::Uefi, "demo@1")],
         server: None,
+        unknown: Unknown::Unlisted,
     };
     lab.write_config()?;
     lab.server = Some(serve(&lab.ns, &fleetboot, &work)?);
@@ -79,7 +82,7 @@ pub fn run(args: &[&str]) -> Result<()> {
         summary.push(lab.scenario(Firmware::Uefi)?);
     }
     summary.push(lab.retire(Firmware::Bios)?);
-    summary.push(lab.inspect_unknown()?);
+    summary.push(lab.unknown_machine()?);
     println!(
         "e2e: PASS in {:.0} s — {}",
         started.elapsed().as_secs_f64(),
@@ -115,7 +118,19 @@ struct Rig {
     store: PathBuf,
     assigned: Vec<(Firmware, &'static str)>,
     server: Option<Daemon>,
+    /// Where the machine nobody listed is in its life.
+    unknown: Unknown,
 }
+
+/// The machine nobody listed: not in the YAML, then enrolled by a rule, then listed by hand.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Unknown {
+    Unlisted,
+    Ruled,
+    Listed,
+}
+
+const UNKNOWN: &str = "52:54:00:e2:e0:99";
 
 impl Rig {
     fn write_config(&self) -> Result<()> {
@@ -132,14 +147,28 @@ impl Rig {
                     fw.mac()
                 )
             })
-            .collect();
+            .collect::<String>()
+            + if self.unknown == Unknown::Listed {
+                "  \"52:54:00:e2:e0:99\": { image: demo@1, group: lab }\n"
+            } else {
+                ""
+            };
+        // The lab group's disk hints pick the unknown machine's NVMe disk; its rule enrols it.
+        let rules = match self.unknown {
+            Unknown::Unlisted => "",
+            _ => {
+                "groups:\n  lab: { disk: { rotational: false, size: \">=400M\" } }\n\
+                  rules:\n  - { match: { product: \"Rack Server 9000\", memory: \">=512M\" }, \
+                  image: demo@1, group: lab }\n"
+            }
+        };
         fs::write(
             self.work.join("fleetboot.yaml"),
             format!(
                 "interface: br0\nhttp_port: 8080\nboot_dir: {}\nstore: store\nstate_dir: state\n\
                  router_advertisements: true\nboot_files: {{ uefi: snponly.efi }}\n\
                  dhcp: {{ mode: full, range: [10.77.0.100, 10.77.0.150], router: 10.77.0.1 }}\n\
-                 unknown_hosts: discover\nhosts:\n{hosts}",
+                 unknown_hosts: discover\n{rules}hosts:\n{hosts}",
                 self.boot.display()
             ),
         )?;
@@ -203,70 +232,84 @@ impl Rig {
         ))
     }
 
-    /// An unknown machine (two disks, its own SMBIOS identity) is inspected and powered off;
-    /// the appliance must hold what QEMU gave it. Returns the summary.
-    fn inspect_unknown(&self) -> Result<String> {
-        const UNKNOWN: &str = "52:54:00:e2:e0:99";
+    /// The life of a machine nobody listed (two disks, its own SMBIOS identity): inspected
+    /// and powered off; enrolled by a discovery rule whose group's disk hints pick its NVMe
+    /// disk, installed there and booted; then listed by hand and retired: both disks wiped.
+    /// Returns the summary.
+    fn unknown_machine(&mut self) -> Result<String> {
         let (nvme, virtio) = (
             self.work.join("unknown-nvme.img"),
             self.work.join("unknown-virtio.img"),
         );
         fs::File::create(&nvme)?.set_len(512 << 20)?;
         fs::File::create(&virtio)?.set_len(256 << 20)?;
-        let log = self.work.join("vm-unknown.log");
-        let started = Instant::now();
-        let mut qemu = self.ns.cmd("timeout");
-        qemu.args([
-            "300",
-            "qemu-system-x86_64",
-            "-accel",
-            "tcg",
-            "-smp",
-            "2",
-            "-m",
-            "768",
-        ])
-        .arg("-nographic")
-        .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
-        .args([
-            "-device",
-            &format!("virtio-net-pci,netdev=n0,mac={UNKNOWN},bootindex=1"),
-        ])
-        .args([
-            "-smbios",
-            "type=1,manufacturer=Fleetboot Lab,product=Rack Server 9000,serial=LAB-0099",
-        ])
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=none,id=d0", nvme.display()))
-        .args(["-device", "nvme,drive=d0,serial=FB-NVME-1"])
-        .arg("-drive")
-        .arg(format!(
-            "file={},format=raw,if=none,id=d1",
-            virtio.display()
-        ))
-        .args(["-device", "virtio-blk-pci,drive=d1,serial=FB-VIRTIO-2"]);
-        let status = qemu
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&log)?)
-            .stderr(Stdio::null())
-            .status()?;
-        let console = String::from_utf8_lossy(&fs::read(&log)?).into_owned();
-        if !status.success() || !console.contains("inspected; powering off") {
-            bail!(
-                "the unknown machine was not inspected and powered off ({status}); console in {}",
-                log.display()
-            );
-        }
-        let took = started.elapsed();
-        let out = util::output(Command::new(&self.fleetboot).current_dir(&self.work).args([
-            "host",
-            "show",
-            "--config",
-            "fleetboot.yaml",
-            "--json",
-            UNKNOWN,
-        ]))?;
-        let v: serde_json::Value = serde_json::from_str(&out).context("host show --json")?;
+        // Runs the machine until it powers itself off; its console must show `expect`.
+        let run = |label: &str, expect: &str| -> Result<(String, Duration)> {
+            let log = self.work.join(format!("vm-unknown-{label}.log"));
+            let started = Instant::now();
+            let mut qemu = self.ns.cmd("timeout");
+            qemu.args([
+                "300",
+                "qemu-system-x86_64",
+                "-accel",
+                "tcg",
+                "-smp",
+                "2",
+                "-m",
+                "768",
+            ])
+            .arg("-nographic")
+            .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
+            .args([
+                "-device",
+                &format!("virtio-net-pci,netdev=n0,mac={UNKNOWN},bootindex=1"),
+            ])
+            .args([
+                "-smbios",
+                "type=1,manufacturer=Fleetboot Lab,product=Rack Server 9000,serial=LAB-0099",
+            ])
+            .arg("-drive")
+            .arg(format!("file={},format=raw,if=none,id=d0", nvme.display()))
+            .args(["-device", "nvme,drive=d0,serial=FB-NVME-1,bootindex=2"])
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=none,id=d1",
+                virtio.display()
+            ))
+            .args([
+                "-device",
+                "virtio-blk-pci,drive=d1,serial=FB-VIRTIO-2,bootindex=3",
+            ]);
+            let status = qemu
+                .stdin(Stdio::null())
+                .stdout(fs::File::create(&log)?)
+                .stderr(Stdio::null())
+                .status()?;
+            let console = String::from_utf8_lossy(&fs::read(&log)?).into_owned();
+            if !status.success() || !console.contains(expect) {
+                bail!(
+                    "the unknown machine ({label}) did not show {expect:?} and power off \
+                     ({status}); console in {}",
+                    log.display()
+                );
+            }
+            Ok((console, started.elapsed()))
+        };
+        let show = || -> Result<serde_json::Value> {
+            let out = util::output(Command::new(&self.fleetboot).current_dir(&self.work).args([
+                "host",
+                "show",
+                "--config",
+                "fleetboot.yaml",
+                "--json",
+                UNKNOWN,
+            ]))?;
+            serde_json::from_str(&out).context("host show --json")
+        };
+
+        // 1. Inspected.
+        let (_, inspected) = run("inspect", "inspected; powering off")?;
+        let v = show()?;
         let inv = &v["inventory"];
         let disk = |serial: &str| {
             inv["disks"]
@@ -310,26 +353,68 @@ impl Rig {
         ];
         for (ok, what) in checks {
             if !ok {
-                bail!("the unknown machine's inventory lacks {what}:\n{out}");
+                bail!("the unknown machine's inventory lacks {what}:\n{v}");
             }
         }
-        println!("e2e: the unknown machine was inspected: {}", inv);
+        println!("e2e: the unknown machine was inspected: {inv}");
+
+        // 2. A rule enrols it: its group's hints pick the NVMe disk.
+        self.unknown = Unknown::Ruled;
+        self.reload()?;
+        let v = show()?;
+        if v["rule"]["image"] != "demo@1" || v["disk_pick"] != "nvme0n1" {
+            bail!("the rule and the disk hints do not pick demo@1 on nvme0n1:\n{v}");
+        }
+        let (console, installed) = run("install", "FLEETBOOT-MARKER demo@1")?;
+        if !console.contains("installing demo@1") || !console.contains("on /dev/nvme0n1") {
+            bail!("the unknown machine was not installed on its NVMe disk by the rule");
+        }
+
+        // 3. Listed by hand, then retired: every fixed disk wiped.
+        self.unknown = Unknown::Listed;
+        self.reload()?;
+        util::run(Command::new(&self.fleetboot).current_dir(&self.work).args([
+            "host",
+            "retire",
+            "--config",
+            "fleetboot.yaml",
+            UNKNOWN,
+        ]))?;
+        let (console, wiped) = run("retire", "disks wiped; powering off")?;
+        for (path, name) in [(&nvme, "nvme0n1"), (&virtio, "vda")] {
+            let data = fs::read(path)?;
+            let edge = 16 << 20;
+            if data[..edge].iter().any(|&b| b != 0)
+                || data[data.len() - edge..].iter().any(|&b| b != 0)
+                || !console.contains(&format!("wiped {name}"))
+            {
+                bail!("the retired machine's {name} was not wiped");
+            }
+        }
         Ok(format!(
-            "unknown machine inspected and powered off in {:.1} s (2 disks, serials, SMBIOS)",
-            took.as_secs_f64()
+            "unknown machine: inspected {:.1} s (2 disks, serials, SMBIOS), installed by rule on \
+             the disk its hints pick {:.1} s, retired with both disks wiped {:.1} s",
+            inspected.as_secs_f64(),
+            installed.as_secs_f64(),
+            wiped.as_secs_f64()
         ))
     }
 
-    fn assign(&mut self, fw: Firmware, image: &'static str) -> Result<()> {
-        for a in self.assigned.iter_mut().filter(|a| a.0 == fw) {
-            a.1 = image;
-        }
+    /// Writes the configuration and has the appliance read it again.
+    fn reload(&self) -> Result<()> {
         self.write_config()?;
         if let Some(server) = &self.server {
             util::run(Command::new("kill").args(["-HUP", &server.pid().to_string()]))?;
         }
         std::thread::sleep(Duration::from_millis(300));
         Ok(())
+    }
+
+    fn assign(&mut self, fw: Firmware, image: &'static str) -> Result<()> {
+        for a in self.assigned.iter_mut().filter(|a| a.0 == fw) {
+            a.1 = image;
+        }
+        self.reload()
     }
 
     /// Install demo@1, reimage to demo@2, boot locally; returns the phase summary.
