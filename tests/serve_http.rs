@@ -435,6 +435,11 @@ async fn unknown_hosts_follow_the_policy() {
     assert_eq!(status(), HostStatus::Discovered);
     let (_, script) = get(&discover, "/boot/52:54:00:99:99:99.ipxe").await;
     assert!(local_boot(&script), "inspected: its own disk now\n{script}");
+    let (_, page) = get(&discover, "/").await;
+    assert!(
+        page.contains("QEMU Standard PC, 2 CPUs, 1 GiB, 0 disks"),
+        "the dashboard shows what the discovered machine is"
+    );
     let (s, _) = post(&discover, uri, &token, inventory).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "the inspection token is spent");
 

@@ -684,6 +684,23 @@ impl FleetState {
         })
     }
 
+    /// Every inventory kept (JSON), by host.
+    pub fn inventories(&self) -> Result<std::collections::HashMap<Mac, String>, StateError> {
+        self.wrap(|db| {
+            let mut stmt = db.prepare("SELECT mac, json FROM inventory")?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let mut out = std::collections::HashMap::new();
+            for row in rows {
+                let (mac, json) = row?;
+                if let Ok(mac) = mac.parse() {
+                    out.insert(mac, json);
+                }
+            }
+            Ok(out)
+        })
+    }
+
     /// `mac`'s inventory (JSON) and when it was reported.
     pub fn inventory(&self, mac: Mac) -> Result<Option<(String, i64)>, StateError> {
         self.wrap(|db| {

@@ -360,6 +360,20 @@ pub struct HostView {
     /// What its BMC last said of its power (`on`, `off`, or the error), and when (Unix s).
     pub power: Option<String>,
     pub power_at: Option<i64>,
+    /// From its inventory, if it was inspected: vendor, product, CPUs, memory, disks.
+    pub hardware: Option<String>,
+}
+
+/// One line about an inspected machine, for the dashboard and listings.
+pub fn hardware_line(inv: &fleetboot_image::api::Inventory) -> String {
+    format!(
+        "{} {}, {} CPUs, {} GiB, {} disks",
+        inv.system.vendor.as_deref().unwrap_or("?"),
+        inv.system.product.as_deref().unwrap_or("?"),
+        inv.cpus,
+        inv.memory_bytes >> 30,
+        inv.disks.len()
+    )
 }
 
 /// Each host's last recorded power state, and when.
@@ -390,6 +404,7 @@ pub fn host_views(
         report: None,
         power: None,
         power_at: None,
+        hardware: None,
     };
     let mut views: std::collections::BTreeMap<Mac, HostView> = std::collections::BTreeMap::new();
     for h in config.hosts.values() {
@@ -425,13 +440,23 @@ pub fn host_views(
 
 /// The views as the appliance sees them now (blocking).
 pub fn current_views(st: &AppState) -> Result<Vec<HostView>, AppError> {
-    let (records, power) = {
+    let (records, power, inventories) = {
         let fleet = st.fleet();
-        (fleet.hosts()?, fleet.power()?)
+        (fleet.hosts()?, fleet.power()?, fleet.inventories()?)
     };
-    Ok(host_views(&st.config(), &records, &power, &|r| {
+    let mut views = host_views(&st.config(), &records, &power, &|r| {
         st.images.resolve(&st.store, r).ok().map(|x| x.id)
-    }))
+    });
+    for v in &mut views {
+        let inv = v
+            .mac
+            .parse::<Mac>()
+            .ok()
+            .and_then(|m| inventories.get(&m))
+            .and_then(|j| serde_json::from_str(j).ok());
+        v.hardware = inv.as_ref().map(hardware_line);
+    }
+    Ok(views)
 }
 
 pub async fn hosts(
