@@ -440,59 +440,33 @@ fn host_show(config: &std::path::Path, mac: &str, json: bool) -> Result<()> {
     let config = crate::config::Config::load(config)?;
     let mac: crate::mac::Mac = mac.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
     let fleet = crate::fleet::FleetState::open(&config.state_dir)?;
-    let record = fleet.host(mac)?;
-    let inventory: Option<fleetboot_image::api::Inventory> = fleet
-        .inventory(mac)?
-        .and_then(|(j, _)| serde_json::from_str(&j).ok());
-    let host = config.hosts.get(&mac);
-    if record.is_none() && host.is_none() {
-        bail!(
-            "no host {mac}: not in {} and never seen",
-            config.path.display()
-        );
-    }
     let (store, catalog) = (
         Store::new(&config.store),
         crate::appliance::ImageCatalog::default(),
     );
-    let view = crate::http::api::host_views(&config, record.as_slice(), &fleet.power()?, &|r| {
+    let Some(d) = crate::http::api::host_detail(&config, &fleet, mac, &|r| {
         catalog.resolve(&store, r).ok().map(|x| x.id)
-    })
-    .into_iter()
-    .find(|v| v.mac == mac.to_string());
-    let enrol = host.is_none().then(|| enrol_line(mac, inventory.as_ref()));
-    // Which disk the image would go on, on this machine as inspected.
-    let resolved = config.host_for(mac, inventory.as_ref());
-    let disk_pick: Option<String> = match (&resolved.disk, &inventory) {
-        (crate::config::DiskChoice::Hints(h), Some(inv)) => Some(match h.pick(&inv.disks) {
-            Ok(d) => d.name.clone(),
-            Err(e) => format!("none: {e}"),
-        }),
-        _ => None,
+    })?
+    else {
+        bail!(
+            "no host {mac}: not in {} and never seen",
+            config.path.display()
+        );
     };
-    // A discovery rule this machine falls under: what its next boot installs.
-    let rule = config.rule_for(mac, inventory.as_ref()).map(|(i, r)| {
-        let image = config.host_for(mac, inventory.as_ref()).image;
-        (i + 1, r.line, image.map(|i| i.to_string()), r.group.clone())
-    });
     if json {
-        return print_json(&serde_json::json!({
-            "host": view,
-            "bmc": host.and_then(|h| h.bmc.as_ref()).map(|b| serde_json::json!({
-                "type": b.kind, "address": b.address, "port": b.port, "username": b.username,
-            })),
-            "inventory": inventory,
-            "enrol": enrol,
-            "disk": match &resolved.disk {
-                crate::config::DiskChoice::Name(n) => serde_json::json!(n),
-                crate::config::DiskChoice::Hints(h) => serde_json::json!(h),
-            },
-            "disk_pick": disk_pick,
-            "rule": rule.as_ref().map(|(n, line, image, group)| serde_json::json!({
-                "number": n, "line": line, "image": image, "group": group,
-            })),
-        }));
+        return print_json(&d);
     }
+    let (view, inventory, enrol, disk_pick) = (&d.host, &d.inventory, &d.enrol, &d.disk_pick);
+    let host = config.hosts.get(&mac);
+    let resolved = config.host_for(mac, inventory.as_ref());
+    let rule = d.rule.as_ref().map(|r| {
+        (
+            r["number"].clone(),
+            r["line"].clone(),
+            r["image"].as_str().map(str::to_string),
+            r["group"].as_str().map(str::to_string),
+        )
+    });
     let mut out = std::io::stdout().lock();
     writeln!(out, "host {mac}")?;
     if let Some(v) = &view {
@@ -599,21 +573,6 @@ fn host_show(config: &std::path::Path, mac: &str, json: bool) -> Result<()> {
         writeln!(out, "{line}")?;
     }
     Ok(())
-}
-
-/// The `hosts:` entry that enrols a machine by hand, its inventory as a comment.
-fn enrol_line(mac: crate::mac::Mac, inv: Option<&fleetboot_image::api::Inventory>) -> String {
-    let about = inv
-        .map(|i| {
-            format!(
-                "  # {} {}, serial {}",
-                i.system.vendor.as_deref().unwrap_or("?"),
-                i.system.product.as_deref().unwrap_or("?"),
-                i.system.serial.as_deref().unwrap_or("?")
-            )
-        })
-        .unwrap_or_default();
-    format!("  \"{mac}\": {{ image: IMAGE, hostname: HOSTNAME }}{about}")
 }
 
 fn host_log(config: &std::path::Path, mac: &str, instance: Option<&str>, list: bool) -> Result<()> {

@@ -237,6 +237,31 @@ async fn the_agent_conversation_installs_then_boots_local_then_reimages() {
     let (s, body) = call(&rig, read("s3cret")).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(String::from_utf8_lossy(&body), "line one\nline two\n");
+    // A browser (the dashboard links here) is asked for the token, and may give it by Basic auth.
+    let resp = app(rig.state.clone())
+        .oneshot(
+            Request::get(format!("/api/hosts/{MAC}/log"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert!(resp.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Basic"));
+    let basic = Request::get(format!("/api/hosts/{MAC}/log"))
+        .header("authorization", "Basic YWRtaW46czNjcmV0") // admin:s3cret
+        .body(Body::empty())
+        .unwrap();
+    let (s, body) = call(&rig, basic).await;
+    assert_eq!((s, body.len()), (StatusCode::OK, 18));
+    let (_, page) = get(&rig, "/").await;
+    assert!(
+        page.contains(&format!("href=\"/api/hosts/{MAC}/log\"")),
+        "{page}"
+    );
 
     let (s, _) = post(
         &rig,
@@ -440,6 +465,22 @@ async fn unknown_hosts_follow_the_policy() {
         page.contains("QEMU Standard PC, 2 CPUs, 1 GiB, 0 disks"),
         "the dashboard shows what the discovered machine is"
     );
+    // The admin API serves the inventory, and the line that enrols the machine.
+    let detail = |auth: &str| {
+        Request::get("/api/hosts/52:54:00:99:99:99")
+            .header("authorization", format!("Bearer {auth}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    assert_eq!(
+        call(&discover, detail("nope")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (s, body) = call(&discover, detail("s3cret")).await;
+    assert_eq!(s, StatusCode::OK);
+    let d: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(d["inventory"]["system"]["product"], "Standard PC");
+    assert!(d["enrol"].as_str().unwrap().contains("52:54:00:99:99:99"));
     let (s, _) = post(&discover, uri, &token, inventory).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "the inspection token is spent");
 

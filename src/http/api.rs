@@ -241,15 +241,26 @@ pub struct LogWhich {
     pub instance: Option<String>,
 }
 
-/// A host's newest install log (or `?instance=`), as text.
+/// A host's newest install log (or `?instance=`), as text. A browser without the token is asked
+/// for it (Basic auth, the token as the password): the dashboard links here.
 pub async fn log_read(
     State(st): State<Arc<AppState>>,
     Path(mac): Path<String>,
     axum::extract::Query(which): axum::extract::Query<LogWhich>,
     headers: HeaderMap,
-) -> Result<String, AppError> {
-    admin(&st, &headers)?;
-    let mac = parse_mac(&mac)?;
+) -> Result<String, axum::response::Response> {
+    use axum::response::IntoResponse;
+    if let Err(e) = admin(&st, &headers) {
+        let mut r = e.into_response();
+        if r.status() == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                "www-authenticate",
+                axum::http::HeaderValue::from_static("Basic realm=\"fleetboot admin\""),
+            );
+        }
+        return Err(r);
+    }
+    let mac = parse_mac(&mac).map_err(IntoResponse::into_response)?;
     blocking(move || match st.logs.read(mac, which.instance.as_deref()) {
         Ok(Some((_, text))) => Ok(String::from_utf8_lossy(&text).into_owned()),
         Ok(None) => Err(AppError(
@@ -259,6 +270,7 @@ pub async fn log_read(
         Err(e) => Err(AppError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     })
     .await
+    .map_err(IntoResponse::into_response)
 }
 
 pub async fn done(
@@ -319,8 +331,27 @@ pub async fn failed(
     .await
 }
 
+/// The admin token a request carries: `Authorization: Bearer TOKEN`, or from a browser, Basic
+/// auth with the token as the password (any user name).
+fn admin_secret(headers: &HeaderMap) -> Option<String> {
+    use base64::Engine as _;
+    if let Some(b) = bearer(headers) {
+        return Some(b.to_string());
+    }
+    let basic = headers
+        .get("authorization")?
+        .to_str()
+        .ok()?
+        .strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(basic.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    Some(text.split_once(':')?.1.to_string())
+}
+
 fn admin(st: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
-    match (&st.admin_token, bearer(headers)) {
+    match (&st.admin_token, admin_secret(headers).as_deref()) {
         (None, _) => Err(AppError(
             StatusCode::FORBIDDEN,
             "the admin API is off: set admin_token in the configuration or FLEETBOOT_ADMIN_TOKEN"
@@ -362,6 +393,112 @@ pub struct HostView {
     pub power_at: Option<i64>,
     /// From its inventory, if it was inspected: vendor, product, CPUs, memory, disks.
     pub hardware: Option<String>,
+}
+
+/// One host in full, as `fleetboot host show --json` and `GET /api/hosts/MAC` give it.
+#[derive(Debug, Serialize)]
+pub struct HostDetail {
+    pub host: Option<HostView>,
+    /// Its BMC, never the password.
+    pub bmc: Option<serde_json::Value>,
+    pub inventory: Option<fleetboot_image::api::Inventory>,
+    /// For a machine the YAML does not list: the `hosts:` line that enrols it.
+    pub enrol: Option<String>,
+    /// `disk:` as resolved (a name, or hints).
+    pub disk: serde_json::Value,
+    /// The disk the hints pick on the inspected machine (or `none: why`).
+    pub disk_pick: Option<String>,
+    /// The discovery rule it falls under: number, line, image, group.
+    pub rule: Option<serde_json::Value>,
+}
+
+/// Everything known of `mac`; `None` when the YAML does not list it and it was never seen.
+pub fn host_detail(
+    config: &crate::config::Config,
+    fleet: &crate::fleet::FleetState,
+    mac: Mac,
+    resolve: &dyn Fn(&crate::store::ImageRef) -> Option<ImageId>,
+) -> Result<Option<HostDetail>, crate::fleet::StateError> {
+    use crate::config::DiskChoice;
+    let record = fleet.host(mac)?;
+    let host = config.hosts.get(&mac);
+    if record.is_none() && host.is_none() {
+        return Ok(None);
+    }
+    let inventory: Option<fleetboot_image::api::Inventory> = fleet
+        .inventory(mac)?
+        .and_then(|(j, _)| serde_json::from_str(&j).ok());
+    let mut view = host_views(config, record.as_slice(), &fleet.power()?, resolve)
+        .into_iter()
+        .find(|v| v.mac == mac.to_string());
+    if let (Some(v), Some(inv)) = (view.as_mut(), inventory.as_ref()) {
+        v.hardware = Some(hardware_line(inv));
+    }
+    let resolved = config.host_for(mac, inventory.as_ref());
+    let disk_pick = match (&resolved.disk, &inventory) {
+        (DiskChoice::Hints(h), Some(inv)) => Some(match h.pick(&inv.disks) {
+            Ok(d) => d.name.clone(),
+            Err(e) => format!("none: {e}"),
+        }),
+        _ => None,
+    };
+    let rule = config.rule_for(mac, inventory.as_ref()).map(|(i, r)| {
+        serde_json::json!({
+            "number": i + 1, "line": r.line, "group": r.group,
+            "image": resolved.image.as_ref().map(ToString::to_string),
+        })
+    });
+    Ok(Some(HostDetail {
+        host: view,
+        bmc: host.and_then(|h| h.bmc.as_ref()).map(|b| {
+            serde_json::json!({
+                "type": b.kind, "address": b.address, "port": b.port, "username": b.username,
+            })
+        }),
+        enrol: host.is_none().then(|| enrol_line(mac, inventory.as_ref())),
+        inventory,
+        disk: match &resolved.disk {
+            DiskChoice::Name(n) => serde_json::json!(n),
+            DiskChoice::Hints(h) => serde_json::json!(h),
+        },
+        disk_pick,
+        rule,
+    }))
+}
+
+/// The `hosts:` entry that enrols a machine by hand, its inventory as a comment.
+fn enrol_line(mac: Mac, inv: Option<&fleetboot_image::api::Inventory>) -> String {
+    let about = inv
+        .map(|i| {
+            format!(
+                "  # {} {}, serial {}",
+                i.system.vendor.as_deref().unwrap_or("?"),
+                i.system.product.as_deref().unwrap_or("?"),
+                i.system.serial.as_deref().unwrap_or("?")
+            )
+        })
+        .unwrap_or_default();
+    format!("  \"{mac}\": {{ image: IMAGE, hostname: HOSTNAME }}{about}")
+}
+
+/// One host in full (admin).
+pub async fn host(
+    State(st): State<Arc<AppState>>,
+    Path(mac): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<HostDetail>, AppError> {
+    admin(&st, &headers)?;
+    let mac = parse_mac(&mac)?;
+    blocking(move || {
+        let config = st.config();
+        let detail = host_detail(&config, &st.fleet(), mac, &|r| {
+            st.images.resolve(&st.store, r).ok().map(|x| x.id)
+        })?;
+        detail
+            .map(Json)
+            .ok_or_else(|| AppError(StatusCode::NOT_FOUND, format!("no host {mac}")))
+    })
+    .await
 }
 
 /// One line about an inspected machine, for the dashboard and listings.

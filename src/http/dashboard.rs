@@ -33,14 +33,14 @@ pub async fn page(State(st): State<Arc<AppState>>) -> Html<String> {
     let _ = write!(
         s,
         "<table id=hosts><tr><th>MAC</th><th>hostname</th><th>group</th><th>assigned</th>\
-         <th>installed</th><th>status</th><th>progress</th><th>power</th><th>IP</th><th>hardware</th><th>detail</th></tr>"
+         <th>installed</th><th>status</th><th>progress</th><th>power</th><th>IP</th><th>hardware</th><th>detail</th><th>install log</th></tr>"
     );
     for v in &views {
         let _ = write!(
             s,
             "<tr class=\"{status}\"><td>{mac}</td><td>{host}</td><td>{group}</td><td>{image}</td><td>{inst}</td>\
              <td class=status>{status}{re}</td><td><div class=bar><div style=\"width:{pct}%\"></div></div></td>\
-             <td class=power title=\"{power_full}\">{power}</td><td>{ip}</td><td>{hw}</td><td>{detail}</td></tr>",
+             <td class=power title=\"{power_full}\">{power}</td><td>{ip}</td><td>{hw}</td><td>{detail}</td><td><a href=\"/api/hosts/{mac}/log\">log</a></td></tr>",
             mac = esc(&v.mac),
             host = esc(v.hostname.as_deref().unwrap_or("")),
             group = esc(v.group.as_deref().unwrap_or("")),

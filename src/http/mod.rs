@@ -139,6 +139,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/api/agent/{mac}/inventory", post(api::inventory))
         .route("/api/agent/{mac}/wiped", post(api::wiped))
         .route("/api/retire", post(api::retire))
+        .route("/api/hosts/{mac}", get(api::host))
         .route("/api/hosts/{mac}/log", get(api::log_read))
         .route("/api/hosts", get(api::hosts))
         .route("/api/reimage", post(api::reimage))
