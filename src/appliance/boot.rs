@@ -163,15 +163,7 @@ impl AppState {
             }
             ScriptPlan::Agent { image } => image,
         };
-        let leased = self
-            .address_of(mac)
-            .map(IpAddr::V4)
-            .or_else(|| record.as_ref()?.ip.as_deref()?.parse().ok());
-        if let Some(leased) = leased {
-            if leased != peer {
-                return Err(BootError::WrongAddress { mac, leased, peer });
-            }
-        }
+        self.check_address(mac, peer, record.as_ref())?;
         let t = now();
         // The same install, asked again from its address: the same token, nothing reset.
         let running = record
@@ -201,6 +193,24 @@ impl AppState {
 }
 
 impl AppState {
+    /// A token goes only to the address DHCP gave the host (or, where DHCP has not seen it,
+    /// the one its record holds).
+    fn check_address(
+        &self,
+        mac: Mac,
+        peer: IpAddr,
+        record: Option<&crate::fleet::HostRecord>,
+    ) -> Result<(), BootError> {
+        let leased = self
+            .address_of(mac)
+            .map(IpAddr::V4)
+            .or_else(|| record?.ip.as_deref()?.parse().ok());
+        match leased {
+            Some(leased) if leased != peer => Err(BootError::WrongAddress { mac, leased, peer }),
+            _ => Ok(()),
+        }
+    }
+
     /// The token for a trip of the agent that installs nothing (`Inspecting` or `Wiping`),
     /// bound to the host's address like an install's; the same one again if the host asks
     /// again from its address while the trip runs.
@@ -213,15 +223,7 @@ impl AppState {
         config: &crate::config::Config,
         status: crate::fleet::HostStatus,
     ) -> Result<String, BootError> {
-        let leased = self
-            .address_of(mac)
-            .map(IpAddr::V4)
-            .or_else(|| record?.ip.as_deref()?.parse().ok());
-        if let Some(leased) = leased {
-            if leased != peer {
-                return Err(BootError::WrongAddress { mac, leased, peer });
-            }
-        }
+        self.check_address(mac, peer, record)?;
         let t = now();
         if let Some(token) = self.tokens.live(mac, t) {
             if record.is_some_and(|r| r.status == status) && token.ip == peer {
@@ -233,10 +235,7 @@ impl AppState {
             ip: peer,
             expires: t.saturating_add(config.install_token_ttl.as_secs() as i64),
         };
-        match status {
-            crate::fleet::HostStatus::Wiping => fleet.start_wipe(mac, &token)?,
-            _ => fleet.start_inspect(mac, &token)?,
-        }
+        fleet.start_trip(mac, &token, status)?;
         self.tokens.insert(mac, token.clone());
         Ok(token.secret)
     }

@@ -584,34 +584,6 @@ impl FleetState {
         })
     }
 
-    /// The agent was handed to `mac` to wipe its disks, with `token`.
-    pub fn start_wipe(&self, mac: Mac, token: &Token) -> Result<(), StateError> {
-        let t = now();
-        self.wrap(|db| {
-            let tx = db.unchecked_transaction()?;
-            tx.execute(
-                "UPDATE hosts SET token = ?2, token_ip = ?3, token_expires = ?4,
-                    status = 'wiping', detail = NULL, last_seen = ?5 WHERE mac = ?1",
-                params![
-                    mac.to_string(),
-                    token.secret,
-                    token.ip.to_string(),
-                    token.expires,
-                    t
-                ],
-            )?;
-            log(
-                &tx,
-                t,
-                Some(mac),
-                "agent-booted",
-                Some("wipe"),
-                self.limits.events_max,
-            )?;
-            tx.commit()
-        })
-    }
-
     /// `mac`'s disks were wiped (`summary` says how): retired, nothing on its disk any more.
     pub fn wiped(&self, mac: Mac, summary: &str) -> Result<(), StateError> {
         let t = now();
@@ -636,20 +608,31 @@ impl FleetState {
         })
     }
 
-    /// The agent was handed to `mac` to inspect it, with `token`; nothing is installed.
-    pub fn start_inspect(&self, mac: Mac, token: &Token) -> Result<(), StateError> {
+    /// The agent was handed to `mac` for a trip that installs nothing — `Inspecting` (report
+    /// the machine) or `Wiping` (a retired host's disks) — with `token`.
+    pub fn start_trip(
+        &self,
+        mac: Mac,
+        token: &Token,
+        status: HostStatus,
+    ) -> Result<(), StateError> {
         let t = now();
+        let what = match status {
+            HostStatus::Wiping => "wipe",
+            _ => "inspect",
+        };
         self.wrap(|db| {
             let tx = db.unchecked_transaction()?;
             tx.execute(
                 "UPDATE hosts SET token = ?2, token_ip = ?3, token_expires = ?4,
-                    status = 'inspecting', detail = NULL, last_seen = ?5 WHERE mac = ?1",
+                    status = ?6, detail = NULL, last_seen = ?5 WHERE mac = ?1",
                 params![
                     mac.to_string(),
                     token.secret,
                     token.ip.to_string(),
                     token.expires,
-                    t
+                    t,
+                    status.as_str()
                 ],
             )?;
             log(
@@ -657,7 +640,7 @@ impl FleetState {
                 t,
                 Some(mac),
                 "agent-booted",
-                Some("inspect"),
+                Some(what),
                 self.limits.events_max,
             )?;
             tx.commit()
