@@ -123,6 +123,8 @@ const POWER_POLL_PARALLEL: usize = 4;
 /// Asks each configured BMC for its host's power state, now and every `POWER_POLL`.
 async fn poll_power(state: Arc<AppState>) {
     let mut tick = tokio::time::interval(POWER_POLL);
+    // A poll slower than the interval (BMCs timing out) is not followed by a burst of others.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let config = state.config();

@@ -432,8 +432,18 @@ async fn unknown_hosts_follow_the_policy() {
     let (s, _) = get(&rig, "/boot/52:54:00:99:99:99.ipxe").await;
     assert_eq!(s, StatusCode::NOT_FOUND, "unknown_hosts defaults to ignore");
 
-    // Discover: the agent inspects the machine first (a token, inspect mode), then its disk.
+    // Discover: a made-up MAC asking over HTTP (no DHCP lease) gets no token; a machine DHCP
+    // gave an address is inspected first (a token, inspect mode), then boots its disk.
     let discover = rig_with_policy("discover");
+    let (_, script) = get(&discover, "/boot/52:54:00:99:99:99.ipxe").await;
+    assert!(
+        local_boot(&script),
+        "no lease, no inspection token\n{script}"
+    );
+    discover.state.note_address(
+        "52:54:00:99:99:99".parse().unwrap(),
+        HOST_IP.parse().unwrap(),
+    );
     let (s, script) = get(&discover, "/boot/52:54:00:99:99:99.ipxe").await;
     assert_eq!(s, StatusCode::OK);
     assert!(script.contains("fleetboot.mode=inspect"), "{script}");
@@ -455,6 +465,31 @@ async fn unknown_hosts_follow_the_policy() {
     let uri = "/api/agent/52:54:00:99:99:99/inventory";
     let (s, _) = post(&discover, uri, "nope", inventory.clone()).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // An inspection's token reads no store and fetches no install's assignment.
+    let with = |uri: &str| {
+        Request::get(uri)
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    let manifests = discover.state.store.root().join("manifests/demo");
+    let manifest = std::fs::read_dir(&manifests)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name();
+    let uri_m = format!("/store/manifests/demo/{}", manifest.to_string_lossy());
+    assert_eq!(
+        call(&discover, with(&uri_m)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(&discover, with("/api/agent/52:54:00:99:99:99/assignment"))
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
     let (s, body) = post(&discover, uri, &token, inventory.clone()).await;
     assert_eq!(s, StatusCode::NO_CONTENT, "{body}");
     assert_eq!(status(), HostStatus::Discovered);
@@ -494,6 +529,9 @@ async fn unknown_hosts_follow_the_policy() {
         ("52:54:00:99:99:01", "Rack Server 9000", true),
         ("52:54:00:99:99:02", "Desktop 1", false),
     ] {
+        ruled
+            .state
+            .note_address(mac.parse().unwrap(), HOST_IP.parse().unwrap());
         let uri = format!("/boot/{mac}.ipxe");
         let (_, script) = get(&ruled, &uri).await;
         assert!(script.contains("fleetboot.mode=inspect"), "{script}");
@@ -1006,6 +1044,15 @@ async fn a_retired_host_is_wiped_then_boots_nothing_until_reimaged() {
     assert_eq!(status().status, HostStatus::Wiping);
     let report = serde_json::json!({"disks": [{"name": "vda", "bytes": 1048576, "how": "zeroed"}]});
     let uri = format!("/api/agent/{MAC}/wiped");
+    let assignment = Request::get(format!("/api/agent/{MAC}/assignment"))
+        .header("authorization", format!("Bearer {}", token_of(&script)))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(
+        call(&rig, assignment).await.0,
+        StatusCode::UNAUTHORIZED,
+        "a wipe's token fetches no install"
+    );
     let (s, _) = post(&rig, &uri, "nope", report.clone()).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     let (s, body) = post(&rig, &uri, &token_of(&script), report).await;

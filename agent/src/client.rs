@@ -72,8 +72,20 @@ fn is_permanent(e: &anyhow::Error) -> bool {
 }
 
 impl Client {
-    /// A client with a known token, or one obtained by fetching the boot script as iPXE does.
+    /// A client with a known token, or one obtained by fetching the boot script as iPXE does
+    /// (an install's script).
     pub fn new(server: &str, mac: &str, token: Option<String>) -> Result<Client> {
+        Self::for_errand(server, mac, token, None)
+    }
+
+    /// The same for an errand: `mode` is the script's `fleetboot.mode` it must carry (`None`:
+    /// an install, which carries none).
+    pub fn for_errand(
+        server: &str,
+        mac: &str,
+        token: Option<String>,
+        mode: Option<&str>,
+    ) -> Result<Client> {
         let http = http();
         let token = match token {
             Some(t) => t,
@@ -82,6 +94,17 @@ impl Client {
                 let script = retry("boot script", || {
                     Ok(http.get(&url).call()?.body_mut().read_to_string()?)
                 })?;
+                // A script for another errand (inspect, wipe) is not this one's.
+                let given = script
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix(&format!("{}=", cmdline::MODE)));
+                if given != mode {
+                    bail!(
+                        "the appliance boots {mac} to {}, not to {}",
+                        given.unwrap_or("install"),
+                        mode.unwrap_or("install")
+                    );
+                }
                 let key = format!("{}=", cmdline::TOKEN);
                 match script.split_whitespace().find_map(|w| w.strip_prefix(key.as_str())) {
                     Some(t) => t.to_string(),

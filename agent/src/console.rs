@@ -199,8 +199,20 @@ pub fn send_to(server: &str, mac: &str, token: &str) {
     ));
 }
 
-/// Sends what the appliance does not have yet, once (a failure waits for the next call).
+/// Sends what the appliance does not have yet, a MiB at a time, until it has it all or a request
+/// fails (a failure waits for the next call).
 pub fn send() {
+    loop {
+        let before = lock().sent;
+        send_chunk();
+        let l = lock();
+        if l.sent <= before || l.sent >= l.text.len() || l.to.is_none() {
+            return;
+        }
+    }
+}
+
+fn send_chunk() {
     let (url, auth, offset, chunk) = {
         let l = lock();
         let Some((url, auth)) = l.to.clone() else {
@@ -209,7 +221,9 @@ pub fn send() {
         if l.sent >= l.text.len() {
             return;
         }
-        (url, auth, l.sent, l.text[l.sent..].to_vec())
+        // At most 1 MiB a request: the appliance bounds request bodies.
+        let end = l.text.len().min(l.sent + (1 << 20));
+        (url, auth, l.sent, l.text[l.sent..end].to_vec())
     };
     let http: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(10)))

@@ -38,15 +38,32 @@ pub fn collect(root: &Path) -> Inventory {
             .find_map(|l| l.strip_prefix("model name"))
             .and_then(|l| l.split_once(':'))
             .map(|(_, v)| v.trim().to_string()),
-        memory_bytes: meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .map_or(0, |kib| kib * 1024),
+        // The memory installed (online memory blocks), as a rule's `memory: ">=256G"` means it;
+        // MemTotal is a few percent less (what the kernel keeps for itself is left out).
+        memory_bytes: physical_memory(root).unwrap_or_else(|| {
+            meminfo
+                .lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .map_or(0, |kib| kib * 1024)
+        }),
         disks: disks(root),
         nics: nics(root),
         bmc_address: None,
     }
+}
+
+/// Online memory blocks × the block size (`/sys/devices/system/memory`).
+fn physical_memory(root: &Path) -> Option<u64> {
+    let dir = root.join("sys/devices/system/memory");
+    let block = u64::from_str_radix(&attr(&dir.join("block_size_bytes"))?, 16).ok()?;
+    let online = std::fs::read_dir(&dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("memory"))
+        .filter(|e| attr(&e.path().join("online")).as_deref() == Some("1"))
+        .count() as u64;
+    (online > 0).then(|| online * block)
 }
 
 /// The disks, sorted by name.

@@ -88,7 +88,7 @@ fn run() -> Result<()> {
                     bail!("{USAGE}");
                 };
                 // This host as it is: what the machine's agent reports under discover.
-                let client = client::Client::new(&server, &mac, token)?;
+                let client = client::Client::for_errand(&server, &mac, token, Some("inspect"))?;
                 let inv = inventory::collect(std::path::Path::new("/"));
                 client.inventory(&inv)?;
                 println!("{}", serde_json::to_string(&inv)?);

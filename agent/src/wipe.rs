@@ -178,6 +178,14 @@ pub fn all_disks(mode: Mode) -> Result<fleetboot_image::api::WipeReport> {
         if d.removable {
             continue;
         }
+        // Network storage (an iSCSI session, a Fibre Channel port) may be shared: never this
+        // machine's to erase.
+        let real = std::fs::canonicalize(Path::new("/sys/block").join(&d.name)).unwrap_or_default();
+        let path = real.to_string_lossy();
+        if path.contains("/session") || path.contains("/rport-") {
+            eprintln!("fleetboot-agent: {} left alone: network storage", d.name);
+            continue;
+        }
         let w = wipe(&Path::new("/dev").join(&d.name), &partitions(&d.name), mode)?;
         eprintln!(
             "fleetboot-agent: wiped {} ({} bytes): {}",

@@ -737,6 +737,9 @@ fn an_unknown_machine_is_inspected_then_boots_its_disk() {
     .unwrap();
     *app.state.config.write().unwrap() = Arc::new(Config::load(&path).unwrap());
     let unknown = "52:54:00:ab:cd:99";
+    // DHCP gave it this address (a made-up MAC with no lease gets no inspection token).
+    app.state
+        .note_address(unknown.parse().unwrap(), "127.0.0.1".parse().unwrap());
     let script_url = format!("{}/boot/{unknown}.ipxe", app.url);
     let fetch = |url: &str| {
         let out = Command::new("curl").args(["-sf", url]).output().unwrap();

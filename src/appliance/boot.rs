@@ -71,6 +71,33 @@ impl AppState {
     pub fn boot_plan(&self, mac: Mac, peer: IpAddr) -> Result<BootPlan, BootError> {
         let peer = super::tokens::canonical(peer);
         let config = self.config();
+        use crate::fleet::HostStatus;
+        // Retirement comes first, before anything about images: a host retired (and perhaps
+        // since removed from the YAML, or its image deleted) is wiped all the same.
+        {
+            let fleet = self.fleet();
+            let record = fleet.host(mac).ok().flatten();
+            if let Some(how) = record.as_ref().and_then(|r| r.retire.clone()) {
+                let secure = how == "secure";
+                let token = self.side_trip(
+                    mac,
+                    peer,
+                    record.as_ref(),
+                    &fleet,
+                    &config,
+                    HostStatus::Wiping,
+                )?;
+                tracing::info!(%mac, %peer, wipe = %how, "booting the agent to wipe a retired host");
+                return Ok(BootPlan::Wipe { token, secure });
+            }
+            // Retired: nothing boots on it until a reimage is asked for.
+            if record
+                .as_ref()
+                .is_some_and(|r| r.status == HostStatus::Retired && !r.reimage)
+            {
+                return Ok(BootPlan::LocalDisk);
+            }
+        }
         let wanted: Option<ImageRef> = match config.hosts.get(&mac) {
             Some(h) => h.image.clone(),
             None => match &config.unknown_hosts {
@@ -110,30 +137,11 @@ impl AppState {
             }
             Err(e) => return Err(e.into()),
         };
-        use crate::fleet::HostStatus;
-        // A retirement requested: the disks are wiped, whatever is assigned.
-        if let Some(how) = record.as_ref().and_then(|r| r.retire.clone()) {
-            let secure = how == "secure";
-            let token = self.side_trip(
-                mac,
-                peer,
-                record.as_ref(),
-                &fleet,
-                &config,
-                HostStatus::Wiping,
-            )?;
-            tracing::info!(%mac, %peer, wipe = %how, "booting the agent to wipe a retired host");
-            return Ok(BootPlan::Wipe { token, secure });
-        }
-        // Retired: nothing boots on it until a reimage is asked for.
-        if record
-            .as_ref()
-            .is_some_and(|r| r.status == HostStatus::Retired && !r.reimage)
-        {
-            return Ok(BootPlan::LocalDisk);
-        }
+        // An unknown machine not inspected yet, that DHCP has given an address (a made-up MAC
+        // asking over HTTP gets no token).
         let inspect = !config.hosts.contains_key(&mac)
             && config.unknown_hosts == UnknownHosts::Discover
+            && self.address_of(mac).is_some()
             && matches!(fleet.inventory(mac), Ok(None));
         if inspect {
             let token = self.side_trip(
@@ -236,7 +244,7 @@ impl AppState {
             expires: t.saturating_add(config.install_token_ttl.as_secs() as i64),
         };
         fleet.start_trip(mac, &token, status)?;
-        self.tokens.insert(mac, token.clone());
+        self.tokens.insert_trip(mac, token.clone());
         Ok(token.secret)
     }
 }

@@ -82,6 +82,9 @@ impl AppState {
         for (mac, token) in fleet.live_tokens()? {
             tokens.insert(mac, token);
         }
+        for (mac, token) in fleet.live_trip_tokens()? {
+            tokens.insert_trip(mac, token);
+        }
         let http = config.http.clone();
         let logs = crate::fleet::logs::InstallLogs::new(&config.state_dir);
         Ok(Arc::new(AppState {

@@ -37,6 +37,9 @@ pub struct Tokens {
 struct Inner {
     by_mac: HashMap<Mac, Token>,
     by_secret: HashMap<String, Mac>,
+    /// Hosts whose token is for a trip that installs nothing (inspect, wipe): it never reads
+    /// the store.
+    trips: std::collections::HashSet<Mac>,
 }
 
 impl Tokens {
@@ -48,6 +51,18 @@ impl Tokens {
         }
         inner.by_secret.insert(token.secret.clone(), mac);
         inner.by_mac.insert(mac, token);
+        inner.trips.remove(&mac);
+    }
+
+    /// Makes `token` the live token of `mac` for a trip that installs nothing: accepted by the
+    /// agent API for that host, never for store reads.
+    pub fn insert_trip(&self, mac: Mac, token: Token) {
+        self.insert(mac, token);
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .trips
+            .insert(mac);
     }
 
     /// Voids the token of `mac` (the install ended).
@@ -56,6 +71,7 @@ impl Tokens {
         if let Some(old) = inner.by_mac.remove(&mac) {
             inner.by_secret.remove(&old.secret);
         }
+        inner.trips.remove(&mac);
     }
 
     /// The live token of `mac`, if it has one that has not expired at `now` (unix seconds).
@@ -91,6 +107,9 @@ impl Tokens {
         let given = given.ok_or(AccessError::Missing)?;
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mac = *inner.by_secret.get(given).ok_or(AccessError::Invalid)?;
+        if inner.trips.contains(&mac) {
+            return Err(AccessError::Invalid);
+        }
         let token = inner.by_mac.get(&mac).ok_or(AccessError::Invalid)?;
         check(mac, token, peer, now)
     }

@@ -65,6 +65,13 @@ impl<'a> Client<'a> {
     /// Sends a request; the JSON answer of a 2xx (`Null` for an empty body), or the BMC's
     /// Redfish error message.
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, BmcError> {
+        // Paths come from the BMC's own answers: never let one point the credentials elsewhere.
+        if !path.starts_with('/') || path.starts_with("//") || path.contains('@') {
+            return Err(fail(
+                self.bmc,
+                format!("refusing the path {path:?} it gave"),
+            ));
+        }
         let url = format!("{}{path}", self.base);
         let result = match (method, body) {
             ("GET", _) => self
@@ -198,6 +205,14 @@ pub(super) fn power(bmc: &Bmc, action: PowerAction) -> Result<(), BmcError> {
         PowerAction::Off => "ForceOff",
         PowerAction::Cycle => "ForceRestart",
     };
+    // Many BMCs refuse On when on and ForceOff when off: already there is done.
+    let state = parse_power(&system);
+    if matches!(
+        (action, state),
+        (PowerAction::On, Some(PowerState::On)) | (PowerAction::Off, Some(PowerState::Off))
+    ) {
+        return Ok(());
+    }
     c.call("POST", &target, Some(json!({ "ResetType": reset })))?;
     Ok(())
 }

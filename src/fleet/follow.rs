@@ -43,15 +43,16 @@ pub fn follow(
     let started = Instant::now();
     let mut last: BTreeMap<Mac, Step> = BTreeMap::new();
     let mut shown_pct: BTreeMap<Mac, u8> = BTreeMap::new();
-    let mut seen_events: BTreeMap<Mac, usize> = BTreeMap::new();
+    // Each host's newest event read: ids only grow, so pruning cannot hide a later one.
+    let mut read_to: BTreeMap<Mac, i64> = BTreeMap::new();
     loop {
         for &mac in macs {
             if last.get(&mac).is_some_and(Step::is_final) {
                 continue;
             }
-            let events = fleet.events_after(mark, mac)?;
-            let skip = seen_events.get(&mac).copied().unwrap_or(0);
-            for e in events.iter().skip(skip) {
+            let from = read_to.get(&mac).copied().unwrap_or(mark);
+            for e in fleet.events_after(from, mac)? {
+                read_to.insert(mac, e.id);
                 let detail = e.detail.clone().unwrap_or_default();
                 let step = match e.kind.as_str() {
                     "agent-booted" => Step::AgentBooted(detail),
@@ -66,7 +67,6 @@ pub fn follow(
                     break;
                 }
             }
-            seen_events.insert(mac, events.len());
             if last.get(&mac).is_some_and(Step::is_final) {
                 continue;
             }

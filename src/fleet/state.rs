@@ -173,6 +173,9 @@ pub struct Token {
 /// One line of the event log.
 #[derive(Clone, Debug, Serialize)]
 pub struct Event {
+    /// Its place in the log (ids only grow).
+    #[serde(skip)]
+    pub id: i64,
     pub ts: i64,
     pub mac: Option<String>,
     pub kind: String,
@@ -457,12 +460,21 @@ impl FleetState {
     /// Hosts holding an install token that has not expired, with it (loaded at start, so an
     /// appliance restarted mid-install keeps accepting its agents).
     pub fn live_tokens(&self) -> Result<Vec<(Mac, Token)>, StateError> {
+        self.live_tokens_where("status NOT IN ('inspecting', 'wiping')")
+    }
+
+    /// Hosts holding a live token for a trip that installs nothing (inspecting, wiping).
+    pub fn live_trip_tokens(&self) -> Result<Vec<(Mac, Token)>, StateError> {
+        self.live_tokens_where("status IN ('inspecting', 'wiping')")
+    }
+
+    fn live_tokens_where(&self, filter: &str) -> Result<Vec<(Mac, Token)>, StateError> {
         let t = now();
         self.wrap(|db| {
-            let mut stmt = db.prepare(
+            let mut stmt = db.prepare(&format!(
                 "SELECT mac, token, token_ip, token_expires FROM hosts
-                 WHERE token IS NOT NULL AND token_expires > ?1",
-            )?;
+                 WHERE token IS NOT NULL AND token_expires > ?1 AND {filter}"
+            ))?;
             let rows = stmt.query_map(params![t], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
@@ -625,7 +637,9 @@ impl FleetState {
             let tx = db.unchecked_transaction()?;
             tx.execute(
                 "UPDATE hosts SET token = ?2, token_ip = ?3, token_expires = ?4,
-                    status = ?6, detail = NULL, last_seen = ?5 WHERE mac = ?1",
+                    status = ?6, detail = NULL, last_seen = ?5,
+                    instance_id = 'fleetboot-' || lower(hex(randomblob(8)))
+                 WHERE mac = ?1",
                 params![
                     mac.to_string(),
                     token.secret,
@@ -740,7 +754,7 @@ impl FleetState {
     pub fn events_after(&self, mark: i64, mac: Mac) -> Result<Vec<Event>, StateError> {
         self.wrap(|db| {
             let mut stmt = db.prepare(
-                "SELECT ts, mac, kind, detail FROM events WHERE id > ?1 AND mac = ?2 ORDER BY id",
+                "SELECT id, ts, mac, kind, detail FROM events WHERE id > ?1 AND mac = ?2 ORDER BY id",
             )?;
             let rows = stmt.query_map(params![mark, mac.to_string()], row_to_event)?;
             rows.collect()
@@ -750,21 +764,23 @@ impl FleetState {
     /// The newest `limit` events, newest first.
     pub fn events(&self, limit: usize) -> Result<Vec<Event>, StateError> {
         self.wrap(|db| {
-            let mut stmt =
-                db.prepare("SELECT ts, mac, kind, detail FROM events ORDER BY id DESC LIMIT ?1")?;
+            let mut stmt = db.prepare(
+                "SELECT id, ts, mac, kind, detail FROM events ORDER BY id DESC LIMIT ?1",
+            )?;
             let rows = stmt.query_map(params![limit as i64], row_to_event)?;
             rows.collect()
         })
     }
 }
 
-/// An event from `SELECT ts, mac, kind, detail`.
+/// An event from `SELECT id, ts, mac, kind, detail`.
 fn row_to_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
     Ok(Event {
-        ts: r.get(0)?,
-        mac: r.get(1)?,
-        kind: r.get(2)?,
-        detail: r.get(3)?,
+        id: r.get(0)?,
+        ts: r.get(1)?,
+        mac: r.get(2)?,
+        kind: r.get(3)?,
+        detail: r.get(4)?,
     })
 }
 
@@ -801,6 +817,7 @@ fn prune_hosts(db: &Connection, max: u64) -> rusqlite::Result<()> {
         db.prepare_cached(
             "DELETE FROM hosts WHERE mac IN (SELECT mac FROM hosts
                 WHERE installed IS NULL AND hint IS NULL AND token IS NULL AND reimage = 0
+                AND retire IS NULL AND status NOT IN ('retired', 'wiping', 'inspecting')
                 ORDER BY last_seen LIMIT ?1)",
         )?
         .execute(params![excess])?;

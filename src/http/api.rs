@@ -3,7 +3,7 @@
 use super::{bearer, blocking, AppError, AppState, Peer};
 use crate::appliance::{boot_now, same_secret};
 use crate::config::DiskChoice;
-use crate::fleet::HostRecord;
+use crate::fleet::{HostRecord, HostStatus};
 use crate::mac::Mac;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -18,13 +18,22 @@ fn parse_mac(s: &str) -> Result<Mac, AppError> {
         .map_err(|e| AppError(StatusCode::BAD_REQUEST, format!("{e}")))
 }
 
-/// Checks an agent call: the live install token of `mac`, used from its address. Returns the
-/// host's record (blocking: SQLite).
+/// What an agent call is part of: the host's status its token was handed out for.
+const INSTALL: &[HostStatus] = &[HostStatus::Booting, HostStatus::Imaging];
+const INSPECT: &[HostStatus] = &[HostStatus::Inspecting];
+const WIPE: &[HostStatus] = &[HostStatus::Wiping];
+/// Any errand (the console log, a failure report).
+const ANY: &[HostStatus] = &[];
+
+/// Checks an agent call: the live token of `mac`, used from its address, for the errand the
+/// call belongs to (an inspection's token cannot fetch an install's assignment, nor an install's
+/// report a wipe). Returns the host's record (blocking: SQLite).
 fn agent(
     st: &AppState,
     mac: &str,
     token: Option<&str>,
     peer: IpAddr,
+    errand: &[HostStatus],
 ) -> Result<(Mac, HostRecord), AppError> {
     let mac = parse_mac(mac)?;
     st.tokens.check_host(mac, token, peer, boot_now())?;
@@ -34,6 +43,15 @@ fn agent(
             format!("no record of {mac} (install token void)"),
         )
     })?;
+    if !errand.is_empty() && !errand.contains(&record.status) {
+        return Err(AppError(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "{mac}'s token is for another errand (the host is {})",
+                record.status.as_str()
+            ),
+        ));
+    }
     Ok((mac, record))
 }
 
@@ -52,7 +70,7 @@ pub async fn assignment(
 ) -> Result<Json<Assignment>, AppError> {
     let token = bearer(&headers).map(str::to_string);
     blocking(move || {
-        let (mac, record) = agent(&st, &mac, token.as_deref(), peer)?;
+        let (mac, record) = agent(&st, &mac, token.as_deref(), peer, INSTALL)?;
         let image = record
             .assigned
             .ok_or_else(|| AppError(StatusCode::CONFLICT, format!("{mac} has no assignment")))?;
@@ -134,7 +152,7 @@ pub async fn wiped(
 ) -> Result<StatusCode, AppError> {
     let token = bearer(&headers).map(str::to_string);
     blocking(move || {
-        let (mac, _) = agent(&st, &mac, token.as_deref(), peer)?;
+        let (mac, _) = agent(&st, &mac, token.as_deref(), peer, WIPE)?;
         let summary = report
             .disks
             .iter()
@@ -180,7 +198,7 @@ pub async fn inventory(
 ) -> Result<StatusCode, AppError> {
     let token = bearer(&headers).map(str::to_string);
     blocking(move || {
-        let (mac, _) = agent(&st, &mac, token.as_deref(), peer)?;
+        let (mac, _) = agent(&st, &mac, token.as_deref(), peer, INSPECT)?;
         let json = serde_json::to_string(&inv)
             .map_err(|e| AppError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         st.fleet().save_inventory(mac, &json)?;
@@ -216,7 +234,7 @@ pub async fn log_append(
     use crate::fleet::logs::LogError;
     let token = bearer(&headers).map(str::to_string);
     blocking(move || {
-        let (mac, record) = agent(&st, &mac, token.as_deref(), peer)?;
+        let (mac, record) = agent(&st, &mac, token.as_deref(), peer, ANY)?;
         let instance = record.instance_id.ok_or_else(|| {
             AppError(
                 StatusCode::CONFLICT,
@@ -282,7 +300,7 @@ pub async fn done(
 ) -> Result<StatusCode, AppError> {
     let token = bearer(&headers).map(str::to_string);
     blocking(move || {
-        let (mac, record) = agent(&st, &mac, token.as_deref(), peer)?;
+        let (mac, record) = agent(&st, &mac, token.as_deref(), peer, INSTALL)?;
         if record.assigned.as_ref() != Some(&report.image) {
             return Err(AppError(
                 StatusCode::CONFLICT,
@@ -468,13 +486,21 @@ pub fn host_detail(
 
 /// The `hosts:` entry that enrols a machine by hand, its inventory as a comment.
 fn enrol_line(mac: Mac, inv: Option<&fleetboot_image::api::Inventory>) -> String {
+    // What the machine said of itself is untrusted: one printable line in the comment.
+    let plain = |s: Option<&str>| -> String {
+        s.unwrap_or("?")
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(64)
+            .collect()
+    };
     let about = inv
         .map(|i| {
             format!(
                 "  # {} {}, serial {}",
-                i.system.vendor.as_deref().unwrap_or("?"),
-                i.system.product.as_deref().unwrap_or("?"),
-                i.system.serial.as_deref().unwrap_or("?")
+                plain(i.system.vendor.as_deref()),
+                plain(i.system.product.as_deref()),
+                plain(i.system.serial.as_deref())
             )
         })
         .unwrap_or_default();
