@@ -488,36 +488,53 @@ fn a_damaged_pack_fails_the_install_and_says_why() {
     );
 }
 
+/// A loop device over `backing`, detached when dropped; `None` (with a SKIP line) without root.
+struct Loop(String);
+
+impl Loop {
+    fn attach(backing: &Path, test: &str) -> Option<Loop> {
+        let is_root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout == b"0\n")
+            .unwrap_or(false);
+        if !is_root {
+            eprintln!("SKIP {test}: needs root for a loop device (CI runs as root)");
+            return None;
+        }
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(backing)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(Loop(
+            String::from_utf8(out.stdout).unwrap().trim().to_string(),
+        ))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
 #[test]
 fn a_disk_too_small_is_refused() {
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    if !is_root {
-        eprintln!(
-            "SKIP a_disk_too_small_is_refused: needs root for a loop device (CI runs as root)"
-        );
-        return;
-    }
     let v1 = image(7, &[]);
     let app = Appliance::start(std::slice::from_ref(&v1));
     let backing = app.dir.path().join("small.bin");
     std::fs::write(&backing, vec![0u8; 1 << 20]).unwrap();
-    let out = Command::new("losetup")
-        .args(["-f", "--show"])
-        .arg(&backing)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "losetup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let result = app.deploy(Path::new(&dev));
-    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    let Some(dev) = Loop::attach(&backing, "a_disk_too_small_is_refused") else {
+        return;
+    };
+    let result = app.deploy(Path::new(&dev.0));
+    drop(dev);
     assert!(!result.status.success());
     let err = String::from_utf8_lossy(&result.stderr);
     assert!(err.contains("too small"), "{err}");
@@ -813,33 +830,16 @@ fn an_unknown_machine_is_inspected_then_boots_its_disk() {
 /// changes nothing; the quick one discards, zeroes the edges and checks them.
 #[test]
 fn a_disk_is_wiped_quick_or_refused_secure() {
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    if !is_root {
-        eprintln!("SKIP: needs root for a loop device (CI runs as root)");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let backing = dir.path().join("disk.bin");
     let pattern: Vec<u8> = (0..64u32 << 20).map(|i| (i % 253) as u8 | 1).collect();
     std::fs::write(&backing, &pattern).unwrap();
-    let out = Command::new("losetup")
-        .args(["-f", "--show"])
-        .arg(&backing)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "losetup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let Some(dev) = Loop::attach(&backing, "a_disk_is_wiped_quick_or_refused_secure") else {
+        return;
+    };
     let wipe = |extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_fleetboot-agent"))
-            .args(["wipe", "--target", &dev])
+            .args(["wipe", "--target", &dev.0])
             .args(extra)
             .output()
             .unwrap()
@@ -847,7 +847,7 @@ fn a_disk_is_wiped_quick_or_refused_secure() {
     let secure = wipe(&["--secure"]);
     let untouched = std::fs::read(&backing).unwrap() == pattern;
     let quick = wipe(&[]);
-    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    drop(dev);
     assert!(!secure.status.success());
     let why = String::from_utf8_lossy(&secure.stderr);
     assert!(why.contains("no secure erase"), "{why}");
