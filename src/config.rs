@@ -305,11 +305,44 @@ pub struct Host {
 
 /// `disk:` — a name (`auto`, a device path, a serial or a WWN) or hints (`{ size: ">=400G",
 /// rotational: false, … }`: every one given must hold, and exactly one disk may match).
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DiskChoice {
     Name(String),
     Hints(fleetboot_image::hints::DiskHints),
+}
+
+/// A string is a name, a mapping is hints — read as such, so a wrong hint key is named in the
+/// error (an untagged enum would only say that nothing matched).
+impl<'de> Deserialize<'de> for DiskChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Choice;
+        impl<'de> serde::de::Visitor<'de> for Choice {
+            type Value = DiskChoice;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a disk (auto, a path, a serial or a WWN) or hints { size, model, … }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DiskChoice, E> {
+                Ok(DiskChoice::Name(v.to_string()))
+            }
+            // A serial written bare may read as a number.
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<DiskChoice, E> {
+                Ok(DiskChoice::Name(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<DiskChoice, E> {
+                Ok(DiskChoice::Name(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<DiskChoice, A::Error> {
+                fleetboot_image::hints::DiskHints::deserialize(
+                    serde::de::value::MapAccessDeserializer::new(map),
+                )
+                .map(DiskChoice::Hints)
+            }
+        }
+        d.deserialize_any(Choice)
+    }
 }
 
 impl Default for DiskChoice {
@@ -1513,6 +1546,7 @@ hosts:
             |d: &str| format!("interface: br0\nhosts:\n  \"52:54:00:00:00:01\": {{ disk: {d} }}\n");
         assert_invalid(&bad("{ size: huge }"), 3, "size");
         assert_invalid(&bad("{}"), 3, "no hint");
+        assert_invalid(&bad("{ colour: red }"), 3, "unknown field `colour`");
     }
 
     #[test]

@@ -188,27 +188,11 @@ impl Rig {
         ]))?;
         let disk = self.work.join(format!("disk-{name}.img"));
         let log = self.work.join(format!("vm-{name}-retire.log"));
-        let started = Instant::now();
         let mut qemu = self.ns.cmd("timeout");
         qemu.arg("300");
         vm_args(&mut qemu, fw, fw.mac(), &self.work, &disk, 1024, true)?;
-        let status = qemu
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&log)?)
-            .stderr(Stdio::null())
-            .status()?;
-        let console = String::from_utf8_lossy(&fs::read(&log)?).into_owned();
-        if !status.success() || !console.contains("disks wiped; powering off") {
-            bail!(
-                "{name}: the retired machine did not wipe and power off ({status}); console in {}",
-                log.display()
-            );
-        }
-        let took = started.elapsed();
-        let data = fs::read(&disk)?;
-        let edge = 16 << 20;
-        if data[..edge].iter().any(|&b| b != 0) || data[data.len() - edge..].iter().any(|&b| b != 0)
-        {
+        let (_, took) = run_until_off(&mut qemu, &log, "disks wiped; powering off")?;
+        if !edges_zero(&disk)? {
             bail!("{name}: the wiped disk's first or last 16 MiB is not zero");
         }
         let hosts = util::output(Command::new(&self.fleetboot).current_dir(&self.work).args([
@@ -246,7 +230,6 @@ impl Rig {
         // Runs the machine until it powers itself off; its console must show `expect`.
         let run = |label: &str, expect: &str| -> Result<(String, Duration)> {
             let log = self.work.join(format!("vm-unknown-{label}.log"));
-            let started = Instant::now();
             let mut qemu = self.ns.cmd("timeout");
             qemu.args([
                 "300",
@@ -280,20 +263,7 @@ impl Rig {
                 "-device",
                 "virtio-blk-pci,drive=d1,serial=FB-VIRTIO-2,bootindex=3",
             ]);
-            let status = qemu
-                .stdin(Stdio::null())
-                .stdout(fs::File::create(&log)?)
-                .stderr(Stdio::null())
-                .status()?;
-            let console = String::from_utf8_lossy(&fs::read(&log)?).into_owned();
-            if !status.success() || !console.contains(expect) {
-                bail!(
-                    "the unknown machine ({label}) did not show {expect:?} and power off \
-                     ({status}); console in {}",
-                    log.display()
-                );
-            }
-            Ok((console, started.elapsed()))
+            run_until_off(&mut qemu, &log, expect)
         };
         let show = || -> Result<serde_json::Value> {
             let out = util::output(Command::new(&self.fleetboot).current_dir(&self.work).args([
@@ -382,12 +352,7 @@ impl Rig {
         ]))?;
         let (console, wiped) = run("retire", "disks wiped; powering off")?;
         for (path, name) in [(&nvme, "nvme0n1"), (&virtio, "vda")] {
-            let data = fs::read(path)?;
-            let edge = 16 << 20;
-            if data[..edge].iter().any(|&b| b != 0)
-                || data[data.len() - edge..].iter().any(|&b| b != 0)
-                || !console.contains(&format!("wiped {name}"))
-            {
+            if !edges_zero(path)? || !console.contains(&format!("wiped {name}")) {
                 bail!("the retired machine's {name} was not wiped");
             }
         }
@@ -579,6 +544,32 @@ fn wait_http(ns: &Host) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     bail!("fleetboot serve did not answer")
+}
+
+/// Runs the VM `qemu` starts until it powers itself off; its console (in `log`) must show
+/// `expect`. Returns the console and how long it ran.
+fn run_until_off(qemu: &mut Command, log: &Path, expect: &str) -> Result<(String, Duration)> {
+    let started = Instant::now();
+    let status = qemu
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(log)?)
+        .stderr(Stdio::null())
+        .status()?;
+    let console = String::from_utf8_lossy(&fs::read(log)?).into_owned();
+    if !status.success() || !console.contains(expect) {
+        bail!(
+            "the VM did not show {expect:?} and power off ({status}); console in {}",
+            log.display()
+        );
+    }
+    Ok((console, started.elapsed()))
+}
+
+/// Whether a wiped disk's first and last 16 MiB read as zeros.
+fn edges_zero(disk: &Path) -> Result<bool> {
+    let data = fs::read(disk)?;
+    let edge = (16 << 20).min(data.len());
+    Ok(data[..edge].iter().all(|&b| b == 0) && data[data.len() - edge..].iter().all(|&b| b == 0))
 }
 
 /// Powers the VM on: it network-boots (NIC first, disk second) and runs until it powers off —
