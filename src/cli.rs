@@ -539,6 +539,17 @@ fn host_show(config: &std::path::Path, mac: &str, json: bool) -> Result<()> {
                         .unwrap_or_default(),
                 )?;
             }
+            match &inv.bmc_address {
+                Some(a) => writeln!(
+                    out,
+                    "  BMC found by the machine at {a}{}",
+                    inv.bmc_mac
+                        .as_deref()
+                        .map(|m| format!(" ({m})"))
+                        .unwrap_or_default()
+                )?,
+                None => writeln!(out, "  no BMC found by the kernel's IPMI driver")?,
+            }
         }
     }
     match (&resolved.disk, &disk_pick) {

@@ -115,7 +115,14 @@ fn power_and_next_boot_through_ipmi_and_redfish_emulators() {
         username: "admin".into(),
         password: IPMI_PASSWORD.into(),
     };
-    let _ipmi_sim = bmc::ipmi_sim(&ipmi_host, &ipmi_vm, &ipmi_login, &d.join("ipmi")).unwrap();
+    let _ipmi_sim = bmc::ipmi_sim(
+        &ipmi_host,
+        Some(&ipmi_vm),
+        &ipmi_login,
+        None,
+        &d.join("ipmi"),
+    )
+    .unwrap();
     let rf_login = BmcLogin {
         address: "10.81.0.12".into(),
         port: 8443,

@@ -66,7 +66,8 @@ fn host_show_prints_the_inventory_and_how_to_enrol_and_host_log_the_install() {
             ..Default::default()
         }],
         nics: vec![],
-        bmc_address: None,
+        bmc_address: Some("10.1.2.3".into()),
+        bmc_mac: Some("02:00:00:00:06:23".into()),
     };
     fleet
         .save_inventory(unknown, &serde_json::to_string(&inv).unwrap())
@@ -82,8 +83,10 @@ fn host_show_prints_the_inventory_and_how_to_enrol_and_host_log_the_install() {
         "serial S5XNNA0R",
         "by-path pci-0000:00:05.0-nvme-1",
         "matches rule 1 (line 8, group db): installs debian@2 at its next boot",
+        "BMC found by the machine at 10.1.2.3 (02:00:00:00:06:23)",
         "to enrol it",
         &format!("\"{UNKNOWN}\": {{ image: IMAGE, hostname: HOSTNAME }}"),
+        "serial ABC1234, BMC 10.1.2.3",
     ] {
         assert!(out.contains(wanted), "no {wanted:?} in:\n{out}");
     }

@@ -174,7 +174,9 @@ fn setup_and_install() -> Result<Done> {
         let token = token.context("inspection needs fleetboot.token= (the appliance's script)")?;
         let client = crate::client::Client::new(&url, &mac, Some(token.clone()))?;
         crate::console::send_to(&url, &mac, &token);
-        let inv = crate::inventory::collect(Path::new("/"));
+        let mut inv = crate::inventory::collect(Path::new("/"));
+        let modules_dir = Path::new("/lib/modules").join(kernel_release());
+        crate::ipmi::fill(&mut inv, Some(&modules_dir));
         say(&format!(
             "inventory: {} {}, {} CPUs, {} bytes of memory, {} disks, {} NICs",
             inv.system.vendor.as_deref().unwrap_or("?"),

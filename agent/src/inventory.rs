@@ -49,7 +49,9 @@ pub fn collect(root: &Path) -> Inventory {
         }),
         disks: disks(root),
         nics: nics(root),
+        // Asked of the BMC by the caller (it needs the IPMI driver), not read from a tree.
         bmc_address: None,
+        bmc_mac: None,
     }
 }
 

@@ -17,6 +17,7 @@ mod dhcp;
 mod disk;
 mod init;
 mod inventory;
+mod ipmi;
 mod modules;
 mod netconf;
 mod seed;
@@ -89,7 +90,8 @@ fn run() -> Result<()> {
                 };
                 // This host as it is: what the machine's agent reports under discover.
                 let client = client::Client::for_errand(&server, &mac, token, Some("inspect"))?;
-                let inv = inventory::collect(std::path::Path::new("/"));
+                let mut inv = inventory::collect(std::path::Path::new("/"));
+                ipmi::fill(&mut inv, None);
                 client.inventory(&inv)?;
                 println!("{}", serde_json::to_string(&inv)?);
                 return Ok(());

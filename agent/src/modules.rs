@@ -137,6 +137,18 @@ fn load_file(path: &Path) -> Result<()> {
     }
 }
 
+/// Loads `module` and its dependencies by name (for modules no device asks for, such as
+/// `ipmi_devintf`); a module the initramfs lacks is an error.
+pub fn load_named(dir: &Path, module: &str) -> Result<()> {
+    let index = ModuleIndex::read(dir)?;
+    let files = index.load_order(module);
+    anyhow::ensure!(!files.is_empty(), "no module {module} in {}", dir.display());
+    for file in files {
+        load_file(&index.dir.join(&file))?;
+    }
+    Ok(())
+}
+
 /// Loads what the devices present ask for, in passes; returns the modules loaded.
 pub fn load_for_hardware(dir: &Path) -> Result<Vec<String>> {
     let index = ModuleIndex::read(dir)?;

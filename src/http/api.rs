@@ -496,8 +496,13 @@ fn enrol_line(mac: Mac, inv: Option<&fleetboot_image::api::Inventory>) -> String
     };
     let about = inv
         .map(|i| {
+            let bmc = i
+                .bmc_address
+                .as_deref()
+                .map(|a| format!(", BMC {}", plain(Some(a))))
+                .unwrap_or_default();
             format!(
-                "  # {} {}, serial {}",
+                "  # {} {}, serial {}{bmc}",
                 plain(i.system.vendor.as_deref()),
                 plain(i.system.product.as_deref()),
                 plain(i.system.serial.as_deref())

@@ -131,6 +131,10 @@ enum Unknown {
 }
 
 const UNKNOWN: &str = "52:54:00:e2:e0:99";
+/// The unknown machine's BMC (ipmi_sim beside it, linked to its IPMI system interface).
+const UNKNOWN_BMC: &str = "10.77.0.200";
+/// Where that BMC listens for the VM's `ipmi-bmc-extern` link.
+const UNKNOWN_BMC_VM_PORT: u16 = 9002;
 
 impl Rig {
     fn write_config(&self) -> Result<()> {
@@ -227,6 +231,28 @@ impl Rig {
         );
         fs::File::create(&nvme)?.set_len(512 << 20)?;
         fs::File::create(&virtio)?.set_len(256 << 20)?;
+        // Its BMC: the inspection must find the BMC's LAN address through the kernel's driver.
+        fleetboot_lab::ip(&[
+            "-n",
+            &self.ns.ns,
+            "addr",
+            "add",
+            &format!("{UNKNOWN_BMC}/24"),
+            "dev",
+            "br0",
+        ])?;
+        let _bmc = fleetboot_lab::bmc::ipmi_sim(
+            &self.ns,
+            None,
+            &fleetboot_lab::bmc::BmcLogin {
+                address: UNKNOWN_BMC.into(),
+                port: 623,
+                username: "admin".into(),
+                password: "lab-only-password".into(),
+            },
+            Some(UNKNOWN_BMC_VM_PORT),
+            &self.work.join("unknown-bmc"),
+        )?;
         // Runs the machine until it powers itself off; its console must show `expect`.
         let run = |label: &str, expect: &str| -> Result<(String, Duration)> {
             let log = self.work.join(format!("vm-unknown-{label}.log"));
@@ -262,7 +288,8 @@ impl Rig {
             .args([
                 "-device",
                 "virtio-blk-pci,drive=d1,serial=FB-VIRTIO-2,bootindex=3",
-            ]);
+            ])
+            .args(fleetboot_lab::bmc::qemu_bmc_args(UNKNOWN_BMC_VM_PORT));
             run_until_off(&mut qemu, &log, expect)
         };
         let show = || -> Result<serde_json::Value> {
@@ -317,7 +344,14 @@ impl Rig {
                 "its NIC, link up",
             ),
             (
-                v["enrol"].as_str().is_some_and(|l| l.contains(UNKNOWN)),
+                inv["bmc_address"] == UNKNOWN_BMC
+                    && inv["bmc_mac"] == fleetboot_lab::bmc::BMC_LAN_MAC,
+                "its BMC's LAN address and MAC (in-band, /dev/ipmi0)",
+            ),
+            (
+                v["enrol"].as_str().is_some_and(|l| {
+                    l.contains(UNKNOWN) && l.contains(&format!("BMC {UNKNOWN_BMC}"))
+                }),
                 "the enrol line",
             ),
         ];
@@ -357,7 +391,7 @@ impl Rig {
             }
         }
         Ok(format!(
-            "unknown machine: inspected {:.1} s (2 disks, serials, SMBIOS), installed by rule on \
+            "unknown machine: inspected {:.1} s (2 disks, serials, SMBIOS, BMC address), installed by rule on \
              the disk its hints pick {:.1} s, retired with both disks wiped {:.1} s",
             inspected.as_secs_f64(),
             installed.as_secs_f64(),

@@ -192,7 +192,7 @@ impl Vm {
             password: BMC_PASSWORD.into(),
         };
         let (daemon, ca) = match m.fw {
-            Firmware::Bios => (bmc::ipmi_sim(ns, &chassis, &login, &dir)?, None),
+            Firmware::Bios => (bmc::ipmi_sim(ns, Some(&chassis), &login, None, &dir)?, None),
             Firmware::Uefi => {
                 login.port = REDFISH_PORT;
                 let system = ("8a1c3e0a-5f0b-4d3e-9b1e-f1eeb00e2e02", m.mac);

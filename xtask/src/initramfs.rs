@@ -38,6 +38,9 @@ const MODULES: &[&str] = &[
     "megaraid_sas",
     "mpt3sas",
     "sd_mod",
+    // the BMC's system interface and its device node (inspection asks the BMC its address)
+    "ipmi_si",
+    "ipmi_devintf",
 ];
 
 pub fn run(_args: &[&str]) -> Result<()> {

@@ -108,6 +108,9 @@ pub struct Inventory {
     pub nics: Vec<NicInfo>,
     /// The BMC's LAN address, where the kernel's IPMI driver finds one.
     pub bmc_address: Option<String>,
+    /// The BMC's own MAC address (its LAN channel's), with the address.
+    #[serde(default)]
+    pub bmc_mac: Option<String>,
 }
 
 /// What the firmware says of the machine (DMI/SMBIOS).

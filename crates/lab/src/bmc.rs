@@ -115,12 +115,58 @@ pub struct BmcLogin {
     pub password: String,
 }
 
-/// OpenIPMI's `ipmi_sim` serving IPMI 2.0 over LAN for a chassis, inside `host`'s namespace.
+/// The MAC address the lab's BMCs give as their LAN side's (Get LAN Configuration Parameters).
+pub const BMC_LAN_MAC: &str = "02:00:00:00:06:23";
+
+/// OpenIPMI's `ipmi_sim` serving IPMI 2.0 over LAN, inside `host`'s namespace: power and boot
+/// device for `chassis` (through its program), and with `vm_port` the system interface of a
+/// QEMU VM that runs in the same namespace with [`qemu_bmc_args`]. Asked in-band for its LAN
+/// configuration it gives `login.address` and [`BMC_LAN_MAC`].
 /// Talk to it with `ipmitool -I lanplus -C 3` (it offers cipher suites 0-14 only).
-pub fn ipmi_sim(host: &Host, chassis: &Chassis, login: &BmcLogin, dir: &Path) -> Result<Daemon> {
+pub fn ipmi_sim(
+    host: &Host,
+    chassis: Option<&Chassis>,
+    login: &BmcLogin,
+    vm_port: Option<u16>,
+    dir: &Path,
+) -> Result<Daemon> {
     std::fs::create_dir_all(dir.join("state"))
         .map_err(io(format!("cannot create {}", dir.display())))?;
-    let (program, chassis_dir) = chassis.control();
+    // ipmi_sim asks this program for the LAN parameters a real BMC takes from its own NIC.
+    let lan_control = dir.join("lan-control");
+    write_executable(
+        &lan_control,
+        &format!(
+            "#!/bin/sh\n\
+             # lan-control DEVICE get PARAM... (ipmi_sim's lan_config_program)\n\
+             [ \"$2\" = get ] || exit 1\n\
+             shift 2\n\
+             for p in \"$@\"; do\n\
+             \x20 case $p in\n\
+             \x20   ip_addr) echo \"ip_addr:{addr}\" ;;\n\
+             \x20   ip_addr_src) echo \"ip_addr_src:static\" ;;\n\
+             \x20   mac_addr) echo \"mac_addr:{BMC_LAN_MAC}\" ;;\n\
+             \x20   subnet_mask) echo \"subnet_mask:255.255.255.0\" ;;\n\
+             \x20   *_mac_addr) echo \"$p:00:00:00:00:00:00\" ;;\n\
+             \x20   *) echo \"$p:0.0.0.0\" ;;\n\
+             \x20 esac\n\
+             done\n",
+            addr = login.address
+        ),
+    )?;
+    let chassis_line = chassis
+        .map(|c| {
+            let (program, chassis_dir) = c.control();
+            format!(
+                "chassis_control \"{} {}\"\n",
+                program.display(),
+                chassis_dir.display()
+            )
+        })
+        .unwrap_or_default();
+    let vm_line = vm_port
+        .map(|p| format!("serial 15 127.0.0.1 {p} codec VM\n"))
+        .unwrap_or_default();
     let lan = format!(
         "name \"fleetboot-lab\"\n\
          set_working_mc 0x20\n\
@@ -132,13 +178,14 @@ pub fn ipmi_sim(host: &Host, chassis: &Chassis, login: &BmcLogin, dir: &Path) ->
          \x20 allowed_auths_operator none md2 md5 straight\n\
          \x20 allowed_auths_admin none md2 md5 straight\n\
          \x20 guid a123456789abcdefa123456789abcdef\n\
+         \x20 lan_config_program \"{lan_control} eth0\"\n\
          endlan\n\
-         chassis_control \"{program} {chassis}\"\n\
+         {chassis_line}\
+         {vm_line}\
          user 2 true \"{user}\" \"{password}\" admin 10 none md2 md5 straight\n",
         addr = login.address,
         port = login.port,
-        program = program.display(),
-        chassis = chassis_dir.display(),
+        lan_control = lan_control.display(),
         user = login.username,
         password = login.password,
     );
@@ -166,6 +213,20 @@ pub fn ipmi_sim(host: &Host, chassis: &Chassis, login: &BmcLogin, dir: &Path) ->
     )?;
     host.wait_listening(login.port, true, 10, &mut daemon)?;
     Ok(daemon)
+}
+
+/// QEMU arguments giving a VM a BMC: an IPMI KCS system interface (ACPI IPI0001, SMBIOS type
+/// 38, as servers have) linked to the `ipmi_sim` that listens on `port` ([`ipmi_sim`]'s
+/// `vm_port`) in the VM's namespace.
+pub fn qemu_bmc_args(port: u16) -> Vec<String> {
+    vec![
+        "-chardev".into(),
+        format!("socket,id=ipmi0,host=127.0.0.1,port={port},reconnect=10"),
+        "-device".into(),
+        "ipmi-bmc-extern,chardev=ipmi0,id=bmc0".into(),
+        "-device".into(),
+        "isa-ipmi-kcs,bmc=bmc0".into(),
+    ]
 }
 
 /// Where the Redfish emulator is installed (`cargo xtask setup` makes this virtualenv).
