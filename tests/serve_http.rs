@@ -1083,3 +1083,267 @@ async fn a_retired_host_is_wiped_then_boots_nothing_until_reimaged() {
         "a reimage installs it again\n{script}"
     );
 }
+
+/// A raw HTTP/1.1 client for the socket tests: writes `request`, reads answers one by one.
+struct RawClient {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+/// One answer: status, head (lower-cased), body.
+struct Answer {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl RawClient {
+    async fn connect(addr: std::net::SocketAddr) -> RawClient {
+        RawClient {
+            stream: tokio::net::TcpStream::connect(addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, request: &str) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(request.as_bytes()).await.unwrap();
+    }
+
+    /// The next answer (`head_only`: to a HEAD request, no body follows); `None` when the
+    /// connection closed before a whole answer.
+    async fn answer(&mut self, head_only: bool) -> Option<Answer> {
+        use tokio::io::AsyncReadExt;
+        let end = loop {
+            if let Some(p) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            let mut chunk = vec![0u8; 1 << 16];
+            let n = self.stream.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&self.buf[..end]).to_lowercase();
+        let status: u16 = head.split_whitespace().nth(1)?.parse().ok()?;
+        let len: usize = if head_only {
+            0
+        } else {
+            head.lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap())
+        };
+        while self.buf.len() < end + len {
+            let mut chunk = vec![0u8; 1 << 20];
+            let n = self.stream.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+        let body = self.buf[end..end + len].to_vec();
+        self.buf.drain(..end + len);
+        Some(Answer { status, head, body })
+    }
+}
+
+/// The appliance's own connection loop (pack ranges by sendfile) on a loopback socket.
+async fn serve_on_loopback(
+    rig: &Rig,
+    limits: fleetboot::http::limits::HttpLimits,
+) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = rig.state.clone();
+    tokio::spawn(async move {
+        fleetboot::http::serve_limited(listener, state, &limits, std::future::pending()).await
+    });
+    addr
+}
+
+fn write_pack(rig: &Rig, id: &str, mib: u32) -> Vec<u8> {
+    let data: Vec<u8> = (0..mib << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(
+        rig.state.store.root().join(format!("packs/{id}.pack")),
+        &data,
+    )
+    .unwrap();
+    data
+}
+
+/// Issue 14: on a real connection, pack ranges (sent by sendfile) come back exact, pipelined
+/// and kept alive, with the same answers as the router's; a request for anything else on the
+/// same connection is handed to hyper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pack_ranges_are_sent_from_the_file_on_a_kept_alive_connection() {
+    let rig = rig("store_access: open\n");
+    let id = "00112233445566778899aabbccddeeff";
+    let data = write_pack(&rig, id, 20);
+    let addr = serve_on_loopback(&rig, Default::default()).await;
+    let path = format!("/store/packs/{id}.pack");
+    let mut c = RawClient::connect(addr).await;
+    // Three requests in one write (pipelined): answered in order.
+    c.send(&format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=5-9\r\n\r\n\
+         GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=-3\r\n\r\n\
+         GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"
+    ))
+    .await;
+    let a = c.answer(false).await.expect("an answer");
+    assert_eq!((a.status, a.body.as_slice()), (206, &data[5..10]));
+    assert!(a
+        .head
+        .contains(&format!("content-range: bytes 5-9/{}", data.len())));
+    let a = c.answer(false).await.expect("an answer");
+    assert_eq!(
+        (a.status, a.body.as_slice()),
+        (206, &data[data.len() - 3..])
+    );
+    let a = c.answer(false).await.expect("an answer");
+    assert_eq!(a.status, 200);
+    assert!(a.body == data, "the whole pack");
+    // A 1 MiB range, as agents fetch them.
+    c.send(&format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=1048576-2097151\r\n\r\n"
+    ))
+    .await;
+    let a = c.answer(false).await.expect("an answer");
+    assert!(a.status == 206 && a.body == data[1 << 20..2 << 20]);
+    // HEAD, an unsatisfiable range, an unknown pack: answered, the connection kept.
+    c.send(&format!("HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n"))
+        .await;
+    let a = c.answer(true).await.expect("an answer");
+    assert!(a.status == 200 && a.head.contains(&format!("content-length: {}", data.len())));
+    c.send(&format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=99999999-\r\n\r\n"
+    ))
+    .await;
+    let a = c.answer(false).await.expect("an answer");
+    assert!(
+        a.status == 416
+            && a.head
+                .contains(&format!("content-range: bytes */{}", data.len()))
+    );
+    c.send("GET /store/packs/ffffffffffffffffffffffffffffffff.pack HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    assert_eq!(c.answer(false).await.expect("an answer").status, 404);
+    // Then something else: hyper and the router take the connection over.
+    c.send("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let a = c.answer(false).await.expect("an answer");
+    assert_eq!(a.status, 200);
+    assert!(String::from_utf8_lossy(&a.body).contains("fleetboot_"));
+    // And a pack range after that, through the router's handler: the same bytes.
+    c.send(&format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=5-9\r\nConnection: close\r\n\r\n"
+    ))
+    .await;
+    let a = c.answer(false).await.expect("an answer");
+    assert_eq!((a.status, a.body.as_slice()), (206, &data[5..10]));
+    assert!(c.answer(false).await.is_none(), "closed as asked");
+}
+
+/// Issue 14: the sendfile path keeps the store's access rule: without a token, no pack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sendfile_path_asks_for_a_token() {
+    let rig = rig("");
+    let id = "00112233445566778899aabbccddeef0";
+    let data = write_pack(&rig, id, 1);
+    let addr = serve_on_loopback(&rig, Default::default()).await;
+    let mut c = RawClient::connect(addr).await;
+    let path = format!("/store/packs/{id}.pack");
+    c.send(&format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-99\r\n\r\n"
+    ))
+    .await;
+    let a = c.answer(false).await.expect("an answer");
+    assert_eq!(a.status, 401);
+    assert!(!a.body.windows(16).any(|w| w == &data[..16]));
+    c.send(&format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-99\r\nAuthorization: Bearer wrong\r\n\r\n"
+    ))
+    .await;
+    assert_eq!(c.answer(false).await.expect("an answer").status, 401);
+    c.send(&format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-99\r\nAuthorization: Bearer s3cret\r\n\r\n"
+    ))
+    .await;
+    let a = c.answer(false).await.expect("an answer");
+    assert_eq!((a.status, a.body.as_slice()), (206, &data[..100]));
+}
+
+/// Issue 14: a pack removed by gc while open is still served whole; one truncated under the
+/// server ends its answer short and closes that connection only; a client that stops reading
+/// is dropped after the idle timeout, holding no buffer meanwhile, while others are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_truncated_and_stalled_cases_break_nothing() {
+    use tokio::time::{timeout, Duration};
+    let rig = rig("store_access: open\n");
+    let addr = serve_on_loopback(
+        &rig,
+        fleetboot::http::limits::HttpLimits {
+            connections_max: 16,
+            idle_timeout: Duration::from_millis(700),
+            buffered_bytes_max: 1 << 20,
+        },
+    )
+    .await;
+    let get = |id: &str, range: &str| {
+        format!("GET /store/packs/{id}.pack HTTP/1.1\r\nHost: x\r\nRange: bytes={range}\r\n\r\n")
+    };
+    let packs = rig.state.store.root().join("packs");
+
+    // Removed after it was opened: served from the open file.
+    let removed = "00112233445566778899aabbccddeef1";
+    let data = write_pack(&rig, removed, 2);
+    let mut c = RawClient::connect(addr).await;
+    c.send(&get(removed, "0-0")).await;
+    assert_eq!(c.answer(false).await.expect("an answer").status, 206);
+    std::fs::remove_file(packs.join(format!("{removed}.pack"))).unwrap();
+    c.send(&get(removed, "1048576-2097151")).await;
+    let a = c.answer(false).await.expect("an answer");
+    assert!(a.status == 206 && a.body == data[1 << 20..], "still served");
+
+    // Truncated under the server: the answer ends short, the connection closes.
+    let truncated = "00112233445566778899aabbccddeef2";
+    write_pack(&rig, truncated, 4);
+    c.send(&get(truncated, "0-0")).await;
+    assert_eq!(c.answer(false).await.expect("an answer").status, 206);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(packs.join(format!("{truncated}.pack")))
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    c.send(&get(truncated, "2097152-3145727")).await;
+    assert!(
+        timeout(Duration::from_secs(5), c.answer(false))
+            .await
+            .expect("no hang")
+            .is_none(),
+        "a short body and a closed connection, never made-up bytes"
+    );
+
+    // A reader that stops: dropped after the idle timeout; another client is served meanwhile.
+    let big = "00112233445566778899aabbccddeef3";
+    let data = write_pack(&rig, big, 64);
+    let mut stalled = RawClient::connect(addr).await;
+    stalled.send(&get(big, "0-")).await;
+    let mut other = RawClient::connect(addr).await;
+    other.send(&get(big, "5-9")).await;
+    let a = timeout(Duration::from_secs(5), other.answer(false))
+        .await
+        .expect("served while another client stalls")
+        .expect("an answer");
+    assert_eq!((a.status, a.body.as_slice()), (206, &data[5..10]));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        timeout(Duration::from_secs(10), stalled.answer(false))
+            .await
+            .expect("no hang")
+            .is_none(),
+        "the stalled reader was dropped before the whole 64 MiB went out"
+    );
+}

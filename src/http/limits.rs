@@ -123,6 +123,32 @@ impl Guarded {
         self.deadline.as_mut().reset(next);
     }
 
+    /// Runs `f` (a non-blocking write of the caller's own, such as `sendfile`) with the socket's
+    /// descriptor once it is writable; waiting `idle` for that is an error.
+    pub async fn write_with<T>(
+        &mut self,
+        idle: Duration,
+        mut f: impl FnMut(std::os::fd::RawFd) -> io::Result<T>,
+    ) -> io::Result<T> {
+        use std::os::fd::AsRawFd;
+        let fd = self.stream.as_raw_fd();
+        loop {
+            tokio::time::timeout(idle, self.stream.writable())
+                .await
+                .map_err(|_| {
+                    io::Error::new(io::ErrorKind::TimedOut, "HTTP client stopped reading")
+                })??;
+            match self.stream.try_io(tokio::io::Interest::WRITABLE, || f(fd)) {
+                Ok(v) => {
+                    self.progressed();
+                    return Ok(v);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// After an I/O poll: progress pushes the deadline back; waiting past it is an error.
     fn watch<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         match poll {

@@ -24,6 +24,7 @@ pub mod limits;
 mod meta;
 pub mod packs;
 mod script;
+mod sendfile;
 
 pub use crate::appliance::AppState;
 
@@ -181,24 +182,28 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let limits = limits::HttpLimits::from_config(&state.config().http);
-    serve_router(listener, app(state), &limits, shutdown).await
+    serve_limited(listener, state, &limits, shutdown).await
 }
 
-/// Serves `router` (the appliance's, maybe with test layers) under `limits`.
+/// [`serve`] under the given limits.
+pub async fn serve_limited(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    limits: &limits::HttpLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    sendfile::serve(listener, app(state.clone()), Some(state), limits, shutdown).await
+}
+
+/// Serves `router` (the appliance's, maybe with test layers) under `limits`; every request goes
+/// through the router (no `sendfile` path).
 pub async fn serve_router(
     listener: tokio::net::TcpListener,
     router: Router,
     limits: &limits::HttpLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = limits::LimitedListener::new(listener, limits).tap_io(|_| {});
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    sendfile::serve(listener, router, None, limits, shutdown).await
 }
 
 /// `/boot/…`: a host's script, or a file from `boot_dir`.

@@ -443,6 +443,32 @@ impl Daemon {
         }
     }
 
+    /// CPU time the process and its children (a server's worker processes) have used so far.
+    pub fn cpu_with_children(&self) -> Result<Duration> {
+        let me = self.child.id();
+        let mut total = self.cpu()?;
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return Ok(total);
+        };
+        for p in procs.flatten() {
+            let Ok(stat) = std::fs::read_to_string(p.path().join("stat")) else {
+                continue;
+            };
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map_or("", |(_, rest)| rest)
+                .split_whitespace()
+                .collect();
+            let num = |i: usize| fields.get(i).and_then(|t| t.parse::<u64>().ok());
+            if num(1) == Some(u64::from(me)) {
+                if let (Some(user), Some(system)) = (num(11), num(12)) {
+                    total += Duration::from_millis((user + system) * 10);
+                }
+            }
+        }
+        Ok(total)
+    }
+
     /// Kills it with SIGKILL (as a crash or `kill -9` would) and reaps it.
     pub fn kill_9(&mut self) {
         let _ = self.child.kill();

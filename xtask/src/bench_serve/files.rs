@@ -52,7 +52,7 @@ pub(super) fn make_files(fleetboot: &Path, work: &Path, clients: usize) -> Resul
             packs.display()
         );
     };
-    if len <= RANGE.1 {
+    if len <= HTTP_RANGES[0].1 {
         bail!("the pack file {pack} holds {len} bytes, too few for the range read");
     }
 

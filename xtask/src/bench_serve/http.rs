@@ -1,13 +1,27 @@
-//! HTTP: range reads with wrk from fleetboot and nginx.
+//! HTTP: range reads of a store pack with wrk, fleetboot and nginx (sendfile on) side by side,
+//! for 1 MiB ranges (what agents fetch) and 64 KiB ranges (per-request overhead), in rounds,
+//! with each server's CPU time per GB served.
 
 use super::*;
 
-/// One HTTP server's wrk run.
+/// The ranges read, as `first-last` of the pack: 1 MiB and 64 KiB.
+pub(super) const HTTP_RANGES: [(u64, u64); 2] = [
+    (1 << 20, (2 << 20) - 1),
+    (1 << 20, (1 << 20) + (64 << 10) - 1),
+];
+/// nginx listens here, fleetboot on HTTP_PORT; both run through every round.
+const NGINX_PORT: u16 = 8081;
+
+/// One server's best wrk run for one range size in one round.
 pub(super) struct HttpRun {
     pub(super) server: String,
+    pub(super) round: usize,
+    pub(super) range_bytes: u64,
     pub(super) requests_per_s: f64,
     /// Bytes per second, as wrk reports them.
     pub(super) bytes_per_s: f64,
+    /// The server's CPU time (all its processes) per GB of range data served in that run.
+    pub(super) cpu_s_per_gb: f64,
     /// wrk's `Socket errors:` line, if any.
     pub(super) errors: Option<String>,
 }
@@ -19,12 +33,8 @@ pub(super) fn bench_http(
     options: &Options,
 ) -> Result<Vec<HttpRun>> {
     let work = &files.work;
-    let url = format!("http://{SRV_IP}:{HTTP_PORT}/store/{}", files.pack);
     let pack = fs::read(files.store.join(&files.pack))?;
-    let expected = &pack[RANGE.0 as usize..=RANGE.1 as usize];
-    let mut runs = Vec::new();
-
-    let daemon = net.start(
+    let fleetboot_daemon = net.start(
         net.srv(fleetboot)
             .arg("serve")
             .arg("--config")
@@ -33,11 +43,35 @@ pub(super) fn bench_http(
         false,
         HTTP_PORT,
     )?;
-    check_range(net, &url, expected, work, "fleetboot")?;
-    runs.push(daemon.explain(best_wrk(net, &url, options, "fleetboot"))?);
-    daemon.stop()?;
+    let nginx_daemon = start_nginx(net, files)?;
+    let servers = [
+        ("fleetboot", &fleetboot_daemon, HTTP_PORT),
+        ("nginx", &nginx_daemon, NGINX_PORT),
+    ];
+    for (name, _, port) in servers {
+        for range in HTTP_RANGES {
+            let url = format!("http://{SRV_IP}:{port}/store/{}", files.pack);
+            let expected = &pack[range.0 as usize..=range.1 as usize];
+            check_range(net, &url, range, expected, work, name)?;
+        }
+    }
+    let mut runs = Vec::new();
+    for round in 1..=options.rounds {
+        for range in HTTP_RANGES {
+            for (name, daemon, port) in servers {
+                let url = format!("http://{SRV_IP}:{port}/store/{}", files.pack);
+                let run = daemon.explain(best_wrk(net, &url, range, daemon, options, name))?;
+                runs.push(HttpRun { round, ..run });
+            }
+        }
+    }
+    fleetboot_daemon.stop()?;
+    nginx_daemon.stop()?;
+    Ok(runs)
+}
 
-    let nginx_dir = work.join("nginx");
+fn start_nginx(net: &Net, files: &Files) -> Result<Daemon> {
+    let nginx_dir = files.work.join("nginx");
     fresh_dir(&nginx_dir)?;
     let conf = nginx_dir.join("nginx.conf");
     let d = nginx_dir.display();
@@ -61,7 +95,7 @@ http {{
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
     server {{
-        listen {SRV_IP}:{HTTP_PORT};
+        listen {SRV_IP}:{NGINX_PORT};
         location /store/ {{ alias {}/; }}
     }}
 }}
@@ -70,7 +104,7 @@ http {{
         ),
     )
     .with_context(|| format!("cannot write {}", conf.display()))?;
-    let daemon = net.start(
+    net.start(
         net.srv("nginx")
             .arg("-c")
             .arg(&conf)
@@ -79,20 +113,17 @@ http {{
             .arg("-e")
             .arg(nginx_dir.join("error.log"))
             .args(["-g", "daemon off;"]),
-        &work.join("nginx.log"),
+        &files.work.join("nginx.log"),
         false,
-        HTTP_PORT,
-    )?;
-    check_range(net, &url, expected, work, "nginx")?;
-    runs.push(daemon.explain(best_wrk(net, &url, options, "nginx"))?);
-    daemon.stop()?;
-    Ok(runs)
+        NGINX_PORT,
+    )
 }
 
 /// Fetches the range once with curl and checks the status (206) and the bytes.
 pub(super) fn check_range(
     net: &Net,
     url: &str,
+    range: (u64, u64),
     expected: &[u8],
     work: &Path,
     server: &str,
@@ -102,7 +133,7 @@ pub(super) fn check_range(
     let mut cmd = net.cli("curl");
     // The token wrk sends too: the store is served to token holders (nginx ignores it).
     cmd.args(["-sS", "--max-time", "10", "-w", "%{http_code}", "-r"])
-        .arg(format!("{}-{}", RANGE.0, RANGE.1))
+        .arg(format!("{}-{}", range.0, range.1))
         .args(["-H", &format!("Authorization: Bearer {BENCH_TOKEN}")])
         .arg("-o")
         .arg(&out)
@@ -122,8 +153,8 @@ pub(super) fn check_range(
     if got != expected {
         bail!(
             "{server} answered the range {}-{} with {} bytes that are not the pack's",
-            RANGE.0,
-            RANGE.1,
+            range.0,
+            range.1,
             got.len()
         );
     }
@@ -131,10 +162,17 @@ pub(super) fn check_range(
 }
 
 /// `options.repeat` wrk runs against one server; the best is kept.
-pub(super) fn best_wrk(net: &Net, url: &str, options: &Options, server: &str) -> Result<HttpRun> {
-    let mut best = undisturbed(|| wrk(net, url, options, server))?;
+fn best_wrk(
+    net: &Net,
+    url: &str,
+    range: (u64, u64),
+    daemon: &Daemon,
+    options: &Options,
+    server: &str,
+) -> Result<HttpRun> {
+    let mut best = undisturbed(|| wrk(net, url, range, daemon, options, server))?;
     for _ in 1..options.repeat {
-        let next = undisturbed(|| wrk(net, url, options, server))?;
+        let next = undisturbed(|| wrk(net, url, range, daemon, options, server))?;
         if next.requests_per_s > best.requests_per_s {
             best = next;
         }
@@ -145,22 +183,32 @@ pub(super) fn best_wrk(net: &Net, url: &str, options: &Options, server: &str) ->
 /// The admin token of the benchmark's appliance.
 pub(super) const BENCH_TOKEN: &str = "bench-token";
 
-pub(super) fn wrk(net: &Net, url: &str, options: &Options, server: &str) -> Result<HttpRun> {
-    eprintln!("bench: HTTP: {server}");
+fn wrk(
+    net: &Net,
+    url: &str,
+    range: (u64, u64),
+    daemon: &Daemon,
+    options: &Options,
+    server: &str,
+) -> Result<HttpRun> {
+    let range_bytes = range.1 - range.0 + 1;
+    eprintln!("bench: HTTP: {server}, {} KiB ranges", range_bytes >> 10);
     let seconds = options.wrk_duration();
     let mut cmd = net.cli("wrk");
     // The store is served to token holders: every request carries one (nginx ignores it), so
     // fleetboot's check is part of what is measured.
     cmd.args(["-c", "50", "-t", "2", "-d", seconds, "-H"])
-        .arg(format!("Range: bytes={}-{}", RANGE.0, RANGE.1))
+        .arg(format!("Range: bytes={}-{}", range.0, range.1))
         .arg("-H")
         .arg(format!("Authorization: Bearer {BENCH_TOKEN}"))
         .arg(url);
     wait_until_idle()?;
     eprintln!("$ {}", show(&cmd));
+    let cpu_before = daemon.cpu_with_children()?;
     let out = cmd
         .output()
         .with_context(|| format!("cannot start {}", show(&cmd)))?;
+    let cpu = daemon.cpu_with_children()?.saturating_sub(cpu_before);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!(
@@ -184,18 +232,29 @@ pub(super) fn wrk(net: &Net, url: &str, options: &Options, server: &str) -> Resu
         .with_context(|| format!("cannot read wrk's Requests/sec:\n{text}"))?;
     let bytes_per_s = wrk_bytes(value("Transfer/sec:")?)
         .with_context(|| format!("cannot read wrk's Transfer/sec:\n{text}"))?;
+    // `N requests in 5.00s, …`: the range data served is N × the range.
+    let requests: f64 = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .and_then(|(n, _)| n.trim().parse().ok())
+        .with_context(|| format!("no request count in wrk's output:\n{text}"))?;
+    let gb = requests * range_bytes as f64 / 1e9;
     let errors = text
         .lines()
         .find(|l| l.contains("Socket errors"))
         .map(|l| l.trim().to_string());
     eprintln!(
-        "bench: {server}: {requests_per_s:.0} requests/s, {:.0} MB/s",
-        bytes_per_s / 1e6
+        "bench: {server}: {requests_per_s:.0} requests/s, {:.0} MB/s, {:.2} CPU s/GB",
+        bytes_per_s / 1e6,
+        cpu.as_secs_f64() / gb.max(1e-9)
     );
     Ok(HttpRun {
         server: server.to_string(),
+        round: 0,
+        range_bytes,
         requests_per_s,
         bytes_per_s,
+        cpu_s_per_gb: cpu.as_secs_f64() / gb.max(1e-9),
         errors,
     })
 }
@@ -213,4 +272,112 @@ pub(super) fn wrk_bytes(text: &str) -> Option<f64> {
             .and_then(|n| n.trim().parse::<f64>().ok())
             .map(|n| n * *scale as f64)
     })
+}
+
+/// fleetboot's ratio to nginx for one range size, in each round.
+pub(super) fn ratios(runs: &[HttpRun], range_bytes: u64) -> Vec<f64> {
+    let of = |server: &str, round: usize| {
+        runs.iter()
+            .find(|r| r.server == server && r.round == round && r.range_bytes == range_bytes)
+            .map(|r| r.requests_per_s)
+    };
+    let rounds = runs.iter().map(|r| r.round).max().unwrap_or(0);
+    (1..=rounds)
+        .filter_map(|round| Some(of("fleetboot", round)? / of("nginx", round)?))
+        .collect()
+}
+
+/// The HTTP section of the report; returns its targets (name, met, have, bound).
+pub(super) fn http_report(
+    s: &mut String,
+    options: &Options,
+    runs: &[HttpRun],
+) -> Result<Vec<(String, bool, String, String)>> {
+    writeln!(s, "### HTTP")?;
+    writeln!(s)?;
+    writeln!(
+        s,
+        "`wrk -c 50 -t 2 -d {} -H \"Range: bytes=…\"` on a store pack file \
+         (`/store/packs/ID.pack`, {} MiB of incompressible data), 1 MiB and 64 KiB ranges; nginx \
+         (sendfile on, tcp_nopush on) serves the same store folder. Both servers run through the \
+         whole benchmark; each figure is the best of {} wrk runs; {} rounds in a row. CPU: the \
+         server's CPU time (nginx: master and workers) per GB of range data served. MB = 10^6 \
+         bytes.",
+        options.wrk_duration(),
+        PACK_SOURCE_BYTES >> 20,
+        options.repeat,
+        options.rounds,
+    )?;
+    writeln!(s)?;
+    writeln!(
+        s,
+        "| round | range | fleetboot req/s | nginx req/s | fleetboot ÷ nginx | fleetboot MB/s | fleetboot CPU s/GB | nginx CPU s/GB |"
+    )?;
+    writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    for round in 1..=options.rounds {
+        for range in HTTP_RANGES {
+            let bytes = range.1 - range.0 + 1;
+            let find = |server: &str| {
+                runs.iter()
+                    .find(|r| r.server == server && r.round == round && r.range_bytes == bytes)
+            };
+            let (Some(f), Some(n)) = (find("fleetboot"), find("nginx")) else {
+                continue;
+            };
+            writeln!(
+                s,
+                "| {round} | {} KiB | {:.0} | {:.0} | {:.2} | {:.0} | {:.3} | {:.3} |",
+                bytes >> 10,
+                f.requests_per_s,
+                n.requests_per_s,
+                f.requests_per_s / n.requests_per_s,
+                f.bytes_per_s / 1e6,
+                f.cpu_s_per_gb,
+                n.cpu_s_per_gb,
+            )?;
+        }
+    }
+    for run in runs {
+        if let Some(errors) = &run.errors {
+            writeln!(s)?;
+            writeln!(
+                s,
+                "wrk against {} (round {}, {} KiB): {errors}",
+                run.server,
+                run.round,
+                run.range_bytes >> 10
+            )?;
+        }
+    }
+    writeln!(s)?;
+    let mut targets = Vec::new();
+    for (range, bound) in [(HTTP_RANGES[0], 1.0), (HTTP_RANGES[1], 0.9)] {
+        let bytes = range.1 - range.0 + 1;
+        let r = ratios(runs, bytes);
+        let (lo, hi) = r
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        let met = r.iter().filter(|&&x| x >= bound).count();
+        writeln!(
+            s,
+            "{} KiB ranges, fleetboot ÷ nginx over {} rounds: {:.2} – {:.2} ({} of {} rounds ≥ {bound}).",
+            bytes >> 10,
+            r.len(),
+            lo,
+            hi,
+            met,
+            r.len()
+        )?;
+        targets.push((
+            format!(
+                "HTTP {} KiB ranges ≥ {bound} × nginx, every round",
+                bytes >> 10
+            ),
+            !r.is_empty() && met == r.len(),
+            format!("{lo:.2} – {hi:.2}"),
+            format!("{bound:.2}"),
+        ));
+    }
+    writeln!(s)?;
+    Ok(targets)
 }

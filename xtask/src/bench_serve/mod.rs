@@ -49,14 +49,19 @@ use net::*;
 use report::*;
 use tftp::*;
 
-const USAGE: &str = "usage: cargo xtask bench serve [--clients N] [--runs N] [--repeat N] [--quick]
+const USAGE: &str =
+    "usage: cargo xtask bench serve [--only dhcp|tftp|http] [--clients N] [--runs N]
+                               [--repeat N] [--rounds N] [--quick]
 
+  --only S      one service only
   --clients N   DHCP clients (MACs in perfdhcp's list and in fleetboot's hosts), default 1000
   --runs N      TFTP downloads per server and client, the best kept (default 3)
   --repeat N    perfdhcp runs (10 s, each on a freshly started server) and wrk runs (5 s) per
-                server, the best kept (default 2)
+                server, the best kept (default 3)
+  --rounds N    HTTP rounds in a row (each: both range sizes, both servers), default 3: the
+                report gives every round and the spread
   --quick       short runs for trying the benchmark out (3 s of perfdhcp, 2 s of wrk, one of
-                each, one download); its figures are not the ones to quote
+                each, one download, one round); its figures are not the ones to quote
 ";
 
 /// The server's and the client's ends of the veth pair, and their addresses (a /16, so that the
@@ -75,8 +80,6 @@ const TFTP_FILE: &str = "big.bin";
 const TFTP_BYTES: usize = 32 << 20;
 /// The size of the incompressible image whose pack file is read over HTTP.
 const PACK_SOURCE_BYTES: usize = 40 << 20;
-/// The range read over HTTP (1 MiB), as `first-last`.
-const RANGE: (u64, u64) = (1 << 20, (2 << 20) - 1);
 
 /// What docs/benchmark-method.md measured here for the other servers, for the reader to check the set-up against.
 const REF_KEA: &str = "23,000–27,000/s";
@@ -91,6 +94,10 @@ struct Options {
     runs: usize,
     /// perfdhcp and wrk runs per server.
     repeat: usize,
+    /// HTTP rounds in a row.
+    rounds: usize,
+    /// One service only: "dhcp", "tftp" or "http".
+    only: Option<String>,
     quick: bool,
 }
 
@@ -119,7 +126,9 @@ fn parse(args: &[&str]) -> Result<Option<Options>> {
     let mut options = Options {
         clients: 1000,
         runs: 3,
-        repeat: 2,
+        repeat: 3,
+        rounds: 3,
+        only: None,
         quick: false,
     };
     let mut args = args.iter();
@@ -135,6 +144,11 @@ fn parse(args: &[&str]) -> Result<Option<Options>> {
             "--clients" => options.clients = number("--clients")?,
             "--runs" => options.runs = number("--runs")?,
             "--repeat" => options.repeat = number("--repeat")?,
+            "--rounds" => options.rounds = number("--rounds")?,
+            "--only" => match args.next() {
+                Some(&s @ ("dhcp" | "tftp" | "http")) => options.only = Some(s.to_string()),
+                _ => bail!("--only takes dhcp, tftp or http\n\n{USAGE}"),
+            },
             "--quick" => options.quick = true,
             other => bail!("unknown option {other:?}\n\n{USAGE}"),
         }
@@ -148,6 +162,7 @@ fn parse(args: &[&str]) -> Result<Option<Options>> {
     if options.quick {
         options.runs = 1;
         options.repeat = 1;
+        options.rounds = 1;
     }
     Ok(Some(options))
 }
@@ -169,9 +184,22 @@ pub fn run(args: &[&str]) -> Result<()> {
 
     let loadavg_before = loadavg()?;
     let net = Net::new()?;
-    let dhcp = bench_dhcp(&net, &fleetboot, &files, &options)?;
-    let tftp = bench_tftp(&net, &fleetboot, &atftpd, &files, &options)?;
-    let http = bench_http(&net, &fleetboot, &files, &options)?;
+    let wants = |s: &str| options.only.as_deref().is_none_or(|o| o == s);
+    let dhcp = if wants("dhcp") {
+        bench_dhcp(&net, &fleetboot, &files, &options)?
+    } else {
+        Vec::new()
+    };
+    let tftp = if wants("tftp") {
+        bench_tftp(&net, &fleetboot, &atftpd, &files, &options)?
+    } else {
+        Vec::new()
+    };
+    let http = if wants("http") {
+        bench_http(&net, &fleetboot, &files, &options)?
+    } else {
+        Vec::new()
+    };
     drop(net);
     let machine = Machine {
         loadavg_before,

@@ -52,161 +52,70 @@ pub(super) fn report(
     )?;
     writeln!(s)?;
 
-    let fleetboot_dhcp = &dhcp[0];
-    writeln!(s, "### DHCP")?;
-    writeln!(s)?;
-    writeln!(
-        s,
-        "`perfdhcp -4 -g single -l {CLI_IF} -r 40000 -p {} -R {n} -M macs.txt`: {n} MACs, every one \
-         a known host of fleetboot's, relayed from {CLI_IP} (giaddr); pool {} – {} in \
-         10.88.0.0/{PREFIX}. Best of {} runs, each on a freshly started server with an empty lease \
-         database; all lease databases in the same folder on the same disk. Server CPU: what the \
-         server process used during the run. Leases on disk: read back after the run (Kea: distinct \
-         addresses in its CSV).",
-        options.dhcp_seconds(),
-        POOL[0],
-        POOL[1],
-        options.repeat,
-        n = options.clients
-    )?;
-    writeln!(s)?;
-    writeln!(
-        s,
-        "| server | DORA/s | drops DISCOVER-OFFER | drops REQUEST-ACK | server CPU | leases on disk | reference (docs/benchmark-method.md) | fleetboot ÷ it |"
-    )?;
-    writeln!(s, "|---|---:|---:|---:|---:|---:|---|---:|")?;
-    for (i, run) in dhcp.iter().enumerate() {
-        writeln!(
-            s,
-            "| {} | {:.0} | {:.1} % | {:.1} % | {:.0} % of a core | {} | {} | {} |",
-            run.server.label,
-            run.rate,
-            run.drops[0],
-            run.drops[1],
-            100.0 * run.cpu.as_secs_f64() / run.period.as_secs_f64(),
-            run.leases_on_disk
-                .map_or_else(|| "none (read-only)".to_string(), |n| n.to_string()),
-            run.server.reference,
-            if i == 0 {
-                String::new()
-            } else {
-                format!("{:.2}", fleetboot_dhcp.rate / run.rate)
-            }
-        )?;
-    }
-    writeln!(s)?;
-    writeln!(
-        s,
-        "dnsmasq rewrites and fsyncs its whole lease file after every change; Kea's memfile appends \
-         without fsync and fleetboot's SQLite (WAL, synchronous=NORMAL) syncs only at checkpoints, \
-         so dnsmasq's lease-file figure depends on the disk's fsync far more than the others'."
-    )?;
-    writeln!(s)?;
-    if !fleetboot_dhcp.metrics.is_empty() {
-        writeln!(s, "fleetboot's DHCP counters after its best run:")?;
+    let mut targets: Vec<(String, bool, String, String)> = Vec::new();
+    if let Some(fleetboot_dhcp) = dhcp.first() {
+        writeln!(s, "### DHCP")?;
         writeln!(s)?;
-        writeln!(s, "```\n{}```", fleetboot_dhcp.metrics)?;
+        writeln!(
+            s,
+            "`perfdhcp -4 -g single -l {CLI_IF} -r 40000 -p {} -R {n} -M macs.txt`: {n} MACs, every one \
+             a known host of fleetboot's, relayed from {CLI_IP} (giaddr); pool {} – {} in \
+             10.88.0.0/{PREFIX}. Best of {} runs, each on a freshly started server with an empty lease \
+             database; all lease databases in the same folder on the same disk. Server CPU: what the \
+             server process used during the run. Leases on disk: read back after the run (Kea: distinct \
+             addresses in its CSV).",
+            options.dhcp_seconds(),
+            POOL[0],
+            POOL[1],
+            options.repeat,
+            n = options.clients
+        )?;
         writeln!(s)?;
-    }
-
-    let fleetboot_tftp = &tftp[0];
-    writeln!(s, "### TFTP")?;
-    writeln!(s)?;
-    writeln!(
-        s,
-        "A {} MiB file, best of {} downloads each, every download checked byte for byte. curl: \
-         `curl --tftp-blksize 1468`; atftp: `atftp --option \"blksize 1468\" --option \"windowsize 16\"` \
-         (tftpd-hpa does not grant windowsize; atftpd does). Ratios are speed ratios (its time ÷ \
-         fleetboot's): above 1, fleetboot is faster.",
-        TFTP_BYTES >> 20,
-        options.runs
-    )?;
-    writeln!(s)?;
-    writeln!(
-        s,
-        "| server | curl blksize 1468 (s) | atftp windowsize 16 (s) | reference (docs/benchmark-method.md) | fleetboot speed ÷ its: curl | atftp |"
-    )?;
-    writeln!(s, "|---|---:|---:|---|---:|---:|")?;
-    for (i, run) in tftp.iter().enumerate() {
-        let ratio = |theirs: Duration, ours: Duration| {
-            if i == 0 {
-                String::new()
-            } else {
-                format!("{:.2}", theirs.as_secs_f64() / ours.as_secs_f64())
-            }
-        };
         writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} |",
-            run.server,
-            secs(run.curl),
-            secs(run.atftp),
-            run.reference,
-            ratio(run.curl, fleetboot_tftp.curl),
-            ratio(run.atftp, fleetboot_tftp.atftp),
+            "| server | DORA/s | drops DISCOVER-OFFER | drops REQUEST-ACK | server CPU | leases on disk | reference (docs/benchmark-method.md) | fleetboot ÷ it |"
         )?;
-    }
-    writeln!(s)?;
-
-    let fleetboot_http = &http[0];
-    writeln!(s, "### HTTP")?;
-    writeln!(s)?;
-    writeln!(
-        s,
-        "`wrk -c 50 -t 2 -d {} -H \"Range: bytes={}-{}\"` on a store pack file \
-         (`/store/packs/ID.pack`, {} MiB of incompressible data); nginx (sendfile on) serves the \
-         same store folder. Best of {} runs. MB = 10^6 bytes.",
-        options.wrk_duration(),
-        RANGE.0,
-        RANGE.1,
-        PACK_SOURCE_BYTES >> 20,
-        options.repeat
-    )?;
-    writeln!(s)?;
-    writeln!(
-        s,
-        "| server | requests/s | transfer (MB/s) | fleetboot ÷ it |"
-    )?;
-    writeln!(s, "|---|---:|---:|---:|")?;
-    for (i, run) in http.iter().enumerate() {
-        writeln!(
-            s,
-            "| {} | {:.0} | {:.0} | {} |",
-            run.server,
-            run.requests_per_s,
-            run.bytes_per_s / 1e6,
-            if i == 0 {
-                String::new()
-            } else {
-                format!("{:.2}", fleetboot_http.requests_per_s / run.requests_per_s)
-            }
-        )?;
-    }
-    for run in http {
-        if let Some(errors) = &run.errors {
-            writeln!(s)?;
-            writeln!(s, "wrk against {}: {errors}", run.server)?;
+        writeln!(s, "|---|---:|---:|---:|---:|---:|---|---:|")?;
+        for (i, run) in dhcp.iter().enumerate() {
+            writeln!(
+                s,
+                "| {} | {:.0} | {:.1} % | {:.1} % | {:.0} % of a core | {} | {} | {} |",
+                run.server.label,
+                run.rate,
+                run.drops[0],
+                run.drops[1],
+                100.0 * run.cpu.as_secs_f64() / run.period.as_secs_f64(),
+                run.leases_on_disk
+                    .map_or_else(|| "none (read-only)".to_string(), |n| n.to_string()),
+                run.server.reference,
+                if i == 0 {
+                    String::new()
+                } else {
+                    format!("{:.2}", fleetboot_dhcp.rate / run.rate)
+                }
+            )?;
         }
-    }
-    writeln!(s)?;
-
-    let kea = dhcp
-        .iter()
-        .find(|r| std::ptr::eq(r.server, &KEA))
-        .context("no kea-dhcp4 run")?;
-    let tftpd = tftp
-        .iter()
-        .find(|r| r.server == "tftpd-hpa")
-        .context("no tftpd-hpa run")?;
-    let nginx = http
-        .iter()
-        .find(|r| r.server == "nginx")
-        .context("no nginx run")?;
-    let window_bound = tftpd.atftp.div_f64(1.5);
-    let persisted = fleetboot_dhcp.leases_on_disk.unwrap_or(0) > 0;
-    let targets = [
-        (
-            "DHCP ≥ kea-dhcp4, leases persisted",
+        writeln!(s)?;
+        writeln!(
+            s,
+            "dnsmasq rewrites and fsyncs its whole lease file after every change; Kea's memfile appends \
+             without fsync and fleetboot's SQLite (WAL, synchronous=NORMAL) syncs only at checkpoints, \
+             so dnsmasq's lease-file figure depends on the disk's fsync far more than the others'."
+        )?;
+        writeln!(s)?;
+        if !fleetboot_dhcp.metrics.is_empty() {
+            writeln!(s, "fleetboot's DHCP counters after its best run:")?;
+            writeln!(s)?;
+            writeln!(s, "```\n{}```", fleetboot_dhcp.metrics)?;
+            writeln!(s)?;
+        }
+        let kea = dhcp
+            .iter()
+            .find(|r| std::ptr::eq(r.server, &KEA))
+            .context("no kea-dhcp4 run")?;
+        let persisted = fleetboot_dhcp.leases_on_disk.unwrap_or(0) > 0;
+        targets.push((
+            "DHCP ≥ kea-dhcp4, leases persisted".into(),
             fleetboot_dhcp.rate >= kea.rate && persisted,
             format!(
                 "{:.0}/s{}",
@@ -214,26 +123,70 @@ pub(super) fn report(
                 if persisted { "" } else { ", no lease on disk" }
             ),
             format!("{:.0}/s", kea.rate),
-        ),
-        (
-            "TFTP ≥ tftpd-hpa, curl blksize 1468",
+        ));
+    }
+
+    if let Some(fleetboot_tftp) = tftp.first() {
+        writeln!(s, "### TFTP")?;
+        writeln!(s)?;
+        writeln!(
+            s,
+            "A {} MiB file, best of {} downloads each, every download checked byte for byte. curl: \
+             `curl --tftp-blksize 1468`; atftp: `atftp --option \"blksize 1468\" --option \"windowsize 16\"` \
+             (tftpd-hpa does not grant windowsize; atftpd does). Ratios are speed ratios (its time ÷ \
+             fleetboot's): above 1, fleetboot is faster.",
+            TFTP_BYTES >> 20,
+            options.runs
+        )?;
+        writeln!(s)?;
+        writeln!(
+            s,
+            "| server | curl blksize 1468 (s) | atftp windowsize 16 (s) | reference (docs/benchmark-method.md) | fleetboot speed ÷ its: curl | atftp |"
+        )?;
+        writeln!(s, "|---|---:|---:|---|---:|---:|")?;
+        for (i, run) in tftp.iter().enumerate() {
+            let ratio = |theirs: Duration, ours: Duration| {
+                if i == 0 {
+                    String::new()
+                } else {
+                    format!("{:.2}", theirs.as_secs_f64() / ours.as_secs_f64())
+                }
+            };
+            writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} |",
+                run.server,
+                secs(run.curl),
+                secs(run.atftp),
+                run.reference,
+                ratio(run.curl, fleetboot_tftp.curl),
+                ratio(run.atftp, fleetboot_tftp.atftp),
+            )?;
+        }
+        writeln!(s)?;
+        let tftpd = tftp
+            .iter()
+            .find(|r| r.server == "tftpd-hpa")
+            .context("no tftpd-hpa run")?;
+        let window_bound = tftpd.atftp.div_f64(1.5);
+        targets.push((
+            "TFTP ≥ tftpd-hpa, curl blksize 1468".into(),
             fleetboot_tftp.curl <= tftpd.curl,
             format!("{} s", secs(fleetboot_tftp.curl)),
             format!("{} s", secs(tftpd.curl)),
-        ),
-        (
-            "TFTP ≥ 1.5 × tftpd-hpa, atftp windowsize 16",
+        ));
+        targets.push((
+            "TFTP ≥ 1.5 × tftpd-hpa, atftp windowsize 16".into(),
             fleetboot_tftp.atftp <= window_bound,
             format!("{} s", secs(fleetboot_tftp.atftp)),
             format!("{} s", secs(window_bound)),
-        ),
-        (
-            "HTTP range reads ≥ 0.9 × nginx",
-            fleetboot_http.requests_per_s >= 0.9 * nginx.requests_per_s,
-            format!("{:.0}/s", fleetboot_http.requests_per_s),
-            format!("{:.0}/s", 0.9 * nginx.requests_per_s),
-        ),
-    ];
+        ));
+    }
+
+    if !http.is_empty() {
+        targets.extend(http_report(&mut s, options, http)?);
+    }
+
     writeln!(s, "### Targets")?;
     writeln!(s)?;
     writeln!(s, "| target | fleetboot | bound | result |")?;
