@@ -1347,3 +1347,34 @@ async fn removed_truncated_and_stalled_cases_break_nothing() {
         "the stalled reader was dropped before the whole 64 MiB went out"
     );
 }
+
+/// Issue 14: boot files go the sendfile way too (whole and by range, never from outside
+/// `boot_dir`), while a host's script on the same connection is still rendered by the router.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_files_are_sent_from_the_file_and_scripts_still_rendered() {
+    let rig = rig("");
+    let addr = serve_on_loopback(&rig, Default::default()).await;
+    let mut c = RawClient::connect(addr).await;
+    c.send("GET /boot/fleetboot-vmlinuz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let a = c.answer(false).await.expect("an answer");
+    assert_eq!((a.status, a.body.as_slice()), (200, &b"0123456789"[..]));
+    c.send("GET /boot/fleetboot-vmlinuz HTTP/1.1\r\nHost: x\r\nRange: bytes=2-4\r\n\r\n")
+        .await;
+    let a = c.answer(false).await.expect("an answer");
+    assert_eq!((a.status, a.body.as_slice()), (206, &b"234"[..]));
+    assert!(a.head.contains("content-range: bytes 2-4/10"), "{}", a.head);
+    for outside in ["/boot/escape", "/boot/../secret.txt", "/boot/nothing-here"] {
+        c.send(&format!("GET {outside} HTTP/1.1\r\nHost: x\r\n\r\n"))
+            .await;
+        let a = c.answer(false).await.expect("an answer");
+        assert_eq!(a.status, 404, "{outside}");
+        assert!(!String::from_utf8_lossy(&a.body).contains("top secret"));
+    }
+    // The host's script: rendered by the router (the connection is handed over).
+    c.send(&format!("GET /boot/{MAC}.ipxe HTTP/1.1\r\nHost: x\r\n\r\n"))
+        .await;
+    let a = c.answer(false).await.expect("an answer");
+    assert_eq!(a.status, 200);
+    assert!(String::from_utf8_lossy(&a.body).starts_with("#!ipxe"));
+}

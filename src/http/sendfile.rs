@@ -1,13 +1,14 @@
-//! The connection loop of the HTTP side, with pack ranges sent by `sendfile(2)`.
+//! The connection loop of the HTTP side, with pack ranges and boot files sent by `sendfile(2)`.
 //!
-//! Every install is pack ranges, so they are the appliance's throughput ceiling when a rack
-//! installs at once. Through hyper, each range was read into a user-space buffer and written
-//! out: every byte copied twice. Here a connection's HTTP/1.1 `GET`/`HEAD` requests for
-//! `/store/packs/{id}.pack` are answered on the socket itself: a head written with `MSG_MORE`,
-//! then the range handed from the kept-open pack file to the socket by the kernel, as nginx
-//! does. Anything else (another path, a body, HTTP/1.0 or HTTP/2, a head that is not plain)
-//! hands the connection, with the bytes read so far, to hyper and the router for the rest of its
-//! life; the router's own pack handler stays for those.
+//! Every install is pack ranges (and every boot a kernel and an initramfs), so they are the
+//! appliance's throughput ceiling when a rack installs at once. Through hyper, each range was
+//! read into a user-space buffer and written out: every byte copied twice. Here a connection's
+//! HTTP/1.1 `GET`/`HEAD` requests for `/store/packs/{id}.pack` and `/boot/{file}` are answered on
+//! the socket itself: a head written with `MSG_MORE`, then the range handed from the file to the
+//! socket by the kernel, as nginx does. Anything else (another path, an iPXE script, a query, a
+//! body, a conditional request, HTTP/1.0 or HTTP/2, a head that is not plain) hands the
+//! connection, with the bytes read so far, to hyper and the router for the rest of its life; the
+//! router's own handlers stay for those.
 //!
 //! Safety: a pack deleted by gc stays readable through the open descriptor; a file truncated
 //! under us ends the body short, so the connection is closed (the client sees a short body
@@ -37,7 +38,12 @@ const HEAD_BYTES_MAX: usize = 8 << 10;
 /// connection does not hold a worker for long.
 const SENDFILE_CHUNK: usize = 4 << 20;
 /// What a request must start with to be answered here.
-const PACK_PREFIXES: [&[u8]; 2] = [b"GET /store/packs/", b"HEAD /store/packs/"];
+const PREFIXES: [&[u8]; 4] = [
+    b"GET /store/packs/",
+    b"HEAD /store/packs/",
+    b"GET /boot/",
+    b"HEAD /boot/",
+];
 
 /// Serves `router` on `listener` until `shutdown` completes; with `state`, pack ranges go the
 /// `sendfile` way. Each request's peer address is known to the router (`ConnectInfo`).
@@ -89,8 +95,8 @@ struct Connection {
 
 /// Where the first request of a connection's buffer stands.
 enum Head {
-    /// A pack request, answered here; the head is this many bytes.
-    Pack(usize),
+    /// A request this loop may answer; the head is this many bytes.
+    Ours(usize),
     /// Something for hyper.
     Other,
     /// The client closed the connection between requests.
@@ -108,9 +114,9 @@ impl Connection {
                     _ = self.stop.wait_for(|stop| *stop) => return,
                 };
                 match head {
-                    Ok(Head::Pack(len)) => {
+                    Ok(Head::Ours(len)) => {
                         // An unusual one (HTTP/1.0, a query, a body) is hyper's to answer.
-                        let Some(request) = PackRequest::parse(&buf[..len]) else {
+                        let Some(request) = FileRequest::parse(&buf[..len]) else {
                             break;
                         };
                         buf.advance(len);
@@ -144,7 +150,7 @@ impl Connection {
 /// here.
 async fn read_head(io: &mut Guarded, buf: &mut BytesMut) -> io::Result<Head> {
     loop {
-        let ours = PACK_PREFIXES.iter().any(|p| {
+        let ours = PREFIXES.iter().any(|p| {
             let n = p.len().min(buf.len());
             buf[..n] == p[..n]
         });
@@ -152,7 +158,7 @@ async fn read_head(io: &mut Guarded, buf: &mut BytesMut) -> io::Result<Head> {
             return Ok(Head::Other);
         }
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            return Ok(Head::Pack(end + 4));
+            return Ok(Head::Ours(end + 4));
         }
         if buf.len() >= HEAD_BYTES_MAX {
             return Ok(Head::Other);
@@ -167,22 +173,30 @@ async fn read_head(io: &mut Guarded, buf: &mut BytesMut) -> io::Result<Head> {
     }
 }
 
-/// A pack request as this path answers it.
+/// What a request answered here reads.
 #[derive(Debug, PartialEq, Eq)]
-struct PackRequest {
+enum Target {
+    Pack(PackId),
+    /// A file beneath `boot_dir`, by its name there.
+    Boot(String),
+}
+
+/// A request as this loop answers it.
+#[derive(Debug, PartialEq, Eq)]
+struct FileRequest {
     head_only: bool,
-    id: PackId,
+    target: Target,
     range: Option<String>,
     authorization: Option<String>,
     /// `Connection: close`: the connection ends after the answer.
     close: bool,
 }
 
-impl PackRequest {
+impl FileRequest {
     /// The request in `head` (a whole head); `None` for anything else than a plain HTTP/1.1
-    /// pack request without a body, or a malformed head (the connection is then closed: the
-    /// head was never valid HTTP).
-    fn parse(head: &[u8]) -> Option<PackRequest> {
+    /// request for a pack or a boot file, without a body, and for a malformed head (hyper
+    /// answers those).
+    fn parse(head: &[u8]) -> Option<FileRequest> {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
         if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) || req.version != Some(1) {
@@ -193,15 +207,20 @@ impl PackRequest {
             "HEAD" => true,
             _ => return None,
         };
-        let id = req
-            .path?
-            .strip_prefix("/store/packs/")?
-            .strip_suffix(".pack")?
-            .parse::<PackId>()
-            .ok()?;
-        let mut out = PackRequest {
+        let path = req.path?;
+        let target = if let Some(pack) = path.strip_prefix("/store/packs/") {
+            Target::Pack(pack.strip_suffix(".pack")?.parse::<PackId>().ok()?)
+        } else {
+            // Scripts are rendered by the router; names needing decoding go there too.
+            let name = path.strip_prefix("/boot/")?;
+            if name.ends_with(".ipxe") || name.contains(['%', '?', '#']) {
+                return None;
+            }
+            Target::Boot(name.to_string())
+        };
+        let mut out = FileRequest {
             head_only,
-            id,
+            target,
             range: None,
             authorization: None,
             close: false,
@@ -219,6 +238,8 @@ impl PackRequest {
                 // A request with a body (or one announced) is not a plain pack request.
                 "content-length" if value != "0" => return None,
                 "transfer-encoding" | "expect" | "upgrade" => return None,
+                // Conditional requests: the router's file service answers them.
+                n if n.starts_with("if-") => return None,
                 _ => {}
             }
         }
@@ -226,29 +247,46 @@ impl PackRequest {
     }
 }
 
-/// Answers one pack request; `Err` when the connection must close.
+/// Answers one request; `Err` when the connection must close.
 async fn answer(
     st: &AppState,
     io: &mut Guarded,
     peer: std::net::IpAddr,
-    req: &PackRequest,
+    req: &FileRequest,
     idle: Duration,
 ) -> io::Result<()> {
-    let mut headers = HeaderMap::new();
-    if let Some(a) = req
-        .authorization
-        .as_deref()
-        .and_then(|a| HeaderValue::from_str(a).ok())
-    {
-        headers.insert("authorization", a);
-    }
-    if let Err(super::AppError(status, message)) = super::store_access(st, &headers, peer) {
-        return small(io, status.as_u16(), &message, "").await;
-    }
-    let Some(pack) = st.packs.get(&st.store, &req.id) else {
-        return small(io, 404, "Not Found", "").await;
+    // A pack: kept open (packs are immutable; gc's removal leaves the open file readable), for
+    // token holders. A boot file: opened for this request (they are replaced in place by a
+    // rebuild), for anyone, as the router serves them.
+    let pack;
+    let boot;
+    let (file, len) = match &req.target {
+        Target::Pack(id) => {
+            let mut headers = HeaderMap::new();
+            if let Some(a) = req
+                .authorization
+                .as_deref()
+                .and_then(|a| HeaderValue::from_str(a).ok())
+            {
+                headers.insert("authorization", a);
+            }
+            if let Err(super::AppError(status, message)) = super::store_access(st, &headers, peer) {
+                return small(io, status.as_u16(), &message, "").await;
+            }
+            let Some(p) = st.packs.get(&st.store, id) else {
+                return small(io, 404, "Not Found", "").await;
+            };
+            pack = p;
+            (&pack.0, pack.1)
+        }
+        Target::Boot(name) => {
+            let Some(opened) = open_boot_file(&st.config().boot_dir, name) else {
+                return small(io, 404, "Not Found", "").await;
+            };
+            boot = opened;
+            (&boot.0, boot.1)
+        }
     };
-    let (file, len) = (&pack.0, pack.1);
     let (start, end, status) = match req.range.as_deref() {
         None => match len.checked_sub(1) {
             Some(last) => (0, last, "200 OK"),
@@ -283,6 +321,15 @@ async fn answer(
         return Ok(());
     }
     send_file(io, file, start, count, idle).await
+}
+
+/// A regular file beneath `boot_dir` (symlinks out of it refused, as the router does) and its
+/// length.
+fn open_boot_file(boot_dir: &std::path::Path, name: &str) -> Option<(std::fs::File, u64)> {
+    let path = crate::bootfiles::resolve_beneath(boot_dir, name).ok()?;
+    let file = std::fs::File::open(path).ok()?;
+    let meta = file.metadata().ok()?;
+    meta.is_file().then_some((file, meta.len()))
 }
 
 /// A short answer with a text body.
@@ -431,13 +478,16 @@ mod tests {
             "GET /store/packs/{ID}.pack HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\n\
              Authorization: Bearer t\r\n\r\n"
         );
-        let r = PackRequest::parse(head.as_bytes()).expect("a pack request");
+        let r = FileRequest::parse(head.as_bytes()).expect("a pack request");
         assert!(!r.head_only && !r.close);
         assert_eq!(r.range.as_deref(), Some("bytes=0-9"));
         assert_eq!(r.authorization.as_deref(), Some("Bearer t"));
         let head = format!("HEAD /store/packs/{ID}.pack HTTP/1.1\r\nConnection: close\r\n\r\n");
-        let r = PackRequest::parse(head.as_bytes()).expect("a pack request");
+        let r = FileRequest::parse(head.as_bytes()).expect("a pack request");
         assert!(r.head_only && r.close);
+        let r = FileRequest::parse(b"GET /boot/fleetboot-initrd.img HTTP/1.1\r\n\r\n")
+            .expect("a boot file request");
+        assert_eq!(r.target, Target::Boot("fleetboot-initrd.img".into()));
     }
 
     #[test]
@@ -450,8 +500,12 @@ mod tests {
             format!("GET /store/packs/{ID}.pack HTTP/1.1\r\nContent-Length: 5\r\n\r\n"),
             format!("GET /store/packs/{ID}.pack HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
             format!("GET /store/packs/{ID}.pack HTTP/1.1\r\nBad Header\r\n\r\n"),
+            format!("GET /store/packs/{ID}.pack HTTP/1.1\r\nIf-Range: x\r\n\r\n"),
+            "GET /boot/52:54:00:12:34:56.ipxe HTTP/1.1\r\n\r\n".to_string(),
+            "GET /boot/a%20b HTTP/1.1\r\n\r\n".to_string(),
+            "GET /metrics HTTP/1.1\r\n\r\n".to_string(),
         ] {
-            assert_eq!(PackRequest::parse(head.as_bytes()), None, "{head}");
+            assert_eq!(FileRequest::parse(head.as_bytes()), None, "{head}");
         }
     }
 }

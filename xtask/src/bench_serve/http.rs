@@ -57,8 +57,14 @@ pub(super) fn bench_http(
     }
     let mut runs = Vec::new();
     for round in 1..=options.rounds {
+        // Each round swaps which server goes first, so that neither always runs on a machine
+        // just warmed (or tired) by the other.
+        let mut order = servers;
+        if round % 2 == 0 {
+            order.reverse();
+        }
         for range in HTTP_RANGES {
-            for (name, daemon, port) in servers {
+            for (name, daemon, port) in order {
                 let url = format!("http://{SRV_IP}:{port}/store/{}", files.pack);
                 let run = daemon.explain(best_wrk(net, &url, range, daemon, options, name))?;
                 runs.push(HttpRun { round, ..run });
@@ -300,8 +306,8 @@ pub(super) fn http_report(
         "`wrk -c 50 -t 2 -d {} -H \"Range: bytes=…\"` on a store pack file \
          (`/store/packs/ID.pack`, {} MiB of incompressible data), 1 MiB and 64 KiB ranges; nginx \
          (sendfile on, tcp_nopush on) serves the same store folder. Both servers run through the \
-         whole benchmark; each figure is the best of {} wrk runs; {} rounds in a row. CPU: the \
-         server's CPU time (nginx: master and workers) per GB of range data served. MB = 10^6 \
+         whole benchmark; each figure is the best of {} wrk runs; {} rounds in a row, which server \
+         goes first alternating from round to round. CPU: the server's CPU time (nginx: master and workers) per GB of range data served. MB = 10^6 \
          bytes.",
         options.wrk_duration(),
         PACK_SOURCE_BYTES >> 20,
