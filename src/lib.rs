@@ -31,5 +31,6 @@ pub mod net;
 pub mod ra;
 pub mod rules;
 pub mod serve;
-pub mod store;
+/// The combined image store, its own crate (`crates/store`): it knows no network and no hosts.
+pub use fleetboot_store as store;
 pub mod tftp;

@@ -90,6 +90,14 @@ impl std::str::FromStr for ImageRef {
     }
 }
 
+/// `NAME` or `NAME@N` as written in a configuration file.
+impl<'de> serde::Deserialize<'de> for ImageRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
