@@ -149,6 +149,23 @@ impl Guarded {
         }
     }
 
+    /// Corks or uncorks the connection (`TCP_CORK`): while corked, only full segments leave;
+    /// uncorking sends what is queued.
+    pub fn set_cork(&self, on: bool) {
+        use std::os::fd::AsRawFd;
+        let value: libc::c_int = on.into();
+        // SAFETY: setsockopt on our own socket with a pointer to a local int of the given size.
+        unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_CORK,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+
     /// After an I/O poll: progress pushes the deadline back; waiting past it is an error.
     fn watch<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         match poll {

