@@ -4,8 +4,8 @@
 //! appliance's throughput ceiling when a rack installs at once. Through hyper, each range was
 //! read into a user-space buffer and written out: every byte copied twice. Here a connection's
 //! HTTP/1.1 `GET`/`HEAD` requests for `/store/packs/{id}.pack` and `/boot/{file}` are answered on
-//! the socket itself: on a corked socket (`TCP_CORK`, as nginx's `tcp_nopush`), the head, then
-//! the range handed from the file to the socket by the kernel, as nginx does. Anything else (another path, an iPXE script, a query, a
+//! the socket itself: the head, then the range handed from the file to the socket by the kernel
+//! (large ones on a corked socket, as nginx's `tcp_nopush`), as nginx does. Anything else (another path, an iPXE script, a query, a
 //! body, a conditional request, HTTP/1.0 or HTTP/2, a head that is not plain) hands the
 //! connection, with the bytes read so far, to hyper and the router for the rest of its life; the
 //! router's own handlers stay for those.
@@ -37,6 +37,8 @@ const HEAD_BYTES_MAX: usize = 8 << 10;
 /// Bytes handed to one `sendfile` call: large enough for few calls, small enough that one
 /// connection does not hold a worker for long.
 const SENDFILE_CHUNK: usize = 4 << 20;
+/// Bodies from this size on are sent on a corked connection (see `answer`).
+const CORK_BYTES_MIN: u64 = 256 << 10;
 /// What a request must start with to be answered here.
 const PREFIXES: [&[u8]; 4] = [
     b"GET /store/packs/",
@@ -316,18 +318,25 @@ async fn answer(
          accept-ranges: bytes\r\n{range}content-length: {count}\r\n\r\n",
         httpdate::fmt_http_date(std::time::SystemTime::now())
     );
-    // Corked, as nginx's tcp_nopush: the head and the body leave in full segments, the last
-    // one when the answer is whole (measured: 1.04 x nginx corked, 0.99 x with MSG_MORE).
-    io.set_cork(true);
+    // A large body goes corked, as nginx's tcp_nopush: the head and the body leave in full
+    // segments, the last one when the answer is whole (1 MiB ranges: 1.01-1.04 x nginx corked,
+    // 0.98-0.99 x without). A small one is sent in one call; the head only waits for it
+    // (MSG_MORE), sparing the two setsockopt calls (64 KiB ranges: 1.4 x nginx, 1.15 x corked).
+    let cork = !req.head_only && count >= CORK_BYTES_MIN;
+    if cork {
+        io.set_cork(true);
+    }
     let sent = async {
-        send_head(io, head.as_bytes(), idle).await?;
+        send_head(io, head.as_bytes(), !req.head_only && !cork, idle).await?;
         if req.head_only {
             return Ok(());
         }
         send_file(io, file, start, count, idle).await
     }
     .await;
-    io.set_cork(false);
+    if cork {
+        io.set_cork(false);
+    }
     sent
 }
 
@@ -361,9 +370,15 @@ async fn small(io: &mut Guarded, status: u16, body: &str, extra: &str) -> io::Re
     io.write_all(text.as_bytes()).await
 }
 
-/// Writes a response head (the connection is corked: it waits for the body).
-async fn send_head(io: &mut Guarded, mut head: &[u8], idle: Duration) -> io::Result<()> {
-    let flags = libc::MSG_NOSIGNAL;
+/// Writes a response head; with `more`, tells the kernel a body follows at once (`MSG_MORE`),
+/// so the head and the body's first bytes leave in one segment.
+async fn send_head(
+    io: &mut Guarded,
+    mut head: &[u8],
+    more: bool,
+    idle: Duration,
+) -> io::Result<()> {
+    let flags = if more { libc::MSG_MORE } else { 0 } | libc::MSG_NOSIGNAL;
     while !head.is_empty() {
         let sent = io
             .write_with(idle, |fd| {
