@@ -39,6 +39,9 @@ pub struct Config {
     pub install_token_ttl: std::time::Duration,
     /// Who may read manifests and packs over HTTP.
     pub store_access: StoreAccess,
+    /// Where agents fetch manifests and packs (`…/manifests/NAME/N.manifest`, `…/packs/ID.pack`):
+    /// a mirror or cache of the store folder; `None`: this appliance's `/store`.
+    pub store_url: Option<String>,
     pub dhcp: Dhcp,
     pub boot_files: BootFiles,
     pub tftp: Tftp,
@@ -414,6 +417,8 @@ struct RawConfig {
     install_token_ttl: Option<Spanned<String>>,
     #[serde(default)]
     store_access: StoreAccess,
+    #[serde(default)]
+    store_url: Option<Spanned<String>>,
     #[serde(default)]
     dhcp: Dhcp,
     #[serde(default)]
@@ -958,6 +963,26 @@ impl Config {
                 },
             },
         };
+        let store_url = match &raw.store_url {
+            None => None,
+            Some(s) => {
+                let url = s.value.trim_end_matches('/');
+                let rest = url
+                    .strip_prefix("http://")
+                    .or_else(|| url.strip_prefix("https://"));
+                if !rest.is_some_and(|r| !r.is_empty() && !r.contains(char::is_whitespace)) {
+                    return Err(at(
+                        &s.referenced,
+                        format!(
+                            "store_url is {:?}; expected an http:// or https:// URL of a copy of \
+                             the store folder, e.g. http://10.0.0.5/fleetboot-store",
+                            s.value
+                        ),
+                    ));
+                }
+                Some(url.to_string())
+            }
+        };
         let install_token_ttl = match &raw.install_token_ttl {
             None => INSTALL_TOKEN_TTL_DEFAULT,
             Some(s) => humantime::parse_duration(&s.value)
@@ -1195,6 +1220,7 @@ impl Config {
             router_advertisements: raw.router_advertisements,
             install_token_ttl,
             store_access: raw.store_access,
+            store_url,
             dhcp: raw.dhcp,
             boot_files: raw.boot_files,
             tftp: raw.tftp,
@@ -1614,5 +1640,29 @@ hosts:
         );
         assert!(parse("interface: br0\nhttp: { buffered_mib_max: 1 }\n").is_err());
         assert!(parse("interface: br0\nhttp: { conections_max: 1 }\n").is_err());
+    }
+
+    #[test]
+    fn store_url_is_an_http_url() {
+        let c = parse("interface: br0\nstore_url: http://10.0.0.5/fleetboot-store/\n").unwrap();
+        assert_eq!(
+            c.store_url.as_deref(),
+            Some("http://10.0.0.5/fleetboot-store")
+        );
+        assert_eq!(parse("interface: br0\n").unwrap().store_url, None);
+        for bad in [
+            "ftp://10.0.0.5/store",
+            "10.0.0.5/store",
+            "http://",
+            "http://a b",
+        ] {
+            let e = parse(&format!("interface: br0\nstore_url: {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("fleetboot.yaml:2") && e.contains("store_url"),
+                "{bad}: {e}"
+            );
+        }
     }
 }

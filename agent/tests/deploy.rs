@@ -52,6 +52,8 @@ struct Appliance {
     dir: tempfile::TempDir,
     url: String,
     state: Arc<AppState>,
+    /// Pack requests the appliance has answered.
+    pack_requests: Arc<std::sync::atomic::AtomicUsize>,
     _runtime: tokio::runtime::Runtime,
 }
 
@@ -102,6 +104,8 @@ impl Appliance {
         let config = write_config(dir.path(), "os@1");
         let state = AppState::new(config, url.clone(), None).unwrap();
         let failures = Arc::new(std::sync::atomic::AtomicUsize::new(failing));
+        let pack_requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = pack_requests.clone();
         let hook = Arc::new(std::sync::Mutex::new(hook));
         let hook_store = state.store.clone();
         let router = app(state.clone()).layer(axum::middleware::from_fn(
@@ -109,8 +113,12 @@ impl Appliance {
                 let failures = failures.clone();
                 let hook = hook.clone();
                 let hook_store = hook_store.clone();
+                let counted = counted.clone();
                 async move {
                     let pack = req.uri().path().starts_with("/store/packs/");
+                    if pack {
+                        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
                     let run = if pack {
                         hook.lock().unwrap().take()
                     } else {
@@ -148,6 +156,7 @@ impl Appliance {
             dir,
             url,
             state,
+            pack_requests,
             _runtime: runtime,
         }
     }
@@ -277,6 +286,59 @@ fn installs_then_reinstalls_moving_only_what_changed() {
 /// Issue 8, item 1: host has os@1; os@2 is assigned; its install fails half-way (a damaged
 /// pack); os@1 is assigned again. The disk is half-overwritten: the next boot must run the agent
 /// (not boot the disk as if it held os@1), and that install must make it os@1 again.
+/// `store_url`: the agent fetches manifests and packs from a copy of the store folder served
+/// by another HTTP server (here tower-http's file service, as a mirror or cache would), and
+/// none from the appliance; the install is verified all the same.
+#[test]
+fn packs_come_from_the_store_url_mirror() {
+    let v1 = image(3, &[]);
+    let app = Appliance::start(std::slice::from_ref(&v1));
+    let mirror_requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = mirror_requests.clone();
+    let store_dir = app.dir.path().join("store");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mirror = format!("http://{}/copy-of-store", listener.local_addr().unwrap());
+    listener.set_nonblocking(true).unwrap();
+    app._runtime.spawn(async move {
+        let files = axum::Router::new()
+            .nest_service(
+                "/copy-of-store",
+                tower_http::services::ServeDir::new(store_dir),
+            )
+            .layer(axum::middleware::from_fn(
+                move |req: axum::extract::Request, next: axum::middleware::Next| {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    next.run(req)
+                },
+            ));
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        axum::serve(listener, files).await
+    });
+    let path = app.dir.path().join("fleetboot.yaml");
+    let yaml = std::fs::read_to_string(&path).unwrap() + &format!("store_url: {mirror}/\n");
+    std::fs::write(&path, yaml).unwrap();
+    *app.state.config.write().unwrap() = Arc::new(Config::load(&path).unwrap());
+
+    let target = app.dir.path().join("disk.img");
+    let out = app.deploy(&target);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&target).unwrap(), v1);
+    assert_eq!(app.status().0, HostStatus::Installed);
+    assert!(
+        mirror_requests.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "the manifest and packs came from the mirror"
+    );
+    assert_eq!(
+        app.pack_requests.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no pack from the appliance"
+    );
+}
+
 #[test]
 fn a_failed_install_leaves_the_disk_unknown_until_a_verified_install() {
     // Content that shares nothing, so os@2 has packs of its own to damage.

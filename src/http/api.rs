@@ -55,10 +55,20 @@ fn agent(
     Ok((mac, record))
 }
 
+/// Where agents fetch the store: `store_url` (a mirror or cache) or this appliance's `/store`.
+fn store_base(st: &AppState) -> String {
+    st.config()
+        .store_url
+        .clone()
+        .unwrap_or_else(|| format!("{}/store", st.base_url))
+}
+
 fn manifest_url(st: &AppState, id: &ImageId) -> String {
     format!(
-        "{}/store/manifests/{}/{}.manifest",
-        st.base_url, id.name, id.version
+        "{}/manifests/{}/{}.manifest",
+        store_base(st),
+        id.name,
+        id.version
     )
 }
 
@@ -94,7 +104,7 @@ pub async fn assignment(
             manifest_url: manifest_url(&st, &image),
             image,
             size: resolved.size,
-            packs_url: format!("{}/store/packs", st.base_url),
+            packs_url: format!("{}/packs", store_base(&st)),
             disk: match &host.disk {
                 DiskChoice::Name(n) => n.clone(),
                 DiskChoice::Hints(_) => "hints".into(),
