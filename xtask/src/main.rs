@@ -3,6 +3,7 @@
 //! Everything a fresh Debian machine needs is installed from here, so no step lives in someone's memory.
 
 mod bench_deploy;
+mod bench_fleet;
 mod bench_qcow2;
 mod bench_serve;
 mod bench_store;
@@ -38,7 +39,10 @@ tasks:
                 with casync, WIM (wimlib) and zstd on them; imports from qcow2 vs raw
                 (--qcow2-only for those rows alone)
   bench serve   DHCP, TFTP and HTTP in network namespaces: fleetboot against kea-dhcp4,
-                dnsmasq, tftpd-hpa, atftpd and nginx (--clients N, --runs N, --repeat N, --quick)
+                dnsmasq, tftpd-hpa, atftpd and nginx (--only dhcp|tftp|http, --clients N,
+                --runs N, --repeat N, --rounds N, --quick)
+  bench fleet   N agents in their own namespaces, links shaped to 1 Gbit/s, installing image B
+                at once from the appliance and from nginx (--agents 10,50,100, --rate-mbit R)
   bench         bench store, then bench serve
   fuzz          every fuzz target for a set time, executions and crashes
                 (--seconds N, --target NAME, --engine auto|libfuzzer|stable)
@@ -66,6 +70,7 @@ fn run() -> Result<()> {
         ["bench", "store", rest @ ..] => bench_store::run(rest),
         ["bench", "deploy", rest @ ..] => bench_deploy::run(rest),
         ["bench", "serve", rest @ ..] => bench_serve::run(rest),
+        ["bench", "fleet", rest @ ..] => bench_fleet::run(rest),
         ["bench"] => {
             bench_store::run(&[])?;
             bench_serve::run(&[])

@@ -252,6 +252,13 @@ fn remove_stale_namespaces() {
 }
 
 impl Host {
+    /// The switch namespace and this host's port in it (`None`: not plugged into a switch).
+    pub fn port(&self) -> Option<(&str, &str)> {
+        self.plug
+            .as_ref()
+            .map(|(ns, port)| (ns.as_str(), port.as_str()))
+    }
+
     /// A command run inside this host's namespace.
     pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("ip");

@@ -1,0 +1,418 @@
+//! `cargo xtask bench fleet`: a rack installing at once. N host-mode agents, each in its own
+//! network namespace behind one bridge, every link shaped with `tc` to a rate (1 Gbit/s; the
+//! appliance's link too), all install the store benchmark's Debian image B (2 GiB ext4) to
+//! sparse files at once — once from the appliance, once with the same agents fetching the same
+//! manifest and packs from nginx (`store_url`), in the same run.
+//!
+//! Reported per N and server: time until every agent is done, the server link's utilisation
+//! (range data served ÷ (link rate × time)), the server's CPU time and peak memory (resident
+//! high-water mark; nginx: master and workers). Every agent verifies its file (the whole
+//! image's BLAKE3, read back) before it reports done; the first and last are also compared
+//! byte for byte with B.
+
+use crate::bench_store::{check_identical, fresh_dir, settle};
+use crate::os_images;
+use crate::util::{self, root};
+use anyhow::{bail, Context, Result};
+use fleetboot_lab::{Daemon, Host, Lab};
+use std::fmt::Write as _;
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const USAGE: &str = "usage: cargo xtask bench fleet [--agents 10,50,100] [--rate-mbit 1000]
+
+  --agents N,...   fleets installing at once, one after the other (default 10,50,100)
+  --rate-mbit R    every link's rate, the appliance's too (default 1000)
+
+Needs free disk for the largest fleet: N x image B's data (about 0.6 GB each).
+";
+
+const SERVER_IP: &str = "10.66.0.1";
+const HTTP_PORT: u16 = 8080;
+const NGINX_PORT: u16 = 8081;
+
+struct Options {
+    agents: Vec<usize>,
+    rate_mbit: u64,
+}
+
+fn parse(args: &[&str]) -> Result<Option<Options>> {
+    let mut o = Options {
+        agents: vec![10, 50, 100],
+        rate_mbit: 1000,
+    };
+    let mut args = args.iter();
+    while let Some(&arg) = args.next() {
+        match arg {
+            "-h" | "--help" => return Ok(None),
+            "--agents" => {
+                let list = args.next().context("--agents needs a list")?;
+                o.agents = list
+                    .split(',')
+                    .map(|n| n.trim().parse::<usize>())
+                    .collect::<Result<_, _>>()
+                    .ok()
+                    .filter(|v: &Vec<usize>| v.iter().all(|&n| (1..=1000).contains(&n)))
+                    .with_context(|| format!("--agents {list}: numbers from 1 to 1000\n{USAGE}"))?;
+            }
+            "--rate-mbit" => {
+                o.rate_mbit = args
+                    .next()
+                    .and_then(|r| r.parse().ok())
+                    .filter(|&r: &u64| r > 0)
+                    .with_context(|| format!("--rate-mbit needs a positive number\n{USAGE}"))?;
+            }
+            other => bail!("unknown option {other:?}\n\n{USAGE}"),
+        }
+    }
+    Ok(Some(o))
+}
+
+/// One fleet's install from one server.
+struct FleetRun {
+    agents: usize,
+    server: &'static str,
+    took: Duration,
+    /// Range data the agents fetched (their own count).
+    fetched: u64,
+    cpu: Duration,
+    peak_rss: u64,
+}
+
+pub fn run(args: &[&str]) -> Result<()> {
+    let Some(options) = parse(args)? else {
+        print!("{USAGE}");
+        return Ok(());
+    };
+    crate::setup::apt_install(crate::setup::BENCH_PACKAGES)?;
+    crate::setup::apt_install(&[("nginx-light", "nginx"), ("iproute2", "tc")])?;
+    let images = os_images::build(&root().join("target/bench/store"))?;
+    let b = &images[1];
+    let fleetboot = util::build_release(&["fleetboot", "fleetboot-agent"])?;
+    let agent = root().join("target/release/fleetboot-agent");
+
+    let dir = root().join("target/bench/fleet");
+    fresh_dir(&dir)?;
+    fs::create_dir_all(dir.join("boot"))?;
+    util::run(
+        Command::new(&fleetboot)
+            .arg("--store")
+            .arg(dir.join("store"))
+            .args(["image", "import", "debian"])
+            .arg(&b.image),
+    )?;
+    check_room(
+        &dir,
+        &b.image,
+        options.agents.iter().max().copied().unwrap_or(1),
+    )?;
+
+    let mut runs = Vec::new();
+    for &n in &options.agents {
+        for server in ["fleetboot", "nginx"] {
+            runs.push(fleet(
+                &dir, &fleetboot, &agent, &b.image, n, server, &options,
+            )?);
+        }
+    }
+    let report = report(&runs, &options);
+    println!("\n{report}");
+    fs::write(dir.join("results.md"), &report)?;
+    eprintln!("bench: wrote {}", dir.join("results.md").display());
+    Ok(())
+}
+
+/// Fails early when the largest fleet's files would not fit.
+fn check_room(dir: &Path, image: &Path, agents: usize) -> Result<()> {
+    let used = |p: &Path| -> Result<u64> {
+        let out = util::output(Command::new("du").args(["-B1", "-s"]).arg(p))?;
+        out.split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .context("cannot read du's answer")
+    };
+    let need = used(image)? * agents as u64 * 11 / 10;
+    let out = util::output(Command::new("df").args(["-B1", "--output=avail"]).arg(dir))?;
+    let free: u64 = out
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .context("cannot read df's answer")?;
+    if need > free {
+        bail!(
+            "{agents} agents need about {} GB of free disk under {}, {} GB are free: give \
+             --agents a smaller fleet",
+            need / 1_000_000_000,
+            dir.display(),
+            free / 1_000_000_000
+        );
+    }
+    Ok(())
+}
+
+/// `tc`: the egress of `ifname` in namespace `ns` at the rate.
+fn shape(ns: &str, ifname: &str, rate_mbit: u64) -> Result<()> {
+    util::run(Command::new("ip").args([
+        "netns",
+        "exec",
+        ns,
+        "tc",
+        "qdisc",
+        "add",
+        "dev",
+        ifname,
+        "root",
+        "tbf",
+        "rate",
+        &format!("{rate_mbit}mbit"),
+        "burst",
+        "1mb",
+        "latency",
+        "20ms",
+    ]))
+}
+
+fn mac(i: usize) -> String {
+    format!("52:54:00:f1:{:02x}:{:02x}", (i + 1) >> 8, (i + 1) & 0xff)
+}
+
+fn fleet(
+    dir: &Path,
+    fleetboot: &Path,
+    agent: &Path,
+    image: &Path,
+    n: usize,
+    server: &'static str,
+    options: &Options,
+) -> Result<FleetRun> {
+    eprintln!("bench: fleet of {n} from {server}");
+    let mut lab = Lab::new("fleet")?;
+    let app = lab.host("app", "52:54:00:f1:00:00", Some(&format!("{SERVER_IP}/16")))?;
+    shape(&app.ns, &app.ifname, options.rate_mbit)?;
+    let mut hosts: Vec<Host> = Vec::new();
+    for i in 0..n {
+        let addr = format!("10.66.{}.{}/16", 1 + i / 250, 1 + i % 250);
+        let host = lab.host(&format!("a{i}"), &mac(i), Some(&addr))?;
+        let (switch, port) = host.port().context("a plugged host")?;
+        shape(switch, port, options.rate_mbit)?;
+        hosts.push(host);
+    }
+
+    let work = dir.join(format!("{server}-{n}"));
+    fresh_dir(&work)?;
+    let mut yaml = format!(
+        "interface: {}\naddress: {SERVER_IP}\nhttp_port: {HTTP_PORT}\nboot_dir: {}\nstore: {}\n\
+         state_dir: {}\ndhcp: {{ mode: off }}\ntftp: {{ port: 6969 }}\nhosts:\n",
+        app.ifname,
+        dir.join("boot").display(),
+        dir.join("store").display(),
+        work.join("state").display()
+    );
+    for i in 0..n {
+        writeln!(yaml, "  \"{}\": {{ image: debian }}", mac(i))?;
+    }
+    if server == "nginx" {
+        writeln!(yaml, "store_url: http://{SERVER_IP}:{NGINX_PORT}/store")?;
+    }
+    let config = work.join("fleetboot.yaml");
+    fs::write(&config, yaml)?;
+    let mut appliance = Daemon::start(
+        app.cmd(fleetboot).args(["serve", "--config"]).arg(&config),
+        &work.join("serve.log"),
+    )?;
+    app.wait_listening(HTTP_PORT, false, 15, &mut appliance)?;
+    let nginx = if server == "nginx" {
+        Some(start_nginx(&app, &work, &dir.join("store"))?)
+    } else {
+        None
+    };
+    let measured = nginx.as_ref().unwrap_or(&appliance);
+    settle()?;
+    let cpu_before = measured.cpu_with_children()?;
+
+    let out_dir = work.join("disks");
+    fs::create_dir_all(&out_dir)?;
+    let started = Instant::now();
+    let mut children: Vec<(usize, Child)> = Vec::new();
+    for (i, host) in hosts.iter().enumerate() {
+        let log = fs::File::create(work.join(format!("agent-{i}.err")))?;
+        let child = host
+            .cmd(agent)
+            .args([
+                "deploy",
+                "--server",
+                &format!("http://{SERVER_IP}:{HTTP_PORT}"),
+                "--mac",
+                &mac(i),
+                "--target",
+            ])
+            .arg(out_dir.join(format!("{i}.img")))
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("cannot start an agent")?;
+        children.push((i, child));
+    }
+    let mut fetched = 0;
+    let mut failed = Vec::new();
+    for (i, child) in children {
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        match (out.status.success(), util::install_figures(&text)) {
+            (true, Ok((f, _))) => fetched += f,
+            _ => failed.push(i),
+        }
+    }
+    let took = started.elapsed();
+    let cpu = measured.cpu_with_children()?.saturating_sub(cpu_before);
+    let peak_rss = peak_rss(measured)?;
+    if !failed.is_empty() {
+        bail!(
+            "{} of {n} agents failed (from {server}), e.g. agent {}: see {}",
+            failed.len(),
+            failed[0],
+            work.join(format!("agent-{}.err", failed[0])).display()
+        );
+    }
+    for i in [0, n - 1] {
+        check_identical(image, &out_dir.join(format!("{i}.img")), "fleetboot-agent")?;
+    }
+    fs::remove_dir_all(&out_dir)?;
+    drop(nginx);
+    drop(appliance);
+    drop(lab);
+    let run = FleetRun {
+        agents: n,
+        server,
+        took,
+        fetched,
+        cpu,
+        peak_rss,
+    };
+    eprintln!(
+        "bench: {n} agents from {server}: {:.1} s, link {:.2}, CPU {:.1} s, peak {} MB",
+        took.as_secs_f64(),
+        utilisation(&run, options),
+        cpu.as_secs_f64(),
+        peak_rss / 1_000_000
+    );
+    Ok(run)
+}
+
+fn start_nginx(app: &Host, work: &Path, store: &Path) -> Result<Daemon> {
+    let d = work.join("nginx");
+    fs::create_dir_all(&d)?;
+    let conf = d.join("nginx.conf");
+    let p = d.display();
+    fs::write(
+        &conf,
+        format!(
+            "user root;
+worker_processes auto;
+pid {p}/nginx.pid;
+error_log {p}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    default_type application/octet-stream;
+    client_body_temp_path {p}/body;
+    proxy_temp_path {p}/proxy;
+    fastcgi_temp_path {p}/fastcgi;
+    uwsgi_temp_path {p}/uwsgi;
+    scgi_temp_path {p}/scgi;
+    server {{
+        listen {SERVER_IP}:{NGINX_PORT};
+        location /store/ {{ alias {}/; }}
+    }}
+}}
+",
+            store.display()
+        ),
+    )?;
+    let mut daemon = Daemon::start(
+        app.cmd("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(&d)
+            .arg("-e")
+            .arg(d.join("error.log"))
+            .args(["-g", "daemon off;"]),
+        &work.join("nginx.log"),
+    )?;
+    app.wait_listening(NGINX_PORT, false, 15, &mut daemon)?;
+    Ok(daemon)
+}
+
+/// The resident high-water mark of a server (and its worker processes), in bytes.
+fn peak_rss(daemon: &Daemon) -> Result<u64> {
+    let hwm = |pid: u32| -> u64 {
+        fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+            * 1024
+    };
+    let me = daemon.pid();
+    let mut total = hwm(me);
+    for entry in fs::read_dir("/proc")?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid == Some(me) {
+            total += hwm(pid);
+        }
+    }
+    Ok(total)
+}
+
+fn utilisation(run: &FleetRun, options: &Options) -> f64 {
+    let link_bytes_per_s = options.rate_mbit as f64 * 1e6 / 8.0;
+    run.fetched as f64 / (link_bytes_per_s * run.took.as_secs_f64())
+}
+
+fn report(runs: &[FleetRun], options: &Options) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "## Fleet benchmark: agents installing at once (`cargo xtask bench fleet`)\n\n\
+         Image B (2 GiB ext4, Debian) to sparse files; every link {} Mbit/s (tbf), the server's \
+         too. Utilisation: the range data the agents fetched ÷ (link rate × time until the last \
+         agent is done). Server CPU and peak memory: fleetboot serve, or nginx (master and \
+         workers) serving the store folder through `store_url`. Every agent verified its file; \
+         the first and last were compared byte for byte with B.\n",
+        options.rate_mbit
+    );
+    let _ = writeln!(
+        s,
+        "| agents | server | all done (s) | data fetched (GB) | link utilisation | server CPU (s) | server peak memory (MB) |"
+    );
+    let _ = writeln!(s, "|---:|---|---:|---:|---:|---:|---:|");
+    for r in runs {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.1} | {:.2} | {:.2} | {:.1} | {} |",
+            r.agents,
+            r.server,
+            r.took.as_secs_f64(),
+            r.fetched as f64 / 1e9,
+            utilisation(r, options),
+            r.cpu.as_secs_f64(),
+            r.peak_rss / 1_000_000
+        );
+    }
+    s
+}
