@@ -302,49 +302,15 @@ fn fleet(
 }
 
 fn start_nginx(app: &Host, work: &Path, store: &Path) -> Result<Daemon> {
-    let d = work.join("nginx");
-    fs::create_dir_all(&d)?;
-    let conf = d.join("nginx.conf");
-    let p = d.display();
-    fs::write(
-        &conf,
-        format!(
-            "user root;
-worker_processes auto;
-pid {p}/nginx.pid;
-error_log {p}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_requests 1000000;
-    default_type application/octet-stream;
-    client_body_temp_path {p}/body;
-    proxy_temp_path {p}/proxy;
-    fastcgi_temp_path {p}/fastcgi;
-    uwsgi_temp_path {p}/uwsgi;
-    scgi_temp_path {p}/scgi;
-    server {{
-        listen {SERVER_IP}:{NGINX_PORT};
-        location /store/ {{ alias {}/; }}
-    }}
-}}
-",
-            store.display()
-        ),
+    let mut cmd = app.cmd("nginx");
+    crate::nginx::configure(
+        &mut cmd,
+        &work.join("nginx"),
+        &format!("{SERVER_IP}:{NGINX_PORT}"),
+        store,
+        4096,
     )?;
-    let mut daemon = Daemon::start(
-        app.cmd("nginx")
-            .arg("-c")
-            .arg(&conf)
-            .arg("-p")
-            .arg(&d)
-            .arg("-e")
-            .arg(d.join("error.log"))
-            .args(["-g", "daemon off;"]),
-        &work.join("nginx.log"),
-    )?;
+    let mut daemon = Daemon::start(&mut cmd, &work.join("nginx.log"))?;
     app.wait_listening(NGINX_PORT, false, 15, &mut daemon)?;
     Ok(daemon)
 }

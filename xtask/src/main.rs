@@ -15,6 +15,7 @@ mod e2e_debian;
 mod fuzz;
 mod images;
 mod initramfs;
+mod nginx;
 mod os_images;
 mod setup;
 mod test;

@@ -95,50 +95,15 @@ pub(super) fn bench_http(
 fn start_nginx(net: &Net, files: &Files) -> Result<Daemon> {
     let nginx_dir = files.work.join("nginx");
     fresh_dir(&nginx_dir)?;
-    let conf = nginx_dir.join("nginx.conf");
-    let d = nginx_dir.display();
-    fs::write(
-        &conf,
-        format!(
-            "user root;
-worker_processes auto;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_requests 1000000;
-    default_type application/octet-stream;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    server {{
-        listen {SRV_IP}:{NGINX_PORT};
-        location /store/ {{ alias {}/; }}
-    }}
-}}
-",
-            files.store.display()
-        ),
-    )
-    .with_context(|| format!("cannot write {}", conf.display()))?;
-    net.start(
-        net.srv("nginx")
-            .arg("-c")
-            .arg(&conf)
-            .arg("-p")
-            .arg(&nginx_dir)
-            .arg("-e")
-            .arg(nginx_dir.join("error.log"))
-            .args(["-g", "daemon off;"]),
-        &files.work.join("nginx.log"),
-        false,
-        NGINX_PORT,
-    )
+    let mut cmd = net.srv("nginx");
+    crate::nginx::configure(
+        &mut cmd,
+        &nginx_dir,
+        &format!("{SRV_IP}:{NGINX_PORT}"),
+        &files.store,
+        1024,
+    )?;
+    net.start(&mut cmd, &files.work.join("nginx.log"), false, NGINX_PORT)
 }
 
 /// Fetches the range once with curl and checks the status (206) and the bytes.
