@@ -329,19 +329,11 @@ fn peak_rss(daemon: &Daemon) -> Result<u64> {
             * 1024
     };
     let me = daemon.pid();
-    let mut total = hwm(me);
-    for entry in fs::read_dir("/proc")?.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let stat = fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
-        if ppid == Some(me) {
-            total += hwm(pid);
-        }
-    }
+    let total = hwm(me)
+        + fleetboot_lab::children_of(me)
+            .into_iter()
+            .map(hwm)
+            .sum::<u64>();
     Ok(total)
 }
 

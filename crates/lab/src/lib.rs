@@ -429,49 +429,14 @@ impl Daemon {
 
     /// CPU time the process (all its threads) has used so far.
     pub fn cpu(&self) -> Result<Duration> {
-        let path = format!("/proc/{}/stat", self.child.id());
-        let stat = std::fs::read_to_string(&path).map_err(|error| LabError::Io {
-            what: format!("cannot read {path}"),
-            error,
-        })?;
-        // Fields after the command name (which may hold spaces, inside parentheses): utime and
-        // stime are the 12th and 13th, in clock ticks (100 a second on Linux).
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map_or("", |(_, rest)| rest)
-            .split_whitespace()
-            .collect();
-        let ticks = |i: usize| fields.get(i).and_then(|t| t.parse::<u64>().ok());
-        match (ticks(11), ticks(12)) {
-            (Some(user), Some(system)) => Ok(Duration::from_millis((user + system) * 10)),
-            _ => Err(LabError::Daemon(format!(
-                "cannot read the CPU times in {path}: {stat:?}"
-            ))),
-        }
+        cpu_of(self.child.id())
     }
 
     /// CPU time the process and its children (a server's worker processes) have used so far.
     pub fn cpu_with_children(&self) -> Result<Duration> {
-        let me = self.child.id();
         let mut total = self.cpu()?;
-        let Ok(procs) = std::fs::read_dir("/proc") else {
-            return Ok(total);
-        };
-        for p in procs.flatten() {
-            let Ok(stat) = std::fs::read_to_string(p.path().join("stat")) else {
-                continue;
-            };
-            let fields: Vec<&str> = stat
-                .rsplit_once(')')
-                .map_or("", |(_, rest)| rest)
-                .split_whitespace()
-                .collect();
-            let num = |i: usize| fields.get(i).and_then(|t| t.parse::<u64>().ok());
-            if num(1) == Some(u64::from(me)) {
-                if let (Some(user), Some(system)) = (num(11), num(12)) {
-                    total += Duration::from_millis((user + system) * 10);
-                }
-            }
+        for child in children_of(self.child.id()) {
+            total += cpu_of(child).unwrap_or_default();
         }
         Ok(total)
     }
@@ -527,4 +492,49 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
     })
     .join()
     .expect("namespace thread")
+}
+
+/// The fields of `/proc/PID/stat` after the command name (which may hold spaces, inside
+/// parentheses): the state is field 0, the parent 1, utime and stime 11 and 12.
+fn stat_fields(pid: u32) -> Result<Vec<String>> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).map_err(|error| LabError::Io {
+        what: format!("cannot read {path}"),
+        error,
+    })?;
+    Ok(stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect())
+}
+
+/// CPU time process `pid` (all its threads) has used so far (clock ticks: 100 a second).
+fn cpu_of(pid: u32) -> Result<Duration> {
+    let fields = stat_fields(pid)?;
+    let ticks = |i: usize| fields.get(i).and_then(|t| t.parse::<u64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(user), Some(system)) => Ok(Duration::from_millis((user + system) * 10)),
+        _ => Err(LabError::Daemon(format!(
+            "cannot read the CPU times of process {pid}: {fields:?}"
+        ))),
+    }
+}
+
+/// The processes whose parent is `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|p| p.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|&p| {
+            stat_fields(p)
+                .ok()
+                .and_then(|f| f.get(1)?.parse::<u32>().ok())
+                == Some(pid)
+        })
+        .collect()
 }
