@@ -114,10 +114,14 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// Whether a request may read the store: `store_access: open`, the admin token, or a live
 /// install token used from its address.
 fn store_access(st: &AppState, headers: &HeaderMap, peer: IpAddr) -> Result<(), AppError> {
+    store_access_with(st, bearer(headers), peer)
+}
+
+/// [`store_access`] given the bearer token itself (the sendfile path parses no `HeaderMap`).
+fn store_access_with(st: &AppState, given: Option<&str>, peer: IpAddr) -> Result<(), AppError> {
     if st.config().store_access == StoreAccess::Open {
         return Ok(());
     }
-    let given = bearer(headers);
     if let (Some(admin), Some(given)) = (&st.admin_token, given) {
         if crate::appliance::same_secret(admin, given) {
             return Ok(());

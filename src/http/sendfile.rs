@@ -19,7 +19,6 @@ use super::limits::{Guarded, HttpLimits, LimitedListener};
 use super::packs::parse_range;
 use super::AppState;
 use axum::extract::connect_info::ConnectInfo;
-use axum::http::{HeaderMap, HeaderValue};
 use axum::Router;
 use bytes::{Buf, BytesMut};
 use fleetboot_image::PackId;
@@ -264,15 +263,13 @@ async fn answer(
     let boot;
     let (file, len) = match &req.target {
         Target::Pack(id) => {
-            let mut headers = HeaderMap::new();
-            if let Some(a) = req
+            let bearer = req
                 .authorization
                 .as_deref()
-                .and_then(|a| HeaderValue::from_str(a).ok())
+                .and_then(|a| a.strip_prefix("Bearer "));
+            if let Err(super::AppError(status, message)) =
+                super::store_access_with(st, bearer, peer)
             {
-                headers.insert("authorization", a);
-            }
-            if let Err(super::AppError(status, message)) = super::store_access(st, &headers, peer) {
                 return small(io, status.as_u16(), &message, "").await;
             }
             let Some(p) = st.packs.get(&st.store, id) else {
