@@ -38,11 +38,7 @@ impl ImageCatalog {
     /// The image `r` names now (its latest version if it names none).
     pub fn resolve(&self, store: &Store, r: &ImageRef) -> Result<Resolved, StoreError> {
         let version = store.resolve(r)?;
-        let meta = std::fs::metadata(&version.path).ok();
-        let (len, modified) = (
-            meta.as_ref().map_or(0, |m| m.len()),
-            meta.and_then(|m| m.modified().ok()),
-        );
+        let (len, modified) = (version.size, Some(version.modified));
         {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(c) = cache.get(&version.path) {
@@ -55,7 +51,7 @@ impl ImageCatalog {
                 }
             }
         }
-        let m = store.load_manifest(&version.path)?;
+        let m = store.load_manifest(&version)?;
         let id = ImageId {
             name: m.meta.name.clone(),
             version: version.version,

@@ -49,6 +49,11 @@ impl TempFile {
             .expect("temp file is open until persisted")
     }
 
+    /// Where the file is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Flushes the data to stable storage, then renames the file to `dest` and syncs its folder.
     pub fn persist(mut self, dest: &Path) -> io::Result<()> {
         let file = self.file.take().expect("temp file is open until persisted");

@@ -8,18 +8,19 @@
 //!
 //! Readers take no lock: an install, an export or a `verify` that loaded a manifest before gc may
 //! still read the packs it names. So gc never deletes a pack it takes out of use: it moves it to
-//! `retired/` (same file, so open handles and `open_pack` keep working) and a later gc deletes it
-//! once the grace period has passed — long enough for any install in flight to finish.
+//! `retired/` (in a folder the same file, so open handles and `open_pack` keep working) and a later
+//! gc deletes it once the grace period has passed — long enough for any install in flight to
+//! finish — unless a manifest names it again by then, in which case it goes back to `packs/`.
+//!
+//! In an object store shared by several appliances the writers' lock is only local, so an import
+//! elsewhere may reuse a pack while gc retires it; the check before deleting (and readers falling
+//! back to `retired/`) keep that image whole, provided the import finishes within the grace period.
 
-use super::fsutil::{sync_dir, write_atomic};
 use super::pack::{PackWriter, PACK_HEADER_BYTES};
 use super::{IoContext, Store, StoreError};
 use fleetboot_image::PackId;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File};
-use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 /// What gc did.
@@ -32,6 +33,9 @@ pub struct GcReport {
     pub manifests_rewritten: usize,
     /// Bytes of the packs retired now (freed by a gc after the grace period).
     pub bytes_retired: u64,
+    /// Retired packs an image named again, put back in use (object stores only: an importer
+    /// elsewhere reused their data while gc retired them).
+    pub packs_restored: usize,
     /// Retired packs deleted now (their grace period was over).
     pub retired_deleted: usize,
     /// Bytes freed now: retired packs deleted.
@@ -59,20 +63,7 @@ impl Store {
     pub fn gc_with_grace(&self, grace: Duration) -> Result<GcReport, StoreError> {
         let _lock = self.lock_for_write()?;
         let mut report = GcReport::default();
-        // First what earlier runs retired: the grace period is counted from the retirement.
-        let now = SystemTime::now();
-        for (id, len, retired_at) in self.retired_packs()? {
-            let age = now.duration_since(retired_at).unwrap_or_default();
-            if age >= grace {
-                let path = self.retired_pack_path(&id);
-                fs::remove_file(&path).at(&path)?;
-                report.retired_deleted += 1;
-                report.bytes_freed += len;
-            } else {
-                report.retired_waiting += 1;
-                report.bytes_waiting += len;
-            }
-        }
+        let b = self.backend();
         let manifests = self.all_manifests()?;
         // pack -> live frames (offset -> stored length)
         let mut live: HashMap<PackId, BTreeMap<u64, u32>> = HashMap::new();
@@ -83,12 +74,33 @@ impl Store {
                     .insert(e.frame_offset, e.frame_stored);
             }
         }
+        // First what earlier runs retired: the grace period is counted from the retirement.
+        let now = SystemTime::now();
+        for (id, len, retired_at) in self.retired_packs()? {
+            let key = Store::retired_key(&id);
+            if live.contains_key(&id) {
+                // An importer elsewhere (object stores have no store-wide lock) reused data of
+                // this pack while gc retired it: its manifest names it, so it goes back.
+                b.rename(&key, &Store::pack_key(&id)).at(&b.locate(&key))?;
+                report.packs_restored += 1;
+                continue;
+            }
+            let age = now.duration_since(retired_at).unwrap_or_default();
+            if age >= grace {
+                b.delete(&key).at(&b.locate(&key))?;
+                report.retired_deleted += 1;
+                report.bytes_freed += len;
+            } else {
+                report.retired_waiting += 1;
+                report.bytes_waiting += len;
+            }
+        }
         let retire = |pack: &PackId, len: u64, report: &mut GcReport| {
-            self.retire(pack)?;
+            let (from, to) = (Store::pack_key(pack), Store::retired_key(pack));
+            b.rename(&from, &to).at(&b.locate(&from))?;
             report.bytes_retired += len;
             if grace.is_zero() {
-                let path = self.retired_pack_path(pack);
-                fs::remove_file(&path).at(&path)?;
+                b.delete(&to).at(&b.locate(&to))?;
                 report.retired_deleted += 1;
                 report.bytes_freed += len;
             } else {
@@ -97,8 +109,8 @@ impl Store {
             }
             Ok::<(), StoreError>(())
         };
+        let source = self.frames();
         for (pack, len) in self.packs()? {
-            let path = self.pack_path(&pack);
             let Some(frames) = live.get(&pack) else {
                 retire(&pack, len, &mut report)?;
                 report.packs_removed += 1;
@@ -110,13 +122,12 @@ impl Store {
                 continue;
             }
             // Copy the live frames into a new pack.
-            let old = File::open(&path).at(&path)?;
+            let at = b.locate(&Store::pack_key(&pack));
             let mut new = PackWriter::create(self)?;
             let mut moved: HashMap<u64, u64> = HashMap::new();
             for (&offset, &stored) in frames {
-                let mut buf = vec![0u8; stored as usize];
-                old.read_exact_at(&mut buf, offset).at(&path)?;
-                moved.insert(offset, new.append(&buf).at(&self.tmp_dir())?);
+                let buf = source.read(&pack, offset, stored).at(&at)?;
+                moved.insert(offset, new.append(&buf).at(self.root())?);
             }
             let new_id = new.finish(self)?;
             // Point every manifest that used the old pack at the new one.
@@ -129,31 +140,12 @@ impl Store {
                 for e in m.entries.iter_mut().filter(|e| e.pack as usize == index) {
                     e.frame_offset = moved[&e.frame_offset];
                 }
-                write_atomic(&self.tmp_dir(), &v.path, &m.encode()).at(&v.path)?;
+                b.put(&v.key, &m.encode()).at(&v.path)?;
                 report.manifests_rewritten += 1;
             }
             retire(&pack, len, &mut report)?;
             report.packs_rewritten += 1;
         }
-        for dir in [self.packs_dir(), self.retired_dir()] {
-            sync_dir(&dir).at(&dir)?;
-        }
         Ok(report)
     }
-
-    /// Moves a pack from `packs/` to `retired/`, stamped with the time of its retirement (its
-    /// modification time, set before the move so a crash cannot leave an old stamp behind).
-    fn retire(&self, pack: &PackId) -> Result<(), StoreError> {
-        let from = self.pack_path(pack);
-        let to = self.retired_pack_path(pack);
-        let dir = self.retired_dir();
-        fs::create_dir_all(&dir).at(&dir)?;
-        stamp_now(&from).at(&from)?;
-        fs::rename(&from, &to).at(&to)
-    }
-}
-
-fn stamp_now(path: &Path) -> std::io::Result<()> {
-    // Setting times needs ownership, not write access: packs may be read-only.
-    File::open(path)?.set_modified(SystemTime::now())
 }

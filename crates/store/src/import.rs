@@ -17,7 +17,6 @@
 //! or a crash before that leaves only temp files, which the next writer removes.
 
 use super::chunker::{Chunking, Piece};
-use super::fsutil::write_atomic;
 use super::pack::PackWriter;
 use super::source::{self, Format, Source, Span};
 use super::{validate_name, ImageRef, IoContext, Store, StoreError};
@@ -228,7 +227,7 @@ pub fn import(
             what: e.to_string(),
         })?;
 
-    // Commit: packs first, the manifest last — the manifest's rename is the moment of visibility.
+    // Commit: packs first, the manifest last — its publication is the moment of visibility.
     let mut new_stored_bytes = 0;
     for pack in packs {
         new_stored_bytes += pack.len();
@@ -236,13 +235,11 @@ pub fn import(
     }
     let version = store.issue_version(name)?;
     manifest.meta.version = version;
-    let dir = store.manifests_dir().join(name);
-    if !dir.is_dir() {
-        fs::create_dir(&dir).at(&dir)?;
-        super::fsutil::sync_dir(&store.manifests_dir()).at(&store.manifests_dir())?;
-    }
-    let dest = store.manifest_path(name, version);
-    write_atomic(&store.tmp_dir(), &dest, &manifest.encode()).at(&dest)?;
+    let key = Store::manifest_key(name, version);
+    store
+        .backend()
+        .put(&key, &manifest.encode())
+        .at(&store.backend().locate(&key))?;
 
     let new_sizes: Vec<u64> = scan
         .rows

@@ -1,20 +1,27 @@
 //! The combined image store: many disk images, one copy of the data they have in common.
 //!
-//! On disk (docs/store-format.md has the byte layout):
+//! The store's objects (docs/store-format.md has the byte layout), in a local folder or, through
+//! the [`Backend`] interface, in an object store:
 //! ```text
-//! STORE/fleetboot-store          marker + format version; a folder without it is not written into
-//! STORE/lock                     writers (import, rm, gc) hold an exclusive lock on it
-//! STORE/packs/<id>.pack          immutable pack files: zstd frames of chunks, appended once
-//! STORE/manifests/<name>/<N>.manifest   descriptive data of image NAME@N
-//! STORE/versions/<name>          the last version number issued for NAME (never reused)
-//! STORE/retired/<id>.pack        packs gc took out of use, still readable by installs that
-//!                                began before it; deleted by a gc after the grace period
-//! STORE/tmp/                     files being written; renamed into place only when complete
+//! fleetboot-store                 marker + format version; a folder without it is not written into
+//! packs/<id>.pack                 immutable packs: zstd frames of chunks, written once
+//! manifests/<name>/<N>.manifest   descriptive data of image NAME@N
+//! claims/<name>/<N>.<nonce>       version numbers issued for NAME (never reused)
+//! retired/<id>.pack               packs gc took out of use, still readable by installs that
+//!                                 began before it; deleted by a gc after the grace period
+//! versions/<name>                 (stores made before claims) the last version issued
 //! ```
-//! Invariants: a pack or manifest is visible only when complete (temp + fsync + rename); packs are
-//! never modified, only created and (by gc, once nothing refers to them) deleted; a manifest never
-//! refers to a pack that is not visible; nothing is served or written out without its BLAKE3 check.
+//! and, in the local folder (the store's own, or an object store's staging folder):
+//! ```text
+//! lock                            writers (import, rm, gc) hold an exclusive lock on it
+//! tmp/                            files being written; published only when complete
+//! ```
+//! Invariants: a pack or manifest is visible only when complete (temp + fsync + rename, or one
+//! object PUT); packs are never modified, only created and (by gc, once nothing refers to them
+//! for the grace period) deleted; a manifest never refers to a pack that is not visible; nothing
+//! is served or written out without its BLAKE3 check.
 
+mod backend;
 mod chunker;
 mod fsutil;
 mod gc;
@@ -28,6 +35,7 @@ mod restore;
 pub mod source;
 mod verify;
 
+pub use backend::{Backend, Folder, ObjectInfo};
 pub use chunker::Chunking;
 pub use gc::GcReport;
 pub use import::{ImportOptions, ImportReport};
@@ -37,10 +45,12 @@ pub use report::{DiffReport, ImageSummary, StoreStats};
 pub use restore::{ExportOptions, ExportReport};
 pub use verify::VerifyReport;
 
-use fleetboot_image::{Manifest, ManifestError, PackId};
+use fleetboot_image::{FrameSource, Manifest, ManifestError, PackId};
+use pack::LocalPacks;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 /// Contents of the marker file that makes a folder a store.
@@ -90,10 +100,13 @@ impl<T> IoContext<T> for io::Result<T> {
     }
 }
 
-/// A handle on a store folder.
+/// A handle on a store: its objects (in a folder or an object store) and the local folder where
+/// writers take their lock and stage what they write.
 #[derive(Clone, Debug)]
 pub struct Store {
+    /// The store folder itself, or (object-store backends) the local staging folder.
     root: PathBuf,
+    backend: Arc<dyn Backend>,
 }
 
 /// An exclusive writer's lock on the store; released on drop (or when the process dies).
@@ -101,51 +114,92 @@ pub struct WriteLock {
     _file: File,
 }
 
-/// One stored image version, as found on disk.
+/// One stored image version, as a listing found it.
 #[derive(Clone, Debug)]
 pub struct VersionPath {
     pub name: String,
     pub version: u32,
+    /// The key of its manifest.
+    pub key: String,
+    /// Where its manifest is (a file, or an `s3://` address), for messages.
     pub path: PathBuf,
+    /// The manifest's length and modification time (to know an unchanged manifest).
+    pub size: u64,
+    pub modified: SystemTime,
 }
 
+/// How many times an import tries to claim a version number that other importers also want.
+const CLAIM_TRIES: u32 = 32;
+
 impl Store {
-    /// A store at `root`; nothing is touched until it is used.
+    /// The store in the local folder `root`; nothing is touched until it is used.
     pub fn new(root: impl Into<PathBuf>) -> Store {
-        Store { root: root.into() }
+        let root = root.into();
+        Store {
+            backend: Arc::new(Folder::new(root.clone())),
+            root,
+        }
     }
 
+    /// A store whose objects `backend` keeps; `staging` is a local folder for the writers'
+    /// lock and for packs being written before they are published.
+    pub fn with_backend(staging: impl Into<PathBuf>, backend: Arc<dyn Backend>) -> Store {
+        Store {
+            root: staging.into(),
+            backend,
+        }
+    }
+
+    /// The store folder (or, for an object store, the local staging folder).
     pub fn root(&self) -> &Path {
         &self.root
     }
-    fn packs_dir(&self) -> PathBuf {
-        self.root.join("packs")
+    /// Where the store is, for messages: its folder or its `s3://` address.
+    pub fn location(&self) -> PathBuf {
+        self.backend.locate("")
     }
-    fn manifests_dir(&self) -> PathBuf {
-        self.root.join("manifests")
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
     }
-    fn versions_dir(&self) -> PathBuf {
-        self.root.join("versions")
+    /// Whether the objects are files in a local folder (packs can be served from open files).
+    pub fn is_local(&self) -> bool {
+        self.backend.folder().is_some()
     }
     fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
     }
-    fn retired_dir(&self) -> PathBuf {
-        self.root.join("retired")
+    /// The key of a pack.
+    pub fn pack_key(id: &PackId) -> String {
+        format!("packs/{}", id.file_name())
     }
-    /// The path of a pack file.
+    /// The key of a pack gc retired.
+    pub fn retired_key(id: &PackId) -> String {
+        format!("retired/{}", id.file_name())
+    }
+    /// The key of the manifest of `name@version`.
+    pub fn manifest_key(name: &str, version: u32) -> String {
+        format!("manifests/{name}/{version}.manifest")
+    }
+    /// The path of a pack file (of a folder store).
     pub fn pack_path(&self, id: &PackId) -> PathBuf {
-        self.packs_dir().join(id.file_name())
+        self.root.join(Self::pack_key(id))
     }
-    /// Where a pack that gc retired waits out its grace period.
+    /// Where a pack that gc retired waits out its grace period (in a folder store).
     pub fn retired_pack_path(&self, id: &PackId) -> PathBuf {
-        self.retired_dir().join(id.file_name())
+        self.root.join(Self::retired_key(id))
     }
 
-    /// Opens pack `id` for reading: from `packs/`, or from `retired/` if gc has taken it out of
-    /// use since the reader loaded its manifest (readers take no lock; a retired pack stays
-    /// readable for the grace period, so an install or export that began before gc finishes).
+    /// Opens pack `id` of a folder store for reading: from `packs/`, or from `retired/` if gc
+    /// has taken it out of use since the reader loaded its manifest (readers take no lock; a
+    /// retired pack stays readable for the grace period, so an install or export that began
+    /// before gc finishes).
     pub fn open_pack(&self, id: &PackId) -> io::Result<File> {
+        if !self.is_local() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the store is not a local folder",
+            ));
+        }
         match File::open(self.pack_path(id)) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 File::open(self.retired_pack_path(id)).map_err(|_| e)
@@ -153,29 +207,45 @@ impl Store {
             other => other,
         }
     }
-    /// The path of the manifest of `name@version` (the name must be valid).
-    pub fn manifest_path(&self, name: &str, version: u32) -> PathBuf {
-        self.manifests_dir()
-            .join(name)
-            .join(format!("{version}.manifest"))
+
+    /// Reads frames of the store's packs (retired ones too), keeping local packs open.
+    pub fn frames(&self) -> Box<dyn FrameSource + Send + '_> {
+        if self.is_local() {
+            Box::new(LocalPacks::new(self))
+        } else {
+            Box::new(BackendPacks(self))
+        }
     }
 
-    /// Fails unless the folder is an existing store (for commands that only read).
+    /// The path of the manifest of `name@version` (the name must be valid).
+    pub fn manifest_path(&self, name: &str, version: u32) -> PathBuf {
+        self.backend.locate(&Self::manifest_key(name, version))
+    }
+
+    /// Fails unless the store exists (for commands that only read).
     fn check_exists(&self) -> Result<(), StoreError> {
-        if self.root.join(MARKER_FILE).is_file() {
+        if self
+            .backend
+            .get(MARKER_FILE)
+            .at(&self.location())?
+            .is_some()
+        {
             Ok(())
-        } else if self.root.is_dir() && !is_empty_dir(&self.root)? {
+        } else if self.is_local() && self.root.is_dir() && !is_empty_dir(&self.root)? {
             Err(StoreError::NotAStore(self.root.clone()))
         } else {
-            Err(StoreError::NoStore(self.root.clone()))
+            Err(StoreError::NoStore(self.location()))
         }
     }
 
     /// Creates the store if the folder is missing or empty, then takes the writers' lock and
     /// removes temp files that a crashed writer left behind. Creation happens under the lock, so
-    /// two first imports at once cannot trip over each other.
+    /// two first imports at once cannot trip over each other. (The lock is local: writers on
+    /// other machines sharing an object store do not take it; see `issue_version` and gc.)
     pub fn lock_for_write(&self) -> Result<WriteLock, StoreError> {
-        if !self.root.join(MARKER_FILE).is_file()
+        let local = self.is_local();
+        if local
+            && !self.root.join(MARKER_FILE).is_file()
             && self.root.is_dir()
             && !is_empty_dir(&self.root)?
         {
@@ -190,19 +260,23 @@ impl Store {
             .open(&path)
             .at(&path)?;
         file.lock().at(&path)?;
-        for dir in [
-            self.packs_dir(),
-            self.manifests_dir(),
-            self.versions_dir(),
-            self.tmp_dir(),
-            self.retired_dir(),
-        ] {
+        let mut dirs = vec![self.tmp_dir()];
+        if local {
+            dirs.extend(["packs", "manifests", "claims", "retired"].map(|d| self.root.join(d)));
+        }
+        for dir in dirs {
             fs::create_dir_all(&dir).at(&dir)?;
         }
-        let marker = self.root.join(MARKER_FILE);
-        if !marker.is_file() {
+        if self
+            .backend
+            .get(MARKER_FILE)
+            .at(&self.location())?
+            .is_none()
+        {
             // The marker goes last and atomically: a store is complete once it is there.
-            fsutil::write_atomic(&self.tmp_dir(), &marker, MARKER.as_bytes()).at(&marker)?;
+            self.backend
+                .put(MARKER_FILE, MARKER.as_bytes())
+                .at(&self.backend.locate(MARKER_FILE))?;
         }
         let tmp = self.tmp_dir();
         for entry in fs::read_dir(&tmp).at(&tmp)? {
@@ -215,32 +289,26 @@ impl Store {
     /// Every stored image version, sorted by name then version.
     pub fn versions(&self) -> Result<Vec<VersionPath>, StoreError> {
         self.check_exists()?;
-        let dir = self.manifests_dir();
+        let prefix = "manifests/";
         let mut out = Vec::new();
-        for entry in fs::read_dir(&dir).at(&dir)? {
-            let entry = entry.at(&dir)?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if validate_name(&name).is_err() || !entry.path().is_dir() {
+        for o in self.backend.list(prefix).at(&self.backend.locate(prefix))? {
+            let Some((name, file)) = o.key[prefix.len()..].split_once('/') else {
+                continue;
+            };
+            let Some(Ok(version)) = file.strip_suffix(".manifest").map(str::parse::<u32>) else {
+                continue;
+            };
+            if validate_name(name).is_err() {
                 continue;
             }
-            // Readers take no lock: `image rm` may remove the name's folder since the listing.
-            let versions = match fs::read_dir(entry.path()) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                other => other.at(&entry.path())?,
-            };
-            for v in versions {
-                let v = v.at(&entry.path())?;
-                let file = v.file_name().to_string_lossy().into_owned();
-                let Some(Ok(version)) = file.strip_suffix(".manifest").map(str::parse::<u32>)
-                else {
-                    continue;
-                };
-                out.push(VersionPath {
-                    name: name.clone(),
-                    version,
-                    path: v.path(),
-                });
-            }
+            out.push(VersionPath {
+                name: name.to_string(),
+                version,
+                path: self.backend.locate(&o.key),
+                key: o.key,
+                size: o.size,
+                modified: o.modified,
+            });
         }
         out.sort_by(|a, b| (&a.name, a.version).cmp(&(&b.name, b.version)));
         Ok(out)
@@ -280,11 +348,16 @@ impl Store {
         }
     }
 
-    /// Reads and validates a manifest file.
-    pub fn load_manifest(&self, path: &Path) -> Result<Manifest, StoreError> {
-        let bytes = fs::read(path).at(path)?;
+    /// Reads and validates the manifest of a listed version (`NotFound` if it was removed since).
+    pub fn load_manifest(&self, v: &VersionPath) -> Result<Manifest, StoreError> {
+        let bytes = self
+            .backend
+            .get(&v.key)
+            .at(&v.path)?
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+            .at(&v.path)?;
         Manifest::decode(&bytes).map_err(|error| StoreError::Manifest {
-            path: path.to_path_buf(),
+            path: v.path.clone(),
             error,
         })
     }
@@ -292,7 +365,7 @@ impl Store {
     /// The manifest of the image `r` names.
     pub fn manifest(&self, r: &ImageRef) -> Result<(VersionPath, Manifest), StoreError> {
         let v = self.resolve(r)?;
-        let m = self.load_manifest(&v.path)?;
+        let m = self.load_manifest(&v)?;
         Ok((v, m))
     }
 
@@ -300,65 +373,123 @@ impl Store {
     pub fn all_manifests(&self) -> Result<Vec<(VersionPath, Manifest)>, StoreError> {
         self.versions()?
             .into_iter()
-            .map(|v| self.load_manifest(&v.path).map(|m| (v, m)))
+            .map(|v| self.load_manifest(&v).map(|m| (v, m)))
             .collect()
     }
 
-    /// Pack files present in `packs/`, with their sizes.
+    /// Packs in `packs/`, with their sizes, sorted.
     pub fn packs(&self) -> Result<Vec<(PackId, u64)>, StoreError> {
         self.check_exists()?;
-        pack_files_in(&self.packs_dir())
+        Ok(self
+            .pack_objects("packs/")?
+            .into_iter()
+            .map(|(id, o)| (id, o.size))
+            .collect())
     }
 
-    /// Packs gc retired, with their sizes and when they were retired (a store made before
-    /// `retired/` existed has none).
+    /// Packs gc retired, with their sizes and when they were retired.
     pub fn retired_packs(&self) -> Result<Vec<(PackId, u64, SystemTime)>, StoreError> {
         self.check_exists()?;
-        let dir = self.retired_dir();
-        if !dir.is_dir() {
-            return Ok(Vec::new());
-        }
-        let mut out = Vec::new();
-        for (id, len) in pack_files_in(&dir)? {
-            let path = self.retired_pack_path(&id);
-            let when = fs::metadata(&path).and_then(|m| m.modified()).at(&path)?;
-            out.push((id, len, when));
-        }
+        Ok(self
+            .pack_objects("retired/")?
+            .into_iter()
+            .map(|(id, o)| (id, o.size, o.modified))
+            .collect())
+    }
+
+    /// `<id>.pack` objects directly under `prefix`, sorted by id.
+    fn pack_objects(&self, prefix: &str) -> Result<Vec<(PackId, ObjectInfo)>, StoreError> {
+        let mut out: Vec<(PackId, ObjectInfo)> = self
+            .backend
+            .list(prefix)
+            .at(&self.backend.locate(prefix))?
+            .into_iter()
+            .filter_map(|o| {
+                let id = o.key[prefix.len()..]
+                    .strip_suffix(".pack")?
+                    .parse::<PackId>()
+                    .ok()?;
+                Some((id, o))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
 
-    /// Issues the next version number of `name` (the caller holds the writers' lock): one more
-    /// than any version ever issued for it, so `rm x@3` followed by an import gives x@4, never a
-    /// second, different x@3 that hosts which installed the first would be taken to have. The
-    /// counter is written (atomically) before the manifest appears; a crash in between only
-    /// skips a number.
+    /// Issues the next version number of `name`: one more than any version ever issued for it,
+    /// so `rm x@3` followed by an import gives x@4, never a second, different x@3 that hosts
+    /// which installed the first would be taken to have.
+    ///
+    /// The number is claimed by writing `claims/NAME/N.NONCE` and listing the claims of N: a
+    /// claimant that sees only its own claim has N; one that sees another withdraws and tries
+    /// again. On a store with read-after-write consistency (a folder, S3, Garage) two importers
+    /// anywhere never both win N: of two claims, the one written second is listed after the
+    /// other was written, so its writer sees the first. The claims stay as the record of issued
+    /// numbers; a crash between claim and manifest only skips a number.
     pub(crate) fn issue_version(&self, name: &str) -> Result<u32, StoreError> {
         validate_name(name)?;
-        let path = self.versions_dir().join(name);
-        let issued = match fs::read_to_string(&path) {
-            Ok(text) => text
-                .trim()
-                .parse::<u32>()
-                .map_err(|_| StoreError::BadInput {
-                    path: path.clone(),
-                    what: format!("version counter holds {:?}, not a number", text.trim()),
-                })?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(e).at(&path),
+        let prefix = format!("claims/{name}/");
+        let at = self.backend.locate(&prefix);
+        // Stores made before claims: a counter file, and the manifests present.
+        let legacy_key = format!("versions/{name}");
+        let legacy = match self.backend.get(&legacy_key) {
+            Ok(Some(text)) => {
+                let text = String::from_utf8_lossy(&text);
+                text.trim()
+                    .parse::<u32>()
+                    .map_err(|_| StoreError::BadInput {
+                        path: self.backend.locate(&legacy_key),
+                        what: format!("version counter holds {:?}, not a number", text.trim()),
+                    })?
+            }
+            Ok(None) => 0,
+            // A folder made by claims has `versions/` as a folder of nothing.
+            Err(_) => 0,
         };
-        // Stores made before the counter existed: continue after what is there.
-        let present = self.versions_of(name)?.last().map_or(0, |v| v.version);
-        let next = issued
-            .max(present)
-            .checked_add(1)
-            .ok_or_else(|| StoreError::BadInput {
-                path: path.clone(),
-                what: "no version numbers left".into(),
-            })?;
-        let dir = self.versions_dir();
-        fs::create_dir_all(&dir).at(&dir)?;
-        fsutil::write_atomic(&self.tmp_dir(), &path, format!("{next}\n").as_bytes()).at(&path)?;
-        Ok(next)
+        let claimed = |list: &[ObjectInfo]| -> Vec<(u32, String)> {
+            list.iter()
+                .filter_map(|o| {
+                    let (n, nonce) = o.key[prefix.len()..].split_once('.')?;
+                    Some((n.parse().ok()?, nonce.to_string()))
+                })
+                .collect()
+        };
+        for attempt in 0..CLAIM_TRIES {
+            let claims = claimed(&self.backend.list(&prefix).at(&at)?);
+            let present = self.versions_of(name)?.last().map_or(0, |v| v.version);
+            let issued = claims.iter().map(|c| c.0).max().unwrap_or(0);
+            let next = issued
+                .max(legacy)
+                .max(present)
+                .checked_add(1)
+                .ok_or_else(|| StoreError::BadInput {
+                    path: at.clone(),
+                    what: "no version numbers left".into(),
+                })?;
+            let nonce = blake3::hash(
+                format!("{}{}", fsutil::unique_name(""), self.location().display()).as_bytes(),
+            )
+            .to_hex()[..16]
+                .to_string();
+            let key = format!("{prefix}{next}.{nonce}");
+            self.backend.put(&key, b"").at(&self.backend.locate(&key))?;
+            let rivals = claimed(&self.backend.list(&prefix).at(&at)?)
+                .into_iter()
+                .any(|(n, other)| n == next && other != nonce);
+            if !rivals {
+                return Ok(next);
+            }
+            self.backend.delete(&key).at(&self.backend.locate(&key))?;
+            // Another importer wants the same number: back off a little, differently each time.
+            let jitter = u64::from(blake3::hash(nonce.as_bytes()).as_bytes()[0]);
+            std::thread::sleep(std::time::Duration::from_millis(
+                (10 + jitter) * u64::from(attempt + 1),
+            ));
+        }
+        Err(StoreError::BadInput {
+            path: at,
+            what: format!("could not claim a version number in {CLAIM_TRIES} tries"),
+        })
     }
 
     /// Removes an image version, or every version of a name; returns what was removed.
@@ -377,18 +508,28 @@ impl Store {
         };
         let mut removed = Vec::new();
         for v in &doomed {
-            fs::remove_file(&v.path).at(&v.path)?;
+            self.backend.delete(&v.key).at(&v.path)?;
             removed.push(ImageRef {
                 name: v.name.clone(),
                 version: Some(v.version),
             });
         }
-        let dir = self.manifests_dir().join(&r.name);
-        fsutil::sync_dir(&dir).at(&dir)?;
-        if fs::read_dir(&dir).at(&dir)?.next().is_none() {
-            fs::remove_dir(&dir).at(&dir)?;
-        }
         Ok(removed)
+    }
+}
+
+/// Frames read through the backend, from `packs/` or else `retired/`.
+struct BackendPacks<'a>(&'a Store);
+
+impl FrameSource for BackendPacks<'_> {
+    fn read(&self, pack: &PackId, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        let b = self.0.backend();
+        match b.read_at(&Store::pack_key(pack), offset, len as usize) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => b
+                .read_at(&Store::retired_key(pack), offset, len as usize)
+                .map_err(|_| e),
+            other => other,
+        }
     }
 }
 
@@ -399,30 +540,10 @@ fn is_empty_dir(dir: &Path) -> Result<bool, StoreError> {
         let name = entry.at(dir)?.file_name();
         if !matches!(
             name.to_str(),
-            Some("lock" | "packs" | "manifests" | "versions" | "tmp" | "retired")
+            Some("lock" | "packs" | "manifests" | "versions" | "claims" | "tmp" | "retired")
         ) {
             return Ok(false);
         }
     }
     Ok(true)
-}
-
-/// `*.pack` files in `dir`, with their sizes, sorted.
-fn pack_files_in(dir: &Path) -> Result<Vec<(PackId, u64)>, StoreError> {
-    let mut out = Vec::new();
-    for entry in fs::read_dir(dir).at(dir)? {
-        let entry = entry.at(dir)?;
-        let file = entry.file_name().to_string_lossy().into_owned();
-        let Some(Ok(id)) = file.strip_suffix(".pack").map(str::parse::<PackId>) else {
-            continue;
-        };
-        match entry.metadata() {
-            Ok(m) => out.push((id, m.len())),
-            // Moved or deleted by a gc since the listing: readers take no lock.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e).at(&entry.path()),
-        }
-    }
-    out.sort();
-    Ok(out)
 }

@@ -2,7 +2,7 @@
 //!
 //! A pack is a 16-byte header (`FBPACK01` + 8 reserved zero bytes) followed by frames back to back;
 //! it has no index of its own — the manifests are the index. [`PackWriter`] builds one in the
-//! store's `tmp/` and renames it into `packs/` only when complete; [`LocalPacks`] reads frames from
+//! store's `tmp/` and publishes it in `packs/` only when complete; [`LocalPacks`] reads frames from
 //! the packs of a local store.
 
 use super::fsutil::{unique_name, TempFile};
@@ -61,10 +61,12 @@ impl PackWriter {
         Ok(offset)
     }
 
-    /// Syncs the pack and makes it visible as `packs/<id>.pack`.
-    pub fn finish(self, store: &Store) -> Result<PackId, StoreError> {
-        let dest = store.pack_path(&self.id);
-        self.tmp.persist(&dest).at(&dest)?;
+    /// Syncs the pack and publishes it as `packs/<id>.pack`.
+    pub fn finish(mut self, store: &Store) -> Result<PackId, StoreError> {
+        let key = Store::pack_key(&self.id);
+        let dest = store.backend().locate(&key);
+        self.tmp.file().sync_all().at(&dest)?;
+        store.backend().put_file(&key, self.tmp.path()).at(&dest)?;
         Ok(self.id)
     }
 }

@@ -5,7 +5,6 @@
 //! once every chunk has been verified and written, so a failed export leaves no partial file.
 
 use super::fsutil::TempFile;
-use super::pack::LocalPacks;
 use super::{ImageRef, IoContext, Store, StoreError};
 use fleetboot_image::{restore, RestoreOptions, RestoreReport, Target};
 use std::fs::{self, File, OpenOptions};
@@ -78,7 +77,7 @@ impl Store {
         let started = Instant::now();
         let (v, manifest) = self.manifest(r)?;
         let size = manifest.meta.size;
-        let source = LocalPacks::new(self);
+        let source = self.frames();
         let show = |done| progress(done, size);
         let is_device = fs::metadata(out).is_ok_and(|m| m.file_type().is_block_device());
         let report = if is_device {
@@ -96,7 +95,7 @@ impl Store {
             }
             let report = restore(
                 &manifest,
-                &source,
+                source.as_ref(),
                 &mut Device(&dev),
                 RestoreOptions::default(),
                 &show,
@@ -123,7 +122,7 @@ impl Store {
             tmp.file().set_len(size).at(out)?;
             let report = restore(
                 &manifest,
-                &source,
+                source.as_ref(),
                 &mut SparseFile(tmp.file()),
                 RestoreOptions::default(),
                 &show,

@@ -13,8 +13,6 @@ use super::{Store, StoreError};
 use fleetboot_image::{ChunkId, PackId};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -60,7 +58,7 @@ impl Store {
         for v in self.versions()? {
             let label = format!("{}@{}", v.name, v.version);
             report.images_checked += 1;
-            let m = match self.load_manifest(&v.path) {
+            let m = match self.load_manifest(&v) {
                 Ok(m) => m,
                 // Removed (by `image rm`) since the listing: not damage, not checked.
                 Err(StoreError::Io { error, .. })
@@ -129,18 +127,19 @@ impl Store {
             packs.entry(id).or_insert(len);
         }
 
+        let source = self.frames();
         let mut bad_headers = BTreeSet::new();
         let vanished: Mutex<BTreeSet<PackId>> = Mutex::new(BTreeSet::new());
         for p in &referenced {
-            let file = self.open_pack(p);
-            let gone = matches!(&file, Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+            let header = source.read(p, 0, PACK_HEADER_BYTES as u32);
+            let gone = matches!(&header, Err(e) if e.kind() == std::io::ErrorKind::NotFound);
             if !packs.contains_key(p) || gone {
                 // Missing, or deleted by a gc since the listing: decided after the pass.
                 vanished
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(*p);
-            } else if !header_ok(file) {
+            } else if !header.is_ok_and(|h| h[..8] == PACK_MAGIC) {
                 bad_headers.insert(*p);
             }
         }
@@ -152,87 +151,76 @@ impl Store {
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         std::thread::scope(|s| {
             for _ in 0..threads {
-                s.spawn(|| {
-                    let mut open: HashMap<PackId, File> = HashMap::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(f) = frames.get(i) else { break };
-                        let bad = |why: String| {
-                            let mut d = damage.lock().unwrap_or_else(|p| p.into_inner());
-                            for (id, _) in f.chunks.values() {
-                                d.push((i, *id, why.clone()));
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(f) = frames.get(i) else { break };
+                    let bad = |why: String| {
+                        let mut d = damage.lock().unwrap_or_else(|p| p.into_inner());
+                        for (id, _) in f.chunks.values() {
+                            d.push((i, *id, why.clone()));
+                        }
+                    };
+                    let Some(&pack_len) = packs.get(&f.pack) else {
+                        bad(format!("pack {} is missing", f.pack));
+                        continue;
+                    };
+                    if bad_headers.contains(&f.pack) {
+                        bad(format!("pack {} has a damaged header", f.pack));
+                        continue;
+                    }
+                    if f.offset + u64::from(f.stored) > pack_len {
+                        bad(format!(
+                            "pack {} ends before the frame at {} (truncated)",
+                            f.pack, f.offset
+                        ));
+                        continue;
+                    }
+                    let stored = match source.read(&f.pack, f.offset, f.stored) {
+                        Ok(stored) => stored,
+                        Err(e) => {
+                            if e.kind() == std::io::ErrorKind::NotFound {
+                                vanished
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .insert(f.pack);
                             }
-                        };
-                        let Some(&pack_len) = packs.get(&f.pack) else {
-                            bad(format!("pack {} is missing", f.pack));
-                            continue;
-                        };
-                        if bad_headers.contains(&f.pack) {
-                            bad(format!("pack {} has a damaged header", f.pack));
-                            continue;
-                        }
-                        if f.offset + u64::from(f.stored) > pack_len {
-                            bad(format!(
-                                "pack {} ends before the frame at {} (truncated)",
-                                f.pack, f.offset
-                            ));
-                            continue;
-                        }
-                        let file = match open.get(&f.pack) {
-                            Some(file) => file,
-                            None => match self.open_pack(&f.pack) {
-                                Ok(file) => open.entry(f.pack).or_insert(file),
-                                Err(e) => {
-                                    if e.kind() == std::io::ErrorKind::NotFound {
-                                        vanished
-                                            .lock()
-                                            .unwrap_or_else(|p| p.into_inner())
-                                            .insert(f.pack);
-                                    }
-                                    bad(format!("pack {}: {e}", f.pack));
-                                    continue;
-                                }
-                            },
-                        };
-                        let mut stored = vec![0u8; f.stored as usize];
-                        if let Err(e) = file.read_exact_at(&mut stored, f.offset) {
                             bad(format!("pack {} at {}: {e}", f.pack, f.offset));
                             continue;
                         }
-                        let data = if f.zstd {
-                            match zstd::bulk::decompress(&stored, f.raw as usize) {
-                                Ok(d) if d.len() == f.raw as usize => d,
-                                Ok(_) | Err(_) => {
-                                    bad(format!(
-                                        "frame at {} of pack {} does not decompress",
-                                        f.offset, f.pack
-                                    ));
-                                    continue;
-                                }
-                            }
-                        } else {
-                            stored
-                        };
-                        let mut chunks = 0;
-                        for (&at, &(id, size)) in &f.chunks {
-                            let actual = ChunkId::of(&data[at as usize..(at + size) as usize]);
-                            chunks += 1;
-                            if actual != id {
-                                damage.lock().unwrap_or_else(|p| p.into_inner()).push((
-                                    i,
-                                    id,
-                                    format!(
-                                        "hashes to {actual} (frame at {} of pack {})",
-                                        f.offset, f.pack
-                                    ),
+                    };
+                    let data = if f.zstd {
+                        match zstd::bulk::decompress(&stored, f.raw as usize) {
+                            Ok(d) if d.len() == f.raw as usize => d,
+                            Ok(_) | Err(_) => {
+                                bad(format!(
+                                    "frame at {} of pack {} does not decompress",
+                                    f.offset, f.pack
                                 ));
+                                continue;
                             }
                         }
-                        let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
-                        c.0 += 1;
-                        c.1 += chunks;
-                        c.2 += u64::from(f.raw);
+                    } else {
+                        stored
+                    };
+                    let mut chunks = 0;
+                    for (&at, &(id, size)) in &f.chunks {
+                        let actual = ChunkId::of(&data[at as usize..(at + size) as usize]);
+                        chunks += 1;
+                        if actual != id {
+                            damage.lock().unwrap_or_else(|p| p.into_inner()).push((
+                                i,
+                                id,
+                                format!(
+                                    "hashes to {actual} (frame at {} of pack {})",
+                                    f.offset, f.pack
+                                ),
+                            ));
+                        }
                     }
+                    let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
+                    c.0 += 1;
+                    c.1 += chunks;
+                    c.2 += u64::from(f.raw);
                 });
             }
         });
@@ -274,15 +262,10 @@ impl Store {
     fn packs_named_now(&self) -> Result<BTreeSet<PackId>, StoreError> {
         let mut named = BTreeSet::new();
         for v in self.versions()? {
-            if let Ok(m) = self.load_manifest(&v.path) {
+            if let Ok(m) = self.load_manifest(&v) {
                 named.extend(m.packs.iter().copied());
             }
         }
         Ok(named)
     }
-}
-
-fn header_ok(file: std::io::Result<File>) -> bool {
-    let mut header = [0u8; PACK_HEADER_BYTES as usize];
-    file.and_then(|f| f.read_exact_at(&mut header, 0)).is_ok() && header[..8] == PACK_MAGIC
 }
