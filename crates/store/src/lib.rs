@@ -412,7 +412,7 @@ impl Store {
                 Some((id, o))
             })
             .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.sort_by_key(|a| a.0);
         Ok(out)
     }
 
