@@ -16,7 +16,7 @@ use std::path::PathBuf;
     about = "Bare-metal provisioning appliance and combined image store"
 )]
 struct Cli {
-    /// The image store folder.
+    /// The image store: a folder, or s3://BUCKET/PREFIX (endpoint, region and keys from AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; AWS_ALLOW_HTTP=true for http).
     #[arg(
         long,
         global = true,
@@ -228,7 +228,7 @@ enum StoreCommand {
 /// Runs the command line.
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
-    let store = Store::new(&cli.store);
+    let store = crate::s3::open_store(&cli.store)?;
     match cli.command {
         Command::Image(c) => image(&store, &cli.config, c),
         Command::Store(c) => store_cmd(&store, c),
@@ -441,7 +441,7 @@ fn host_show(config: &std::path::Path, mac: &str, json: bool) -> Result<()> {
     let mac: crate::mac::Mac = mac.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
     let fleet = crate::fleet::FleetState::open(&config.state_dir)?;
     let (store, catalog) = (
-        Store::new(&config.store),
+        crate::s3::open_store(&config.store)?,
         crate::appliance::ImageCatalog::default(),
     );
     let Some(d) = crate::http::api::host_detail(&config, &fleet, mac, &|r| {
@@ -618,7 +618,7 @@ fn host_list(config: &std::path::Path, json: bool) -> Result<()> {
     let config = crate::config::Config::load(config)?;
     let fleet = crate::fleet::FleetState::open(&config.state_dir)?;
     let (store, catalog) = (
-        Store::new(&config.store),
+        crate::s3::open_store(&config.store)?,
         crate::appliance::ImageCatalog::default(),
     );
     let views = crate::http::api::host_views(&config, &fleet.hosts()?, &fleet.power()?, &|r| {
@@ -692,10 +692,12 @@ fn announce_rollout(store: &Store, config_path: &std::path::Path, report: &store
             return;
         }
     };
-    let same_store = |a: &std::path::Path, b: &std::path::Path| {
-        std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok()
+    let same_store = match crate::s3::open_store(&config.store) {
+        Ok(s) if !s.is_local() => s.location() == store.location(),
+        Ok(s) => std::fs::canonicalize(s.root()).ok() == std::fs::canonicalize(store.root()).ok(),
+        Err(_) => false,
     };
-    if !same_store(&config.store, store.root()) {
+    if !same_store {
         return;
     }
     let name = &report.image.name;
@@ -805,7 +807,7 @@ fn image(store: &Store, config: &std::path::Path, command: ImageCommand) -> Resu
                 return print_json(&list);
             }
             if list.is_empty() {
-                eprintln!("no images in {}", store.root().display());
+                eprintln!("no images in {}", store.location().display());
                 return Ok(());
             }
             let mut out = std::io::stdout().lock();

@@ -28,6 +28,7 @@ pub struct Config {
     pub http_port: u16,
     /// Files served over TFTP and HTTP (relative paths are taken from the config file's folder).
     pub boot_dir: PathBuf,
+    /// The image store: a folder (relative to the config file's) or `s3://bucket/prefix`.
     pub store: PathBuf,
     /// SQLite database of hosts, leases and events.
     pub state_dir: PathBuf,
@@ -1214,7 +1215,12 @@ impl Config {
             address: raw.address,
             http_port: raw.http_port,
             boot_dir: base.join(raw.boot_dir),
-            store: base.join(raw.store),
+            // An object store's address is kept as written; a folder is relative to the file.
+            store: if raw.store.to_string_lossy().starts_with("s3://") {
+                raw.store
+            } else {
+                base.join(raw.store)
+            },
             state_dir: base.join(raw.state_dir),
             admin_token: raw.admin_token,
             router_advertisements: raw.router_advertisements,

@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod net;
 pub mod ra;
 pub mod rules;
+pub mod s3;
 pub mod serve;
 /// The combined image store, its own crate (`crates/store`): it knows no network and no hosts.
 pub use fleetboot_store as store;

@@ -6,7 +6,6 @@ use crate::config::{Config, DhcpMode};
 use crate::dhcp::{DhcpServer, DhcpSockets};
 use crate::http::{self, AppState};
 use crate::net::interface_ipv4;
-use crate::store::Store;
 use anyhow::{bail, Context, Result};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -24,7 +23,7 @@ pub struct ServeOptions {
 /// Loads a configuration and checks its images against its store.
 pub fn load_checked(path: &Path) -> Result<Config> {
     let config = Config::load(path)?;
-    config.check_images(&Store::new(&config.store))?;
+    config.check_images(&crate::s3::open_store(&config.store)?)?;
     Ok(config)
 }
 

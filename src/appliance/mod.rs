@@ -76,7 +76,7 @@ impl AppState {
         config: Config,
         base_url: String,
         admin_token: Option<String>,
-    ) -> Result<Arc<AppState>, StateError> {
+    ) -> anyhow::Result<Arc<AppState>> {
         let fleet = FleetState::open(&config.state_dir)?;
         let tokens = Tokens::default();
         for (mac, token) in fleet.live_tokens()? {
@@ -89,7 +89,7 @@ impl AppState {
         let logs = crate::fleet::logs::InstallLogs::new(&config.state_dir);
         Ok(Arc::new(AppState {
             logs,
-            store: Store::new(&config.store),
+            store: crate::s3::open_store(&config.store)?,
             config: RwLock::new(Arc::new(config)),
             fleet: Mutex::new(fleet),
             metrics: Arc::new(Metrics::default()),

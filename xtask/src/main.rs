@@ -17,6 +17,7 @@ mod images;
 mod initramfs;
 mod nginx;
 mod os_images;
+mod s3;
 mod setup;
 mod test;
 mod util;
@@ -35,6 +36,9 @@ tasks:
   images        the demo disk images (bootable, print a marker) into images/out
                 (--os debian: a Debian 12 cloud image, versions 1 and 2, as qcow2, cached)
   initramfs     the agent's kernel and initramfs (Debian's kernel, static agent as /init) in boot/
+  s3            the store in a three-node Garage cluster (S3, replication 3): every store
+                command, concurrent imports from two appliances, a node killed mid-way
+                (builds Garage once with cargo install, about 30 min)
   bench deploy  the agent vs curl | zstd -d | dd and casync, full and delta, on images A and B
   bench store   build three related Debian disk images and compare fleetboot's store
                 with casync, WIM (wimlib) and zstd on them; imports from qcow2 vs raw
@@ -68,6 +72,7 @@ fn run() -> Result<()> {
         ["e2e", rest @ ..] => e2e::run(rest),
         ["fuzz", rest @ ..] => fuzz::run(rest),
         ["images", rest @ ..] => images::run(rest),
+        ["s3", rest @ ..] => s3::run_task(rest),
         ["bench", "store", rest @ ..] => bench_store::run(rest),
         ["bench", "deploy", rest @ ..] => bench_deploy::run(rest),
         ["bench", "serve", rest @ ..] => bench_serve::run(rest),

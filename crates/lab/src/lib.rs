@@ -8,6 +8,7 @@
 //! killed is recognised (its pid is gone) and removed by the next lab made.
 
 pub mod bmc;
+pub mod garage;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
