@@ -43,6 +43,9 @@ pub struct Config {
     /// Where agents fetch manifests and packs (`…/manifests/NAME/N.manifest`, `…/packs/ID.pack`):
     /// a mirror or cache of the store folder; `None`: this appliance's `/store`.
     pub store_url: Option<String>,
+    /// Bytes of verified frames an appliance keeps in memory when its store is in object
+    /// storage (least recently used evicted).
+    pub frame_cache_bytes: u64,
     pub dhcp: Dhcp,
     pub boot_files: BootFiles,
     pub tftp: Tftp,
@@ -420,6 +423,8 @@ struct RawConfig {
     store_access: StoreAccess,
     #[serde(default)]
     store_url: Option<Spanned<String>>,
+    #[serde(default = "default_frame_cache_bytes")]
+    frame_cache_bytes: u64,
     #[serde(default)]
     dhcp: Dhcp,
     #[serde(default)]
@@ -473,6 +478,10 @@ fn default_http_port() -> u16 {
 fn default_boot_dir() -> PathBuf {
     PathBuf::from("boot")
 }
+fn default_frame_cache_bytes() -> u64 {
+    1 << 30
+}
+
 fn default_store() -> PathBuf {
     PathBuf::from("/var/lib/fleetboot/store")
 }
@@ -1227,6 +1236,7 @@ impl Config {
             install_token_ttl,
             store_access: raw.store_access,
             store_url,
+            frame_cache_bytes: raw.frame_cache_bytes,
             dhcp: raw.dhcp,
             boot_files: raw.boot_files,
             tftp: raw.tftp,

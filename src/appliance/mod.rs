@@ -14,6 +14,7 @@
 
 mod boot;
 pub mod cloudinit;
+pub mod frames;
 mod images;
 pub mod policy;
 mod tokens;
@@ -56,6 +57,8 @@ pub struct AppState {
     pub admin_token: Option<String>,
     /// Pack files kept open for range reads.
     pub packs: PackFiles,
+    /// Verified frames of a store in object storage (unused for a local store).
+    pub frames: frames::FrameCache,
     /// Live install tokens.
     pub tokens: Tokens,
     /// Images resolved to their identity, cached by manifest file.
@@ -78,6 +81,7 @@ impl AppState {
         admin_token: Option<String>,
     ) -> anyhow::Result<Arc<AppState>> {
         let fleet = FleetState::open(&config.state_dir)?;
+        let frame_cache_bytes = config.frame_cache_bytes;
         let tokens = Tokens::default();
         for (mac, token) in fleet.live_tokens()? {
             tokens.insert(mac, token);
@@ -96,6 +100,7 @@ impl AppState {
             base_url,
             admin_token,
             packs: PackFiles::default(),
+            frames: frames::FrameCache::new(frame_cache_bytes),
             tokens,
             images: ImageCatalog::default(),
             addresses: Mutex::new(Addresses::default()),

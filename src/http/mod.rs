@@ -31,7 +31,7 @@ pub use crate::appliance::AppState;
 use crate::appliance::boot_now;
 use crate::bootfiles::resolve_beneath;
 use crate::config::StoreAccess;
-use crate::store::validate_name;
+use crate::store::{validate_name, Store};
 use axum::body::Body;
 use axum::extract::connect_info::{ConnectInfo, MockConnectInfo};
 use axum::extract::{FromRequestParts, Path, Request, State};
@@ -171,6 +171,15 @@ async fn manifest(
     let (Ok(()), Some(version)) = (validate_name(&name), version) else {
         return StatusCode::NOT_FOUND.into_response();
     };
+    if !st.store.is_local() {
+        let (store, key) = (st.store.clone(), Store::manifest_key(&name, version));
+        return match tokio::task::spawn_blocking(move || store.backend().get(&key)).await {
+            Ok(Ok(Some(bytes))) => bytes.into_response(),
+            Ok(Ok(None)) => StatusCode::NOT_FOUND.into_response(),
+            Ok(Err(e)) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+            Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        };
+    }
     let path = st.store.manifest_path(&name, version);
     match ServeFile::new(path).oneshot(req).await {
         Ok(resp) => resp.map(Body::new),

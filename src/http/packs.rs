@@ -85,6 +85,9 @@ pub async fn get(
     else {
         return StatusCode::NOT_FOUND.into_response();
     };
+    if !st.store.is_local() {
+        return from_object_store(&st, id, headers).await;
+    }
     let Some(pack) = st.packs.get(&st.store, &id) else {
         return StatusCode::NOT_FOUND.into_response();
     };
@@ -185,6 +188,47 @@ pub async fn get(
         }
     }
     resp
+}
+
+/// A frame of a pack in object storage, through the verified frame cache. Only a Range of
+/// exactly one frame that a manifest names is answered (that is what agents ask for).
+async fn from_object_store(st: &AppState, id: PackId, headers: &header::HeaderMap) -> Response {
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
+    let Some((start, end)) = range.filter(|(a, b)| a <= b) else {
+        return (
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "a pack in object storage is served by frame: give the Range of one frame",
+        )
+            .into_response();
+    };
+    match st.frames.get(&st.store, id, start, end - start + 1).await {
+        Ok(body) => {
+            let mut resp = Response::new(Body::from(body));
+            *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+            let h = resp.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/octet-stream"),
+            );
+            // The pack's length is not known without asking the object store: RFC 9110 `*`.
+            if let Ok(v) = header::HeaderValue::from_str(&format!("bytes {start}-{end}/*")) {
+                h.insert(header::CONTENT_RANGE, v);
+            }
+            resp
+        }
+        Err(e @ crate::appliance::frames::FrameError::Unknown { .. }) => {
+            (StatusCode::NOT_FOUND, e.to_string()).into_response()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "frame from the object store");
+            (StatusCode::BAD_GATEWAY, e.to_string()).into_response()
+        }
+    }
 }
 
 #[cfg(test)]

@@ -120,6 +120,10 @@ impl Connection {
                         let Some(request) = FileRequest::parse(&buf[..len]) else {
                             break;
                         };
+                        // Packs in object storage come through the router's frame cache.
+                        if matches!(request.target, Target::Pack(_)) && !state.store.is_local() {
+                            break;
+                        }
                         buf.advance(len);
                         match answer(&state, &mut io, peer, &request, self.idle).await {
                             Ok(()) if !request.close => continue,

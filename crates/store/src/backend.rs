@@ -117,7 +117,15 @@ impl Backend for Folder {
     fn put(&self, key: &str, bytes: &[u8]) -> io::Result<()> {
         let path = self.path(key);
         self.ensure_parent(&path)?;
-        write_atomic(&self.tmp_dir(), &path, bytes)
+        match write_atomic(&self.tmp_dir(), &path, bytes) {
+            // The staging folder is made by a writer's lock; a folder used as a plain backend
+            // (a mirror, a test) may not have one yet.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !self.tmp_dir().is_dir() => {
+                fs::create_dir_all(self.tmp_dir())?;
+                write_atomic(&self.tmp_dir(), &path, bytes)
+            }
+            other => other,
+        }
     }
 
     fn put_file(&self, key: &str, file: &Path) -> io::Result<()> {
@@ -205,7 +213,6 @@ mod tests {
     fn folder_objects_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let b = Folder::new(dir.path());
-        fs::create_dir_all(dir.path().join("tmp")).unwrap();
         assert_eq!(b.get("manifests/a/1.manifest").unwrap(), None);
         b.put("manifests/a/1.manifest", b"one").unwrap();
         b.put("manifests/b/2.manifest", b"two").unwrap();
