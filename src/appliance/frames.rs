@@ -26,6 +26,8 @@ struct FrameInfo {
 }
 
 type Key = (PackId, u64);
+/// One fetch of a frame from the object store, which every request for it awaits.
+type Fetch = OnceCell<Result<Bytes, String>>;
 
 /// Why a frame was not served.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +58,7 @@ pub struct FrameCache {
     bytes_max: u64,
     lru: Mutex<Lru>,
     /// Frames being fetched: later requests wait on the same cell.
-    inflight: Mutex<HashMap<Key, Arc<OnceCell<Result<Bytes, String>>>>>,
+    inflight: Mutex<HashMap<Key, Arc<Fetch>>>,
     /// Frames the manifests name (read again when asked for one it does not know).
     index: Mutex<HashMap<Key, FrameInfo>>,
 }
