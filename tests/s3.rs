@@ -170,3 +170,105 @@ fn the_store_works_the_same_in_a_three_node_garage() {
     );
     assert!(one.export("os@4", &out) == d);
 }
+
+/// The agent binary (built by `cargo xtask s3`, which names it in `FLEETBOOT_AGENT`).
+fn agent_bin() -> PathBuf {
+    PathBuf::from(std::env::var_os("FLEETBOOT_AGENT").expect("FLEETBOOT_AGENT names the agent"))
+}
+
+#[test]
+#[ignore = "needs Garage (FLEETBOOT_GARAGE), the agent (FLEETBOOT_AGENT) and root: cargo xtask s3"]
+fn an_agent_installs_through_a_second_appliance_while_a_node_dies_and_gc_runs() {
+    let bin = garage_bin().expect("FLEETBOOT_GARAGE names the garage binary");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut lab = Lab::new("s3i").expect("lab");
+    let mut garage = Garage::start(&mut lab, &bin, 80, dir.path()).expect("garage cluster");
+    let client = lab
+        .host("cl", "02:00:00:80:00:10", Some("10.80.0.10/24"))
+        .expect("client host");
+    let app = lab
+        .host("app2", "02:00:00:80:00:20", Some("10.80.0.20/24"))
+        .expect("appliance host");
+    const MAC: &str = "52:54:00:80:00:30";
+    let machine = lab
+        .host("m1", MAC, Some("10.80.0.30/24"))
+        .expect("machine host");
+    // A link slow enough that the install is still running when the node dies and gc runs.
+    let tc = machine
+        .cmd("tc")
+        .args(["qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "40mbit"])
+        .args(["burst", "64kb", "latency", "100ms"])
+        .status()
+        .expect("tc");
+    assert!(tc.success());
+
+    // Appliance 1 imports two versions; the second shares most of its data with the first.
+    let a = synthetic_image(201, 16384, 0);
+    let b = next_version(&a, 202, 2000);
+    let (pa, pb) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    std::fs::write(&pa, &a).expect("write a");
+    std::fs::write(&pb, &b).expect("write b");
+    let one = Appliance {
+        host: &client,
+        env: garage.env(0),
+        staging: dir.path().join("staging-1"),
+    };
+    one.ok(&["image", "import", "os", &pa.to_string_lossy()]);
+    one.ok(&["image", "import", "os", &pb.to_string_lossy()]);
+
+    // Appliance 2 serves the same bucket to its own network, with its own state.
+    let work = dir.path().join("app2");
+    std::fs::create_dir_all(work.join("boot")).expect("boot dir");
+    let config = work.join("fleetboot.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "interface: eth0\naddress: 10.80.0.20\nhttp_port: 8080\nboot_dir: {boot}\n\
+             store: {STORE}\nstate_dir: {state}\ndhcp: {{ mode: off }}\ntftp: {{ port: 6969 }}\n\
+             hosts:\n  \"{MAC}\": {{ image: os@2 }}\n",
+            boot = work.join("boot").display(),
+            state = work.join("state").display()
+        ),
+    )
+    .expect("config");
+    let mut serve = app.cmd(env!("CARGO_BIN_EXE_fleetboot"));
+    serve
+        .envs(garage.env(0))
+        .env("FLEETBOOT_S3_STAGING", work.join("staging"))
+        .args(["serve", "--config"])
+        .arg(&config);
+    let mut appliance =
+        fleetboot_lab::Daemon::start(&mut serve, &work.join("serve.log")).expect("serve");
+    app.wait_listening(8080, false, 20, &mut appliance)
+        .expect("appliance 2 listens");
+
+    let target = dir.path().join("disk.img");
+    let agent = machine
+        .cmd(agent_bin())
+        .args(["deploy", "--server", "http://10.80.0.20:8080", "--mac", MAC, "--target"])
+        .arg(&target)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("agent");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Mid-install: a storage node dies, and appliance 1 removes os@1 and collects garbage
+    // (rewriting packs os@2 shares with it, so the manifest the agent follows changes under it).
+    garage.kill(2);
+    one.ok(&["image", "rm", "os@1"]);
+    let gc = one.ok(&["store", "gc"]);
+    let out = agent.wait_with_output().expect("agent");
+    assert!(
+        out.status.success(),
+        "the install failed:\n{}\n{}\nappliance:\n{}\ngc: {gc}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        appliance.log_tail()
+    );
+    let disk = std::fs::read(&target).expect("installed disk");
+    assert!(disk[..b.len()] == b[..], "the disk holds os@2 byte for byte");
+    // And the store, on the surviving nodes, is whole.
+    let verify = one.ok(&["store", "verify"]);
+    assert!(!verify.contains("damaged"), "{verify}");
+    assert!(one.export("os@2", &dir.path().join("out.img")) == b);
+}

@@ -111,8 +111,11 @@ impl FrameCache {
                     .await
                     .map_err(|e| FrameError::Store(e.to_string()))?
                     .map_err(|e| FrameError::Store(e.to_string()))?;
+                // Merged, not replaced: a frame is immutable bytes at a place, and an install
+                // that began before gc rewrote its manifest still asks for the old places
+                // (readable from retired/ for the grace period).
                 let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
-                *index = fresh;
+                index.extend(fresh);
                 index
                     .get(&key)
                     .cloned()

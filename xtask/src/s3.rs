@@ -43,8 +43,13 @@ pub fn run_task(args: &[&str]) -> Result<()> {
         bail!("usage: cargo xtask s3");
     }
     let bin = garage()?;
+    // The host-mode agent the install test runs (the host's target: no initramfs needed).
+    run(Command::new(env!("CARGO"))
+        .current_dir(root())
+        .args(["build", "-p", "fleetboot-agent"]))?;
     run(Command::new(env!("CARGO"))
         .current_dir(root())
         .env("FLEETBOOT_GARAGE", &bin)
-        .args(["test", "--test", "s3", "--", "--ignored", "--nocapture"]))
+        .env("FLEETBOOT_AGENT", root().join("target/debug/fleetboot-agent"))
+        .args(["test", "--test", "s3", "--", "--ignored", "--test-threads", "1"]))
 }
