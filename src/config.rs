@@ -194,6 +194,10 @@ pub enum StoreAccess {
     Token,
     /// Anyone on the network (an HTTP cache in front of the appliance).
     Open,
+    /// Agents read the store straight from its object storage, by URLs presigned for the
+    /// objects of their install, valid for `install_token_ttl` (needs `store: s3://…`); the
+    /// appliance still serves token holders (agents of older versions).
+    Direct,
 }
 
 /// Default of `install_token_ttl`.
@@ -1211,6 +1215,15 @@ impl Config {
                  at least 16 (one frame's range)"
                     .into(),
             ));
+        }
+        if raw.store_access == StoreAccess::Direct
+            && !raw.store.to_string_lossy().starts_with("s3://")
+        {
+            return Err(whole(format!(
+                "store_access: direct sends agents to the store's object storage, but store is {} \
+                 (a folder): give store: s3://BUCKET/PREFIX, or store_access: token",
+                raw.store.display()
+            )));
         }
         if raw.tftp.blksize_max < 512 || raw.tftp.windowsize_max == 0 || raw.tftp.transfers_max == 0
         {

@@ -15,6 +15,7 @@ use futures_lite::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::buffered::BufWriter;
 use object_store::path::Path as ObjectPath;
+use object_store::signer::Signer;
 use object_store::{ObjectStore, ObjectStoreExt};
 use std::future::Future;
 use std::io;
@@ -253,6 +254,17 @@ impl Backend for S3Backend {
                 Err(e) => Err(io_error(e)),
             }
         })
+    }
+
+    fn presign(&self, key: &str, ttl: std::time::Duration) -> Option<io::Result<String>> {
+        let (client, path) = (self.client.clone(), self.object(key));
+        Some(block(async move {
+            let url = client
+                .signed_url(axum::http::Method::GET, &path, ttl)
+                .await
+                .map_err(io_error)?;
+            Ok(url.to_string())
+        }))
     }
 
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {

@@ -176,99 +176,225 @@ fn agent_bin() -> PathBuf {
     PathBuf::from(std::env::var_os("FLEETBOOT_AGENT").expect("FLEETBOOT_AGENT names the agent"))
 }
 
+/// Garage, appliance 1 (commands) with two versions of an image imported, appliance 2 serving
+/// the bucket to its own network, and a machine there assigned `os@2`, on a slow link.
+struct InstallRig {
+    dir: tempfile::TempDir,
+    _lab: Lab,
+    garage: Garage,
+    client: Host,
+    machine: Host,
+    appliance: fleetboot_lab::Daemon,
+    config: PathBuf,
+    b: Vec<u8>,
+}
+
+const MAC: &str = "52:54:00:80:00:30";
+
+impl InstallRig {
+    fn start(net: u8, store_access: &str) -> InstallRig {
+        let bin = garage_bin().expect("FLEETBOOT_GARAGE names the garage binary");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut lab = Lab::new(&format!("s3-{net}")).expect("lab");
+        let garage = Garage::start(&mut lab, &bin, net, dir.path()).expect("garage cluster");
+        let addr = |n: u8| format!("10.{net}.0.{n}");
+        let client = lab
+            .host(
+                "cl",
+                &format!("02:00:00:{net:02x}:00:10"),
+                Some(&format!("{}/24", addr(10))),
+            )
+            .expect("client host");
+        let app = lab
+            .host(
+                "app2",
+                &format!("02:00:00:{net:02x}:00:20"),
+                Some(&format!("{}/24", addr(20))),
+            )
+            .expect("appliance host");
+        let machine = lab
+            .host("m1", MAC, Some(&format!("{}/24", addr(30))))
+            .expect("machine host");
+        // A link slow enough that the install is still running when a node dies or gc runs.
+        let tc = machine
+            .cmd("tc")
+            .args([
+                "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "40mbit",
+            ])
+            .args(["burst", "64kb", "latency", "100ms"])
+            .status()
+            .expect("tc");
+        assert!(tc.success());
+
+        // Appliance 1 imports two versions; the second changes most blocks of the first, so
+        // removing the first leaves its packs mostly unused and gc rewrites them (and the
+        // manifest of the second) while the machine installs the second.
+        let a = synthetic_image(201, 16384, 0);
+        let b = next_version(&a, 202, 10000);
+        let (pa, pb) = (dir.path().join("a.img"), dir.path().join("b.img"));
+        std::fs::write(&pa, &a).expect("write a");
+        std::fs::write(&pb, &b).expect("write b");
+        let one = Appliance {
+            host: &client,
+            env: garage.env(0),
+            staging: dir.path().join("staging-1"),
+        };
+        one.ok(&["image", "import", "os", &pa.to_string_lossy()]);
+        one.ok(&["image", "import", "os", &pb.to_string_lossy()]);
+
+        // Appliance 2 serves the same bucket to its own network, with its own state.
+        let work = dir.path().join("app2");
+        std::fs::create_dir_all(work.join("boot")).expect("boot dir");
+        let config = work.join("fleetboot.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "interface: eth0\naddress: {}\nhttp_port: 8080\nboot_dir: {boot}\n\
+                 store: {STORE}\nstore_access: {store_access}\nstate_dir: {state}\n\
+                 dhcp: {{ mode: off }}\ntftp: {{ port: 6969 }}\n\
+                 hosts:\n  \"{MAC}\": {{ image: os@2 }}\n",
+                addr(20),
+                boot = work.join("boot").display(),
+                state = work.join("state").display()
+            ),
+        )
+        .expect("config");
+        let mut serve = app.cmd(env!("CARGO_BIN_EXE_fleetboot"));
+        serve
+            .envs(garage.env(0))
+            .env("FLEETBOOT_S3_STAGING", work.join("staging"))
+            .args(["serve", "--config"])
+            .arg(&config);
+        let mut appliance =
+            fleetboot_lab::Daemon::start(&mut serve, &work.join("serve.log")).expect("serve");
+        app.wait_listening(8080, false, 20, &mut appliance)
+            .expect("appliance 2 listens");
+        InstallRig {
+            dir,
+            _lab: lab,
+            garage,
+            client,
+            machine,
+            appliance,
+            config,
+            b,
+        }
+    }
+
+    fn one(&self) -> Appliance<'_> {
+        Appliance {
+            host: &self.client,
+            env: self.garage.env(0),
+            staging: self.dir.path().join("staging-1"),
+        }
+    }
+
+    /// Asks appliance 2 (its state, through the command line) to install the machine again.
+    fn reimage(&self) {
+        let mut c = self.client.cmd(env!("CARGO_BIN_EXE_fleetboot"));
+        c.envs(self.garage.env(0))
+            .args(["reimage", MAC, "--config"])
+            .arg(&self.config);
+        let out = c.output().expect("reimage");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn agent(&self) -> std::process::Child {
+        self.machine
+            .cmd(agent_bin())
+            .args([
+                "deploy",
+                "--server",
+                &format!("http://{}:8080", self.app_addr()),
+            ])
+            .args(["--mac", MAC, "--target"])
+            .arg(self.dir.path().join("disk.img"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("agent")
+    }
+
+    fn app_addr(&self) -> String {
+        let net = self.garage.endpoint(0);
+        let net = net.split('.').nth(1).unwrap_or("0").to_string();
+        format!("10.{net}.0.20")
+    }
+
+    /// Waits for the agent and checks the disk holds `os@2`.
+    fn installed(&mut self, agent: std::process::Child, what: &str) {
+        let out = agent.wait_with_output().expect("agent");
+        assert!(
+            out.status.success(),
+            "the install failed:\n{}\n{}\nappliance:\n{}\n{what}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.appliance.log_tail()
+        );
+        let disk = std::fs::read(self.dir.path().join("disk.img")).expect("installed disk");
+        assert!(
+            disk[..self.b.len()] == self.b[..],
+            "the disk holds os@2 byte for byte"
+        );
+    }
+
+    /// The appliance's metrics line `name`.
+    fn metric(&self, name: &str) -> u64 {
+        let out = self
+            .client
+            .cmd("curl")
+            .args(["-sf", &format!("http://{}:8080/metrics", self.app_addr())])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the metrics"))
+    }
+}
+
 #[test]
 #[ignore = "needs Garage (FLEETBOOT_GARAGE), the agent (FLEETBOOT_AGENT) and root: cargo xtask s3"]
 fn an_agent_installs_through_a_second_appliance_while_a_node_dies_and_gc_runs() {
-    let bin = garage_bin().expect("FLEETBOOT_GARAGE names the garage binary");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut lab = Lab::new("s3i").expect("lab");
-    let mut garage = Garage::start(&mut lab, &bin, 80, dir.path()).expect("garage cluster");
-    let client = lab
-        .host("cl", "02:00:00:80:00:10", Some("10.80.0.10/24"))
-        .expect("client host");
-    let app = lab
-        .host("app2", "02:00:00:80:00:20", Some("10.80.0.20/24"))
-        .expect("appliance host");
-    const MAC: &str = "52:54:00:80:00:30";
-    let machine = lab
-        .host("m1", MAC, Some("10.80.0.30/24"))
-        .expect("machine host");
-    // A link slow enough that the install is still running when the node dies and gc runs.
-    let tc = machine
-        .cmd("tc")
-        .args(["qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "40mbit"])
-        .args(["burst", "64kb", "latency", "100ms"])
-        .status()
-        .expect("tc");
-    assert!(tc.success());
-
-    // Appliance 1 imports two versions; the second shares most of its data with the first.
-    let a = synthetic_image(201, 16384, 0);
-    let b = next_version(&a, 202, 2000);
-    let (pa, pb) = (dir.path().join("a.img"), dir.path().join("b.img"));
-    std::fs::write(&pa, &a).expect("write a");
-    std::fs::write(&pb, &b).expect("write b");
-    let one = Appliance {
-        host: &client,
-        env: garage.env(0),
-        staging: dir.path().join("staging-1"),
-    };
-    one.ok(&["image", "import", "os", &pa.to_string_lossy()]);
-    one.ok(&["image", "import", "os", &pb.to_string_lossy()]);
-
-    // Appliance 2 serves the same bucket to its own network, with its own state.
-    let work = dir.path().join("app2");
-    std::fs::create_dir_all(work.join("boot")).expect("boot dir");
-    let config = work.join("fleetboot.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "interface: eth0\naddress: 10.80.0.20\nhttp_port: 8080\nboot_dir: {boot}\n\
-             store: {STORE}\nstate_dir: {state}\ndhcp: {{ mode: off }}\ntftp: {{ port: 6969 }}\n\
-             hosts:\n  \"{MAC}\": {{ image: os@2 }}\n",
-            boot = work.join("boot").display(),
-            state = work.join("state").display()
-        ),
-    )
-    .expect("config");
-    let mut serve = app.cmd(env!("CARGO_BIN_EXE_fleetboot"));
-    serve
-        .envs(garage.env(0))
-        .env("FLEETBOOT_S3_STAGING", work.join("staging"))
-        .args(["serve", "--config"])
-        .arg(&config);
-    let mut appliance =
-        fleetboot_lab::Daemon::start(&mut serve, &work.join("serve.log")).expect("serve");
-    app.wait_listening(8080, false, 20, &mut appliance)
-        .expect("appliance 2 listens");
-
-    let target = dir.path().join("disk.img");
-    let agent = machine
-        .cmd(agent_bin())
-        .args(["deploy", "--server", "http://10.80.0.20:8080", "--mac", MAC, "--target"])
-        .arg(&target)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("agent");
+    let mut rig = InstallRig::start(80, "token");
+    let agent = rig.agent();
     std::thread::sleep(std::time::Duration::from_millis(1500));
     // Mid-install: a storage node dies, and appliance 1 removes os@1 and collects garbage
     // (rewriting packs os@2 shares with it, so the manifest the agent follows changes under it).
-    garage.kill(2);
+    rig.garage.kill(2);
+    let one = rig.one();
     one.ok(&["image", "rm", "os@1"]);
     let gc = one.ok(&["store", "gc"]);
-    let out = agent.wait_with_output().expect("agent");
-    assert!(
-        out.status.success(),
-        "the install failed:\n{}\n{}\nappliance:\n{}\ngc: {gc}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        appliance.log_tail()
-    );
-    let disk = std::fs::read(&target).expect("installed disk");
-    assert!(disk[..b.len()] == b[..], "the disk holds os@2 byte for byte");
+    rig.installed(agent, &format!("gc: {gc}"));
+    // Appliance 2 read each frame from the object store once at most.
+    let fetches = rig.metric("fleetboot_frame_fetches_total");
+    assert!(fetches > 0, "the install came through the frame cache");
     // And the store, on the surviving nodes, is whole.
+    let one = rig.one();
     let verify = one.ok(&["store", "verify"]);
     assert!(!verify.contains("damaged"), "{verify}");
-    assert!(one.export("os@2", &dir.path().join("out.img")) == b);
+    assert!(one.export("os@2", &rig.dir.path().join("out.img")) == rig.b);
+    // A second install of the same image comes from the cache: no new fetch.
+    std::fs::remove_file(rig.dir.path().join("disk.img")).expect("rm disk");
+    rig.reimage();
+    let agent = rig.agent();
+    rig.installed(agent, "second install");
+    assert_eq!(rig.metric("fleetboot_frame_fetches_total"), fetches);
+}
+
+#[test]
+#[ignore = "needs Garage (FLEETBOOT_GARAGE), the agent (FLEETBOOT_AGENT) and root: cargo xtask s3"]
+fn with_store_access_direct_the_agent_reads_the_object_store_itself() {
+    let mut rig = InstallRig::start(81, "direct");
+    let agent = rig.agent();
+    rig.installed(agent, "direct");
+    assert_eq!(
+        rig.metric("fleetboot_frame_fetches_total"),
+        0,
+        "no frame came through appliance 2"
+    );
 }

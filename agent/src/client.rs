@@ -144,14 +144,15 @@ impl Client {
         })
     }
 
-    /// Fetches a whole small document (a manifest).
-    pub fn fetch(&self, url: &str) -> Result<Vec<u8>> {
+    /// Fetches `url` whole, with the install token or (a presigned URL, which carries its own
+    /// authorization and would be refused beside a second one) without.
+    pub fn fetch_as(&self, url: &str, with_token: bool) -> Result<Vec<u8>> {
         retry(url, || {
-            let mut resp = self
-                .http
-                .get(url)
-                .header("authorization", self.bearer())
-                .call()?;
+            let mut req = self.http.get(url);
+            if with_token {
+                req = req.header("authorization", self.bearer());
+            }
+            let mut resp = req.call()?;
             Ok(resp.body_mut().with_config().limit(1 << 30).read_to_vec()?)
         })
         .with_context(|| format!("cannot fetch {url}"))

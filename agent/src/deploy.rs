@@ -65,8 +65,9 @@ fn install(client: &Client, s: &Settings) -> Result<InstallReport> {
         a.size,
         target.display()
     );
-    let manifest =
-        Manifest::decode(&client.fetch(&a.manifest_url)?).context("the image's manifest")?;
+    let with_token = !a.presigned;
+    let manifest = Manifest::decode(&client.fetch_as(&a.manifest_url, with_token)?)
+        .context("the image's manifest")?;
     if manifest.meta.size != a.size || manifest.meta.digest != a.image.digest {
         bail!(
             "the manifest does not describe the assigned image {}",
@@ -77,7 +78,7 @@ fn install(client: &Client, s: &Settings) -> Result<InstallReport> {
     let old = a
         .installed_manifest_url
         .as_deref()
-        .and_then(|url| client.fetch(url).ok())
+        .and_then(|url| client.fetch_as(url, with_token).ok())
         .and_then(|bytes| Manifest::decode(&bytes).ok());
     let scan_started = Instant::now();
     // The seed an earlier install added changed the image's partition-table sectors; with the
@@ -90,7 +91,7 @@ fn install(client: &Client, s: &Settings) -> Result<InstallReport> {
         local.bytes,
         scan_started.elapsed().as_secs_f64()
     );
-    let source = HttpPacks::new(&a.packs_url, client.token());
+    let source = HttpPacks::new(&a.packs_url, client.token()).with_presigned(a.pack_urls.clone());
     let total = a.size;
     let last = std::cell::Cell::new(Instant::now() - Duration::from_secs(2));
     let progress = |done: u64| {

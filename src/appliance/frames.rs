@@ -10,7 +10,7 @@
 
 use crate::store::Store;
 use bytes::Bytes;
-use fleetboot_image::{ChunkId, PackId};
+use fleetboot_image::{ChunkId, Manifest, PackId};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use tokio::sync::OnceCell;
@@ -57,17 +57,36 @@ struct Lru {
 pub struct FrameCache {
     bytes_max: u64,
     lru: Mutex<Lru>,
+    fetches: std::sync::atomic::AtomicU64,
     /// Frames being fetched: later requests wait on the same cell.
     inflight: Mutex<HashMap<Key, Arc<Fetch>>>,
     /// Frames the manifests name (read again when asked for one it does not know).
     index: Mutex<HashMap<Key, FrameInfo>>,
 }
 
-/// Counters for the metrics page and the benchmarks.
+/// Counters for the metrics page and the tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CacheStats {
+    /// Frames held, and their bytes.
     pub frames: usize,
     pub bytes: u64,
+    /// Frames read from the object store since the start.
+    pub fetches: u64,
+}
+
+impl CacheStats {
+    /// Prometheus text lines.
+    pub fn render(&self) -> String {
+        format!(
+            "# HELP fleetboot_frame_cache_frames Verified frames held in memory.\n\
+             # TYPE fleetboot_frame_cache_frames gauge\nfleetboot_frame_cache_frames {}\n\
+             # HELP fleetboot_frame_cache_bytes Bytes of the frames held.\n\
+             # TYPE fleetboot_frame_cache_bytes gauge\nfleetboot_frame_cache_bytes {}\n\
+             # HELP fleetboot_frame_fetches_total Frames read from the object store.\n\
+             # TYPE fleetboot_frame_fetches_total counter\nfleetboot_frame_fetches_total {}\n",
+            self.frames, self.bytes, self.fetches
+        )
+    }
 }
 
 impl FrameCache {
@@ -75,6 +94,7 @@ impl FrameCache {
         FrameCache {
             bytes_max,
             lru: Mutex::default(),
+            fetches: Default::default(),
             inflight: Mutex::default(),
             index: Mutex::default(),
         }
@@ -85,6 +105,7 @@ impl FrameCache {
         CacheStats {
             frames: lru.frames.len(),
             bytes: lru.bytes,
+            fetches: self.fetches.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -139,6 +160,8 @@ impl FrameCache {
                     return Ok(b);
                 }
                 let s = store.clone();
+                self.fetches
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let fetched = tokio::task::spawn_blocking(move || {
                     let stored = s
                         .frames()
@@ -162,6 +185,13 @@ impl FrameCache {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&key);
         result.map_err(FrameError::Store)
+    }
+
+    /// Learns the frames of a manifest being served: whatever gc does to the store after, the
+    /// agent that got it can fetch what it names.
+    pub fn learn(&self, m: &Manifest) {
+        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        add_frames(&mut index, m);
     }
 
     fn info(&self, key: &Key) -> Option<FrameInfo> {
@@ -210,25 +240,28 @@ impl FrameCache {
 
 /// Every frame the store's manifests name.
 fn read_index(store: &Store) -> Result<HashMap<Key, FrameInfo>, crate::store::StoreError> {
-    let mut frames: HashMap<Key, FrameInfo> = HashMap::new();
+    let mut frames = HashMap::new();
     for (_, m) in store.all_manifests()? {
-        for e in &m.entries {
-            let f = frames
-                .entry((m.packs[e.pack as usize], e.frame_offset))
-                .or_insert_with(|| FrameInfo {
-                    stored: e.frame_stored,
-                    raw: e.frame_raw,
-                    zstd: e.is_zstd(),
-                    chunks: Vec::new(),
-                });
+        add_frames(&mut frames, &m);
+    }
+    Ok(frames)
+}
+
+/// Adds the frames `m` names to `frames`.
+fn add_frames(frames: &mut HashMap<Key, FrameInfo>, m: &Manifest) {
+    for e in &m.entries {
+        let f = frames
+            .entry((m.packs[e.pack as usize], e.frame_offset))
+            .or_insert_with(|| FrameInfo {
+                stored: e.frame_stored,
+                raw: e.frame_raw,
+                zstd: e.is_zstd(),
+                chunks: Vec::new(),
+            });
+        if !f.chunks.iter().any(|c| c.0 == e.chunk_offset) {
             f.chunks.push((e.chunk_offset, e.size, e.id));
         }
     }
-    for f in frames.values_mut() {
-        f.chunks.sort_unstable_by_key(|c| c.0);
-        f.chunks.dedup_by_key(|c| c.0);
-    }
-    Ok(frames)
 }
 
 /// Checks a frame as stored against what the manifests say it holds.
@@ -360,6 +393,7 @@ mod tests {
             assert_eq!(t.await.unwrap().unwrap(), want);
         }
         assert_eq!(reads.load(Ordering::Relaxed), 1);
+        assert_eq!(cache.stats().fetches, 1);
 
         // Every frame, twice: read once each, then from the cache.
         for _ in 0..2 {

@@ -2,7 +2,7 @@
 
 use super::{bearer, blocking, AppError, AppState, Peer};
 use crate::appliance::{boot_now, same_secret};
-use crate::config::DiskChoice;
+use crate::config::{DiskChoice, StoreAccess};
 use crate::fleet::{HostRecord, HostStatus};
 use crate::mac::Mac;
 use axum::extract::{Path, State};
@@ -97,11 +97,21 @@ pub async fn assignment(
         let hint = record
             .hint
             .as_ref()
-            .filter(|h| st.images.find(&st.store, h).is_some())
-            .map(|h| manifest_url(&st, h));
+            .filter(|h| st.images.find(&st.store, h).is_some());
+        let direct = match config.store_access {
+            StoreAccess::Direct => Some(presigned(&st, &image, hint, config.install_token_ttl)?),
+            _ => None,
+        };
+        let hint = hint.map(|h| manifest_url(&st, h));
+        let (manifest_url, installed_manifest_url, pack_urls) = match direct {
+            Some(d) => (d.manifest, d.hint, d.packs),
+            None => (manifest_url(&st, &image), hint, Default::default()),
+        };
         Ok(Json(Assignment {
             mac: mac.to_string(),
-            manifest_url: manifest_url(&st, &image),
+            presigned: !pack_urls.is_empty(),
+            pack_urls,
+            manifest_url,
             image,
             size: resolved.size,
             packs_url: format!("{}/packs", store_base(&st)),
@@ -114,11 +124,58 @@ pub async fn assignment(
                 DiskChoice::Name(_) => None,
             },
             hostname: host.hostname.clone(),
-            installed_manifest_url: hint,
+            installed_manifest_url,
             seed: seed(&host, record.instance_id.as_deref()),
         }))
     })
     .await
+}
+
+/// An install's objects as presigned URLs of the object store (`store_access: direct`).
+struct Presigned {
+    manifest: String,
+    hint: Option<String>,
+    packs: std::collections::BTreeMap<String, String>,
+}
+
+fn presigned(
+    st: &AppState,
+    image: &ImageId,
+    hint: Option<&ImageId>,
+    ttl: std::time::Duration,
+) -> Result<Presigned, AppError> {
+    let failed = |e: String| {
+        tracing::warn!(error = %e, "presigning the store's objects");
+        AppError(StatusCode::BAD_GATEWAY, format!("the object store: {e}"))
+    };
+    let backend = st.store.backend();
+    let sign = |key: String| match backend.presign(&key, ttl) {
+        Some(Ok(url)) => Ok(url),
+        Some(Err(e)) => Err(failed(format!("{key}: {e}"))),
+        None => Err(failed(
+            "the store has no presigned URLs (store_access: direct)".into(),
+        )),
+    };
+    let r = crate::store::ImageRef {
+        name: image.name.clone(),
+        version: Some(image.version),
+    };
+    let (_, manifest) = st.store.manifest(&r).map_err(|e| failed(e.to_string()))?;
+    let mut packs = std::collections::BTreeMap::new();
+    for id in &manifest.packs {
+        packs.insert(id.to_string(), sign(crate::store::Store::pack_key(id))?);
+    }
+    Ok(Presigned {
+        manifest: sign(crate::store::Store::manifest_key(
+            &image.name,
+            image.version,
+        ))?,
+        hint: match hint {
+            Some(h) => Some(sign(crate::store::Store::manifest_key(&h.name, h.version))?),
+            None => None,
+        },
+        packs,
+    })
 }
 
 /// The NoCloud documents the agent writes after the image, unless `cloud_init: off`.

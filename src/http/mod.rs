@@ -174,7 +174,13 @@ async fn manifest(
     if !st.store.is_local() {
         let (store, key) = (st.store.clone(), Store::manifest_key(&name, version));
         return match tokio::task::spawn_blocking(move || store.backend().get(&key)).await {
-            Ok(Ok(Some(bytes))) => bytes.into_response(),
+            Ok(Ok(Some(bytes))) => {
+                // Agents fetch frames by what this manifest says, even after gc rewrites it.
+                if let Ok(m) = fleetboot_image::Manifest::decode(&bytes) {
+                    st.frames.learn(&m);
+                }
+                bytes.into_response()
+            }
             Ok(Ok(None)) => StatusCode::NOT_FOUND.into_response(),
             Ok(Err(e)) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
             Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
@@ -247,7 +253,11 @@ async fn boot(
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let text = blocking(move || {
         let hosts = st.fleet().hosts().unwrap_or_default();
-        Ok(st.metrics.render(&hosts))
+        let mut text = st.metrics.render(&hosts);
+        if !st.store.is_local() {
+            text.push_str(&st.frames.stats().render());
+        }
+        Ok(text)
     })
     .await;
     match text {

@@ -50,6 +50,17 @@ pub fn run_task(args: &[&str]) -> Result<()> {
     run(Command::new(env!("CARGO"))
         .current_dir(root())
         .env("FLEETBOOT_GARAGE", &bin)
-        .env("FLEETBOOT_AGENT", root().join("target/debug/fleetboot-agent"))
-        .args(["test", "--test", "s3", "--", "--ignored", "--test-threads", "1"]))
+        .env(
+            "FLEETBOOT_AGENT",
+            root().join("target/debug/fleetboot-agent"),
+        )
+        .args([
+            "test",
+            "--test",
+            "s3",
+            "--",
+            "--ignored",
+            "--test-threads",
+            "1",
+        ]))
 }

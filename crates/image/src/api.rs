@@ -56,6 +56,13 @@ pub struct Assignment {
     /// is verified; `None`: write nothing (`cloud_init: off`).
     #[serde(default)]
     pub seed: Option<Seed>,
+    /// `store_access: direct`: the manifest URLs above and these pack URLs (by pack id) are
+    /// presigned URLs of the object store, fetched without the install token (which the object
+    /// store would refuse beside its own signature). Packs missing here: `packs_url`.
+    #[serde(default)]
+    pub pack_urls: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub presigned: bool,
 }
 
 /// The three NoCloud documents of one install.

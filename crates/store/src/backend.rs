@@ -53,6 +53,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn delete(&self, key: &str) -> io::Result<()>;
     /// Moves `from` to `to`, stamping it with the present time (gc's retirement stamp).
     fn rename(&self, from: &str, to: &str) -> io::Result<()>;
+    /// A URL that lets whoever holds it GET `key` directly for `ttl`, where the backend has
+    /// such URLs (an object store's presigned URLs); `None` where it has not.
+    fn presign(&self, key: &str, ttl: std::time::Duration) -> Option<io::Result<String>> {
+        let _ = (key, ttl);
+        None
+    }
 }
 
 /// Objects as files beneath a local folder, each written by temp file, fsync and rename.
