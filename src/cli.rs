@@ -923,6 +923,12 @@ fn store_cmd(store: &Store, command: StoreCommand) -> Result<()> {
                 human(r.bytes_freed),
                 r.retired_deleted,
             );
+            if r.packs_restored > 0 {
+                println!(
+                    "put back {} retired pack(s) that an import elsewhere reused",
+                    r.packs_restored
+                );
+            }
             if r.retired_waiting > 0 {
                 println!(
                     "{} retired pack(s), {}, stay readable for installs in flight; a gc after {} frees them (--grace 0s: now)",
