@@ -417,11 +417,18 @@ fn serve(config: PathBuf) -> Result<()> {
         admin_token_env: std::env::var("FLEETBOOT_ADMIN_TOKEN").ok(),
     };
     tokio::runtime::Builder::new_multi_thread()
+        // Blocking work (SQLite behind one lock, store reads) gains nothing from hundreds of
+        // threads; tokio's default of 512 let memory grow with the number of agents (each
+        // thread a stack and a malloc arena).
+        .max_blocking_threads(BLOCKING_THREADS_MAX)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
         .block_on(crate::serve::run(options))
 }
+
+/// Threads `serve` runs blocking work on, at most.
+const BLOCKING_THREADS_MAX: usize = 32;
 
 fn host_retire(config: &std::path::Path, macs: &[String], group: Option<&str>) -> Result<()> {
     let config = crate::config::Config::load(config)?;

@@ -518,6 +518,8 @@ struct RawAssignment {
     cloud_init: Option<CloudInit>,
     #[serde(default)]
     bmc: Option<Spanned<RawBmc>>,
+    #[serde(default)]
+    site: Option<String>,
 }
 
 /// `bmc:` as one level wrote it: each key may come from the host, its group or the defaults
@@ -614,6 +616,8 @@ struct RawHost {
     cloud_init: Option<CloudInit>,
     #[serde(default)]
     bmc: Option<Spanned<RawBmc>>,
+    #[serde(default)]
+    site: Option<String>,
 }
 
 /// A host's `bmc:` from its own, its group's and the defaults' keys (most specific first;
@@ -908,17 +912,33 @@ impl Config {
 
     /// Reads and checks the file at `path` (images are checked separately, see
     /// [`Config::check_images`]).
+    ///
+    /// Several appliances may share one file, one per provisioning network: each is told its
+    /// own `site` by `FLEETBOOT_SITE` and knows only the hosts of its site (and those that name
+    /// none); the others are not its to answer, list or power.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
             error,
         })?;
-        Self::parse(path, &text)
+        let site = std::env::var("FLEETBOOT_SITE")
+            .ok()
+            .filter(|s| !s.is_empty());
+        Self::parse_at_site(path, &text, site.as_deref())
     }
 
     /// Parses and checks configuration text; `path` is used in errors and to resolve relative
     /// folders.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        Self::parse_at_site(path, text, None)
+    }
+
+    /// [`Config::parse`] for the appliance of `site` (`None`: every host).
+    pub fn parse_at_site(
+        path: &Path,
+        text: &str,
+        site: Option<&str>,
+    ) -> Result<Config, ConfigError> {
         let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| {
             let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
             ConfigError::Invalid {
@@ -1072,6 +1092,16 @@ impl Config {
                 None => None,
             };
             let from_group = group.as_ref().and_then(|g| groups.get(g));
+            let host_site = h
+                .value
+                .site
+                .as_ref()
+                .or_else(|| {
+                    group
+                        .as_ref()
+                        .and_then(|g| raw.groups.get(g)?.value.site.as_ref())
+                })
+                .or(raw.defaults.site.as_ref());
             let own_image = h.value.image.as_ref().map(&mut image).transpose()?;
             if let Some(ip) = h.value.ip {
                 if !reserved.insert(ip) {
@@ -1132,6 +1162,12 @@ impl Config {
                 group,
                 ip: h.value.ip,
             };
+            if let (Some(mine), Some(theirs)) = (site, host_site) {
+                if mine != theirs {
+                    // Another appliance's: checked like every host, then left out.
+                    continue;
+                }
+            }
             if hosts.insert(mac, host).is_some() {
                 return Err(at(&h.referenced, format!("host {mac} is listed twice")));
             }
@@ -1310,6 +1346,39 @@ hosts:
   "52:54:00:12:34:57": { image: other, ip: 10.0.0.7 }
   "52:54:00:12:34:58": {}
 "#;
+
+    #[test]
+    fn a_shared_file_gives_each_site_its_own_hosts() {
+        let text = r#"
+interface: eth1
+groups:
+  rack-a: { image: web, site: a }
+  rack-b: { image: web, site: b }
+hosts:
+  "52:54:00:00:00:01": { group: rack-a }
+  "52:54:00:00:00:02": { group: rack-b }
+  "52:54:00:00:00:03": { group: rack-b, site: a }
+  "52:54:00:00:00:04": {}
+"#;
+        let path = Path::new("/etc/fleetboot/fleetboot.yaml");
+        let macs = |site: Option<&str>| -> Vec<String> {
+            let c = Config::parse_at_site(path, text, site).unwrap();
+            c.hosts.keys().map(|m| m.to_string()).collect()
+        };
+        assert_eq!(
+            macs(Some("a")),
+            [
+                "52:54:00:00:00:01",
+                "52:54:00:00:00:03",
+                "52:54:00:00:00:04"
+            ]
+        );
+        assert_eq!(macs(Some("b")), ["52:54:00:00:00:02", "52:54:00:00:00:04"]);
+        assert_eq!(macs(None).len(), 4, "no site: every host");
+        // Another site's hosts are still checked: a mistake there is named everywhere.
+        let bad = text.replace("rack-b }", "rack-c }");
+        assert!(Config::parse_at_site(path, &bad, Some("a")).is_err());
+    }
 
     #[test]
     fn loads_and_resolves_groups_and_defaults() {

@@ -139,3 +139,44 @@ fn host_show_prints_the_inventory_and_how_to_enrol_and_host_log_the_install() {
         "{out}"
     );
 }
+
+/// Two appliances share one file, one per provisioning network: each, told its site by
+/// `FLEETBOOT_SITE`, lists its own hosts (and the state of its own SQLite), not the other's.
+#[test]
+fn appliances_sharing_one_file_each_list_their_own_site() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fleetboot.yaml");
+    std::fs::write(
+        &config,
+        "interface: lo\nstore: store\nstate_dir: state\n\
+         groups:\n  rack-a: { image: debian, site: a }\n  rack-b: { image: debian, site: b }\n\
+         hosts:\n  \"52:54:00:5a:00:01\": { group: rack-a }\n  \
+         \"52:54:00:5b:00:01\": { group: rack-b }\n",
+    )
+    .unwrap();
+    let list = |site: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_fleetboot"))
+            .args(["--config"])
+            .arg(&config)
+            .args(["host", "list"])
+            .env("FLEETBOOT_SITE", site)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let a = list("a");
+    assert!(
+        a.contains("52:54:00:5a:00:01") && !a.contains("52:54:00:5b:00:01"),
+        "{a}"
+    );
+    let b = list("b");
+    assert!(
+        b.contains("52:54:00:5b:00:01") && !b.contains("52:54:00:5a:00:01"),
+        "{b}"
+    );
+}
