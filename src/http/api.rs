@@ -99,7 +99,13 @@ pub async fn assignment(
             .as_ref()
             .filter(|h| st.images.find(&st.store, h).is_some());
         let direct = match config.store_access {
-            StoreAccess::Direct => Some(presigned(&st, &image, hint, config.install_token_ttl)?),
+            StoreAccess::Direct => Some(presigned(
+                &st,
+                &image,
+                &resolved.packs,
+                hint,
+                config.install_token_ttl,
+            )?),
             _ => None,
         };
         let hint = hint.map(|h| manifest_url(&st, h));
@@ -141,6 +147,7 @@ struct Presigned {
 fn presigned(
     st: &AppState,
     image: &ImageId,
+    packs: &[fleetboot_image::PackId],
     hint: Option<&ImageId>,
     ttl: std::time::Duration,
 ) -> Result<Presigned, AppError> {
@@ -156,14 +163,9 @@ fn presigned(
             "the store has no presigned URLs (store_access: direct)".into(),
         )),
     };
-    let r = crate::store::ImageRef {
-        name: image.name.clone(),
-        version: Some(image.version),
-    };
-    let (_, manifest) = st.store.manifest(&r).map_err(|e| failed(e.to_string()))?;
-    let mut packs = std::collections::BTreeMap::new();
-    for id in &manifest.packs {
-        packs.insert(id.to_string(), sign(crate::store::Store::pack_key(id))?);
+    let mut urls = std::collections::BTreeMap::new();
+    for id in packs {
+        urls.insert(id.to_string(), sign(crate::store::Store::pack_key(id))?);
     }
     Ok(Presigned {
         manifest: sign(crate::store::Store::manifest_key(
@@ -174,7 +176,7 @@ fn presigned(
             Some(h) => Some(sign(crate::store::Store::manifest_key(&h.name, h.version))?),
             None => None,
         },
-        packs,
+        packs: urls,
     })
 }
 
