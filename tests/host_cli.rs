@@ -11,11 +11,17 @@ const KNOWN: &str = "52:54:00:c1:00:01";
 const UNKNOWN: &str = "52:54:00:c1:00:99";
 
 fn fleetboot(config: &std::path::Path, args: &[&str]) -> (bool, String) {
+    fleetboot_with(config, args, &[])
+}
+
+/// [`fleetboot`] with more environment variables.
+fn fleetboot_with(config: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_fleetboot"))
         .arg("--config")
         .arg(config)
         .args(args)
         .env("FB_TEST_BMC_PW", "pw-never-shown")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let text = format!(
@@ -155,19 +161,9 @@ fn appliances_sharing_one_file_each_list_their_own_site() {
     )
     .unwrap();
     let list = |site: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_fleetboot"))
-            .args(["--config"])
-            .arg(&config)
-            .args(["host", "list"])
-            .env("FLEETBOOT_SITE", site)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let (ok, text) = fleetboot_with(&config, &["host", "list"], &[("FLEETBOOT_SITE", site)]);
+        assert!(ok, "{text}");
+        text
     };
     let a = list("a");
     assert!(

@@ -196,23 +196,13 @@ impl InstallRig {
         let mut lab = Lab::new(&format!("s3-{net}")).expect("lab");
         let garage = Garage::start(&mut lab, &bin, net, dir.path()).expect("garage cluster");
         let addr = |n: u8| format!("10.{net}.0.{n}");
-        let client = lab
-            .host(
-                "cl",
-                &format!("02:00:00:{net:02x}:00:10"),
-                Some(&format!("{}/24", addr(10))),
-            )
-            .expect("client host");
-        let app = lab
-            .host(
-                "app2",
-                &format!("02:00:00:{net:02x}:00:20"),
-                Some(&format!("{}/24", addr(20))),
-            )
-            .expect("appliance host");
-        let machine = lab
-            .host("m1", MAC, Some(&format!("{}/24", addr(30))))
-            .expect("machine host");
+        let mut host = |name: &str, mac: String, n: u8| {
+            lab.host(name, &mac, Some(&format!("{}/24", addr(n))))
+                .expect("lab host")
+        };
+        let client = host("cl", format!("02:00:00:{net:02x}:00:10"), 10);
+        let app = host("app2", format!("02:00:00:{net:02x}:00:20"), 20);
+        let machine = host("m1", MAC.to_string(), 30);
         // A link slow enough that the install is still running when a node dies or gc runs,
         // shaped where data enters the machine: its port on the switch.
         let (switch, port) = machine.port().expect("a plugged host");
