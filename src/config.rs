@@ -195,8 +195,8 @@ pub enum StoreAccess {
     /// Anyone on the network (an HTTP cache in front of the appliance).
     Open,
     /// Agents read the store straight from its object storage, by URLs presigned for the
-    /// objects of their install, valid for `install_token_ttl` (needs `store: s3://…`); the
-    /// appliance still serves token holders (agents of older versions).
+    /// objects of their install, valid for `install_token_ttl` (needs `store: s3://…` and agents
+    /// of this version); the appliance still serves token holders what fails there.
     Direct,
 }
 
@@ -1072,8 +1072,9 @@ impl Config {
             );
         }
         let mut hosts = BTreeMap::new();
-        let mut reserved: BTreeSet<Ipv4Addr> = BTreeSet::new();
-        let mut static_addresses: BTreeSet<Ipv4Addr> = BTreeSet::new();
+        // Addresses are unique within a site (sites are separate networks; `None`: no site).
+        let mut reserved: BTreeSet<(Option<String>, Ipv4Addr)> = BTreeSet::new();
+        let mut static_addresses: BTreeSet<(Option<String>, Ipv4Addr)> = BTreeSet::new();
         for (key, h) in &raw.hosts {
             let mac: Mac = key
                 .parse()
@@ -1104,7 +1105,7 @@ impl Config {
                 .or(raw.defaults.site.as_ref());
             let own_image = h.value.image.as_ref().map(&mut image).transpose()?;
             if let Some(ip) = h.value.ip {
-                if !reserved.insert(ip) {
+                if !reserved.insert((host_site.cloned(), ip)) {
                     return Err(at(
                         &h.referenced,
                         format!("address {ip} is reserved for two hosts"),
@@ -1117,7 +1118,7 @@ impl Config {
             };
             let keys = identity(&h.value.identity(), true)?.over(&general);
             if let Some(n) = &keys.network {
-                if !static_addresses.insert(n.address) {
+                if !static_addresses.insert((host_site.cloned(), n.address)) {
                     return Err(at(
                         &h.referenced,
                         format!("static address {} is given to two hosts", n.address),
@@ -1355,8 +1356,8 @@ groups:
   rack-a: { image: web, site: a }
   rack-b: { image: web, site: b }
 hosts:
-  "52:54:00:00:00:01": { group: rack-a }
-  "52:54:00:00:00:02": { group: rack-b }
+  "52:54:00:00:00:01": { group: rack-a, ip: 10.0.0.7 }
+  "52:54:00:00:00:02": { group: rack-b, ip: 10.0.0.7 }
   "52:54:00:00:00:03": { group: rack-b, site: a }
   "52:54:00:00:00:04": {}
 "#;
@@ -1376,7 +1377,7 @@ hosts:
         assert_eq!(macs(Some("b")), ["52:54:00:00:00:02", "52:54:00:00:00:04"]);
         assert_eq!(macs(None).len(), 4, "no site: every host");
         // Another site's hosts are still checked: a mistake there is named everywhere.
-        let bad = text.replace("rack-b }", "rack-c }");
+        let bad = text.replace("group: rack-b, ip", "group: rack-c, ip");
         assert!(Config::parse_at_site(path, &bad, Some("a")).is_err());
     }
 

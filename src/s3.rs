@@ -151,7 +151,9 @@ impl S3Backend {
         if self.prefix.is_empty() {
             return Some(full.to_string());
         }
-        full.strip_prefix(&self.prefix)?
+        // Compared as object_store encodes it (a prefix may hold characters it escapes).
+        let prefix = ObjectPath::from(self.prefix.as_str());
+        full.strip_prefix(prefix.as_ref())?
             .strip_prefix('/')
             .map(str::to_string)
     }

@@ -185,7 +185,14 @@ async fn reload_loop(state: Arc<AppState>, path: PathBuf) {
             continue;
         }
         seen = now;
-        match load_checked(&path) {
+        // Checking the images may ask an object store: not on a runtime thread.
+        let reloaded = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || load_checked(&path))
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("configuration reload: {e}")))
+        };
+        match reloaded {
             Ok(new) => {
                 let old = state.config();
                 if new.interface != old.interface || new.http_port != old.http_port {

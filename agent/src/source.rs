@@ -36,15 +36,12 @@ impl HttpPacks {
     }
 }
 
-impl FrameSource for HttpPacks {
-    fn read(&self, pack: &PackId, offset: u64, len: u32) -> io::Result<Vec<u8>> {
-        let (url, with_token) = match self.presigned.get(&pack.to_string()) {
-            Some(url) => (url.clone(), false),
-            None => (format!("{}/{}", self.base, pack.file_name()), true),
-        };
+impl HttpPacks {
+    /// `len` bytes at `offset` from `url`, with the install token or (a presigned URL) without.
+    fn fetch(&self, url: &str, with_token: bool, offset: u64, len: u32) -> anyhow::Result<Vec<u8>> {
         let range = format!("bytes={}-{}", offset, offset + u64::from(len) - 1);
-        let data = retry(&url, || {
-            let mut req = self.http.get(&url).header("range", &range);
+        retry(url, || {
+            let mut req = self.http.get(url).header("range", &range);
             if with_token {
                 req = req.header("authorization", &self.authorization);
             }
@@ -64,6 +61,22 @@ impl FrameSource for HttpPacks {
             }
             Ok(buf)
         })
+    }
+}
+
+impl FrameSource for HttpPacks {
+    fn read(&self, pack: &PackId, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        let appliance = format!("{}/{}", self.base, pack.file_name());
+        let data = match self.presigned.get(&pack.to_string()) {
+            // Straight from the object store; if that fails (gc retired the pack since the
+            // URL was signed, or the URL expired), through the appliance, which reads retired
+            // packs too.
+            Some(url) => self.fetch(url, false, offset, len).or_else(|e| {
+                eprintln!("fleetboot-agent: pack {pack} from the object store: {e:#}; asking the appliance");
+                self.fetch(&appliance, true, offset, len)
+            }),
+            None => self.fetch(&appliance, true, offset, len),
+        }
         .map_err(|e| io::Error::other(format!("{e:#}")))?;
         self.fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(data)

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use fleetboot_image::{ChunkId, Manifest, PackId};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::OnceCell;
 
 /// What a frame must be, from the manifests.
@@ -26,6 +27,12 @@ struct FrameInfo {
 }
 
 type Key = (PackId, u64);
+
+/// Reloads of the manifests, at most one per this.
+const RELOAD_INTERVAL_MIN: Duration = Duration::from_secs(2);
+/// How long the frames of a manifest served to an agent stay servable: an install token's
+/// default lifetime, the longest an install lasts.
+const LEARNED_FOR: Duration = Duration::from_secs(4 * 3600);
 /// One fetch of a frame from the object store, which every request for it awaits.
 type Fetch = OnceCell<Result<Bytes, String>>;
 
@@ -60,8 +67,14 @@ pub struct FrameCache {
     fetches: std::sync::atomic::AtomicU64,
     /// Frames being fetched: later requests wait on the same cell.
     inflight: Mutex<HashMap<Key, Arc<Fetch>>>,
-    /// Frames the manifests name (read again when asked for one it does not know).
+    /// Frames the manifests name: read again when asked for one it does not know, at most
+    /// once per `RELOAD_INTERVAL_MIN` (an unknown frame asked for again and again must not
+    /// make the appliance read every manifest each time), one reload at a time.
     index: Mutex<HashMap<Key, FrameInfo>>,
+    reloaded: tokio::sync::Mutex<Option<Instant>>,
+    /// Frames of manifests served to agents, kept for `LEARNED_FOR` even if gc rewrites the
+    /// manifest and a reload no longer finds them (the install that got it may still ask).
+    learned: Mutex<HashMap<Key, (FrameInfo, Instant)>>,
 }
 
 /// Counters for the metrics page and the tests.
@@ -97,6 +110,8 @@ impl FrameCache {
             fetches: Default::default(),
             inflight: Mutex::default(),
             index: Mutex::default(),
+            reloaded: tokio::sync::Mutex::new(None),
+            learned: Mutex::default(),
         }
     }
 
@@ -125,23 +140,10 @@ impl FrameCache {
         }
         let info = match self.info(&key) {
             Some(info) => info,
-            None => {
-                // A frame of an image imported since the index was read: read it again.
-                let s = store.clone();
-                let fresh = tokio::task::spawn_blocking(move || read_index(&s))
-                    .await
-                    .map_err(|e| FrameError::Store(e.to_string()))?
-                    .map_err(|e| FrameError::Store(e.to_string()))?;
-                // Merged, not replaced: a frame is immutable bytes at a place, and an install
-                // that began before gc rewrote its manifest still asks for the old places
-                // (readable from retired/ for the grace period).
-                let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
-                index.extend(fresh);
-                index
-                    .get(&key)
-                    .cloned()
-                    .ok_or(FrameError::Unknown { pack, offset, len })?
-            }
+            None => self
+                .reload_for(store, &key)
+                .await?
+                .ok_or(FrameError::Unknown { pack, offset, len })?,
         };
         if u64::from(info.stored) != len {
             return Err(FrameError::Unknown { pack, offset, len });
@@ -188,15 +190,49 @@ impl FrameCache {
     }
 
     /// Learns the frames of a manifest being served: whatever gc does to the store after, the
-    /// agent that got it can fetch what it names.
+    /// agent that got it can fetch what it names (for `LEARNED_FOR`).
     pub fn learn(&self, m: &Manifest) {
-        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
-        add_frames(&mut index, m);
+        let mut frames = HashMap::new();
+        add_frames(&mut frames, m);
+        let now = Instant::now();
+        let mut learned = self.learned.lock().unwrap_or_else(|p| p.into_inner());
+        learned.retain(|_, (_, at)| now.duration_since(*at) < LEARNED_FOR);
+        learned.extend(frames.into_iter().map(|(k, f)| (k, (f, now))));
     }
 
     fn info(&self, key: &Key) -> Option<FrameInfo> {
-        let index = self.index.lock().unwrap_or_else(|p| p.into_inner());
-        index.get(key).cloned()
+        if let Some(f) = self
+            .index
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+        {
+            return Some(f.clone());
+        }
+        let learned = self.learned.lock().unwrap_or_else(|p| p.into_inner());
+        learned.get(key).map(|(f, _)| f.clone())
+    }
+
+    /// Reads the manifests again (a frame of an image imported since), unless another request
+    /// just did; what `key` is then, if anything.
+    async fn reload_for(&self, store: &Store, key: &Key) -> Result<Option<FrameInfo>, FrameError> {
+        let mut last = self.reloaded.lock().await;
+        if let Some(info) = self.info(key) {
+            return Ok(Some(info));
+        }
+        if last.is_some_and(|at| at.elapsed() < RELOAD_INTERVAL_MIN) {
+            return Ok(None);
+        }
+        *last = Some(Instant::now());
+        let s = store.clone();
+        let fresh = tokio::task::spawn_blocking(move || read_index(&s))
+            .await
+            .map_err(|e| FrameError::Store(e.to_string()))?
+            .map_err(|e| FrameError::Store(e.to_string()))?;
+        // Replaced, not merged: frames no manifest names any more go (those an agent was
+        // given are in `learned`).
+        *self.index.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(self.info(key))
     }
 
     fn cached(&self, key: &Key) -> Option<Bytes> {

@@ -109,13 +109,14 @@ pub async fn assignment(
             _ => None,
         };
         let hint = hint.map(|h| manifest_url(&st, h));
+        let direct_access = direct.is_some();
         let (manifest_url, installed_manifest_url, pack_urls) = match direct {
             Some(d) => (d.manifest, d.hint, d.packs),
             None => (manifest_url(&st, &image), hint, Default::default()),
         };
         Ok(Json(Assignment {
             mac: mac.to_string(),
-            presigned: !pack_urls.is_empty(),
+            presigned: direct_access,
             pack_urls,
             manifest_url,
             image,

@@ -172,15 +172,22 @@ async fn manifest(
         return StatusCode::NOT_FOUND.into_response();
     };
     if !st.store.is_local() {
-        let (store, key) = (st.store.clone(), Store::manifest_key(&name, version));
-        return match tokio::task::spawn_blocking(move || store.backend().get(&key)).await {
-            Ok(Ok(Some(bytes))) => {
-                // Agents fetch frames by what this manifest says, even after gc rewrites it.
-                if let Ok(m) = fleetboot_image::Manifest::decode(&bytes) {
-                    st.frames.learn(&m);
-                }
-                bytes.into_response()
+        let key = Store::manifest_key(&name, version);
+        let st = st.clone();
+        return match tokio::task::spawn_blocking(move || {
+            let bytes = st.store.backend().get(&key)?;
+            // Agents fetch frames by what this manifest says, even after gc rewrites it.
+            if let Some(m) = bytes
+                .as_deref()
+                .and_then(|b| fleetboot_image::Manifest::decode(b).ok())
+            {
+                st.frames.learn(&m);
             }
+            Ok::<_, std::io::Error>(bytes)
+        })
+        .await
+        {
+            Ok(Ok(Some(bytes))) => bytes.into_response(),
             Ok(Ok(None)) => StatusCode::NOT_FOUND.into_response(),
             Ok(Err(e)) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
             Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),

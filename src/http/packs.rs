@@ -199,7 +199,8 @@ async fn from_object_store(st: &AppState, id: PackId, headers: &header::HeaderMa
         .and_then(|r| r.strip_prefix("bytes="))
         .and_then(|r| r.split_once('-'))
         .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
-    let Some((start, end)) = range.filter(|(a, b)| a <= b) else {
+    // Frames are at most a few MiB: a wider range is not one (and `u64::MAX` would overflow).
+    let Some((start, end)) = range.filter(|(a, b)| a <= b && b - a < u64::from(u32::MAX)) else {
         return (
             StatusCode::RANGE_NOT_SATISFIABLE,
             "a pack in object storage is served by frame: give the Range of one frame",

@@ -58,7 +58,9 @@ pub struct Assignment {
     pub seed: Option<Seed>,
     /// `store_access: direct`: the manifest URLs above and these pack URLs (by pack id) are
     /// presigned URLs of the object store, fetched without the install token (which the object
-    /// store would refuse beside its own signature). Packs missing here: `packs_url`.
+    /// store would refuse beside its own signature). Packs missing here, or whose URL fails
+    /// (retired by gc since): `packs_url`. Agents older than these fields cannot install with
+    /// `store_access: direct`.
     #[serde(default)]
     pub pack_urls: std::collections::BTreeMap<String, String>,
     #[serde(default)]

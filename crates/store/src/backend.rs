@@ -158,8 +158,12 @@ impl Backend for Folder {
             return Ok(());
         };
         sync_dir(dir)?;
-        // A per-name folder (`manifests/NAME`) left empty goes too; the top folders stay.
-        if dir.parent().is_some_and(|up| up != self.root) && fs::remove_dir(dir).is_ok() {
+        // A per-name folder of manifests left empty goes too (`image rm` of a name's last
+        // version); claims' folders stay, as a writer may be about to add one.
+        if key.starts_with("manifests/")
+            && dir.parent().is_some_and(|up| up != self.root)
+            && fs::remove_dir(dir).is_ok()
+        {
             if let Some(up) = dir.parent() {
                 sync_dir(up)?;
             }
@@ -193,7 +197,8 @@ fn walk(dir: &Path, prefix: &str, out: &mut Vec<ObjectInfo>) -> io::Result<()> {
         let Ok(name) = entry.file_name().into_string() else {
             continue;
         };
-        let meta = match entry.metadata() {
+        // Followed, as the store always did: a symlinked folder or pack is listed.
+        let meta = match fs::metadata(entry.path()) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             other => other?,
         };

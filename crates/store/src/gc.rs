@@ -64,7 +64,7 @@ impl Store {
         let _lock = self.lock_for_write()?;
         let mut report = GcReport::default();
         let b = self.backend();
-        let manifests = self.all_manifests()?;
+        let mut manifests = self.all_manifests()?;
         // pack -> live frames (offset -> stored length)
         let mut live: HashMap<PackId, BTreeMap<u64, u32>> = HashMap::new();
         for (_, m) in &manifests {
@@ -130,12 +130,17 @@ impl Store {
                 moved.insert(offset, new.append(&buf).at(self.root())?);
             }
             let new_id = new.finish(self)?;
-            // Point every manifest that used the old pack at the new one.
-            for (v, m) in &manifests {
+            // Point every manifest that used the old pack at the new one (in memory too: a
+            // later rewrite of another pack it names starts from this).
+            for (v, m) in manifests.iter_mut() {
                 let Some(index) = m.packs.iter().position(|p| *p == pack) else {
                     continue;
                 };
-                let mut m = m.clone();
+                // Removed since the listing (by `image rm` on another appliance sharing an
+                // object store): not brought back.
+                if b.get(&v.key).at(&v.path)?.is_none() {
+                    continue;
+                }
                 m.packs[index] = new_id;
                 for e in m.entries.iter_mut().filter(|e| e.pack as usize == index) {
                     e.frame_offset = moved[&e.frame_offset];

@@ -443,8 +443,7 @@ impl Store {
                     })?
             }
             Ok(None) => 0,
-            // A folder made by claims has `versions/` as a folder of nothing.
-            Err(_) => 0,
+            Err(e) => return Err(e).at(&self.backend.locate(&legacy_key)),
         };
         let claimed = |list: &[ObjectInfo]| -> Vec<(u32, String)> {
             list.iter()

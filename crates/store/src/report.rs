@@ -129,7 +129,7 @@ impl Store {
         for (v, m) in &all {
             logical_bytes += m.meta.size;
             data_bytes += m.data_bytes();
-            manifest_bytes += std::fs::metadata(&v.path).map_or(0, |md| md.len());
+            manifest_bytes += v.size;
             for e in &m.entries {
                 if unique.insert(e.id) {
                     unique_bytes += u64::from(e.size);
