@@ -184,6 +184,7 @@ struct InstallRig {
     machine: Host,
     appliance: fleetboot_lab::Daemon,
     config: PathBuf,
+    net: u8,
     b: Vec<u8>,
 }
 
@@ -276,6 +277,7 @@ impl InstallRig {
             machine,
             appliance,
             config,
+            net,
             b,
         }
     }
@@ -319,9 +321,7 @@ impl InstallRig {
     }
 
     fn app_addr(&self) -> String {
-        let net = self.garage.endpoint(0);
-        let net = net.split('.').nth(1).unwrap_or("0").to_string();
-        format!("10.{net}.0.20")
+        format!("10.{}.0.20", self.net)
     }
 
     /// Waits for the agent and checks the disk holds `os@2`.

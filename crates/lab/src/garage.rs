@@ -144,8 +144,7 @@ impl Garage {
         let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
             match self.cli(i, args) {
-                Err(e) if std::time::Instant::now() < until => {
-                    let _ = e;
+                Err(_) if std::time::Instant::now() < until => {
                     std::thread::sleep(std::time::Duration::from_millis(500));
                 }
                 other => return other,
