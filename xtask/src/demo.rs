@@ -79,7 +79,7 @@ pub fn run() -> Result<()> {
     println!(
         "\ndemo: what happened: the VM's firmware (SeaBIOS + iPXE) got an address and its script from \
          fleetboot serve, booted the agent, which wrote debian@1 to its 4 GiB disk (every chunk \
-         verified, the disk read back against the image's digest), added the cloud-init seed (its \
+         verified, the disk read back chunk by chunk), added the cloud-init seed (its \
          hostname, SSH key and user data from the YAML) and rebooted into Debian, which grew its root \
          filesystem to the disk; debian@2 (one package more) was then assigned, the machine rebooted, \
          and the agent moved only what changed. Logs and disks: target/e2e-debian/.\n\n\
