@@ -6,9 +6,13 @@
 //!
 //! Reported per N and server: time until every agent is done, the server link's utilisation
 //! (range data served ÷ (link rate × time)), the server's CPU time and peak memory (resident
-//! high-water mark; nginx: master and workers). Every agent verifies its file (the whole
-//! image's BLAKE3, read back) before it reports done; the first and last are also compared
-//! byte for byte with B.
+//! high-water mark; nginx: master and workers), and how busy this machine's cores were. Every
+//! agent verifies its file (every chunk read back) before it reports done; the first and last
+//! are also compared byte for byte with B.
+//!
+//! Then, in the same network, N curl clients ask for the same frames as the agents and throw
+//! them away: what the server does for a rack whose machines each have their own CPU, where
+//! here N agents share this machine's few cores.
 
 use crate::bench_store::{check_identical, fresh_dir, settle};
 use crate::os_images;
@@ -26,12 +30,14 @@ const USAGE: &str = "usage: cargo xtask bench fleet [--agents 10,50,100] [--rate
   --agents N,...   fleets installing at once, one after the other (default 10,50,100)
   --rate-mbit R    every link's rate, the appliance's too (default 1000)
 
-Needs free disk for the largest fleet: N x image B's data (about 0.6 GB each).
+Needs free disk for the largest fleet: N x image B's data (about 0.3 GB each).
 ";
 
 const SERVER_IP: &str = "10.66.0.1";
 const HTTP_PORT: u16 = 8080;
 const NGINX_PORT: u16 = 8081;
+/// The fetch-only clients' token for the appliance's store (nginx asks for none).
+const ADMIN_TOKEN: &str = "fleet-bench-token";
 
 struct Options {
     agents: Vec<usize>,
@@ -79,6 +85,19 @@ struct FleetRun {
     fetched: u64,
     cpu: Duration,
     peak_rss: u64,
+    /// The share of this machine's CPU time that was busy during the run (agents, server and
+    /// kernel together): near 1, the simulated machines were bound by the cores they share.
+    machine_busy: f64,
+    /// The same frames fetched by curl clients that do nothing else.
+    fetch: FetchRun,
+}
+
+/// N curl clients fetching an image's frames at once.
+struct FetchRun {
+    took: Duration,
+    fetched: u64,
+    cpu: Duration,
+    machine_busy: f64,
 }
 
 pub fn run(args: &[&str]) -> Result<()> {
@@ -110,8 +129,14 @@ pub fn run(args: &[&str]) -> Result<()> {
     )?;
 
     let mut runs = Vec::new();
-    for &n in &options.agents {
-        for server in ["fleetboot", "nginx"] {
+    for (k, &n) in options.agents.iter().enumerate() {
+        // Which server goes first alternates, so neither always meets a warmer machine.
+        let order = if k % 2 == 0 {
+            ["fleetboot", "nginx"]
+        } else {
+            ["nginx", "fleetboot"]
+        };
+        for server in order {
             runs.push(fleet(
                 &dir, &fleetboot, &agent, &b.image, n, server, &options,
             )?);
@@ -178,6 +203,7 @@ fn mac(i: usize) -> String {
     format!("52:54:00:f1:{:02x}:{:02x}", (i + 1) >> 8, (i + 1) & 0xff)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn fleet(
     dir: &Path,
     fleetboot: &Path,
@@ -204,7 +230,8 @@ fn fleet(
     fresh_dir(&work)?;
     let mut yaml = format!(
         "interface: {}\naddress: {SERVER_IP}\nhttp_port: {HTTP_PORT}\nboot_dir: {}\nstore: {}\n\
-         state_dir: {}\ndhcp: {{ mode: off }}\ntftp: {{ port: 6969 }}\nhosts:\n",
+         state_dir: {}\ndhcp: {{ mode: off }}\ntftp: {{ port: 6969 }}\n\
+         admin_token: {ADMIN_TOKEN}\nhosts:\n",
         app.ifname,
         dir.join("boot").display(),
         dir.join("store").display(),
@@ -231,6 +258,7 @@ fn fleet(
     let measured = nginx.as_ref().unwrap_or(&appliance);
     settle()?;
     let cpu_before = measured.cpu_with_children()?;
+    let machine_before = machine_cpu()?;
 
     let out_dir = work.join("disks");
     fs::create_dir_all(&out_dir)?;
@@ -267,6 +295,7 @@ fn fleet(
     }
     let took = started.elapsed();
     let cpu = measured.cpu_with_children()?.saturating_sub(cpu_before);
+    let machine_busy = machine_cpu()?.busy_since(&machine_before);
     let peak_rss = peak_rss(measured)?;
     if !failed.is_empty() {
         bail!(
@@ -280,6 +309,13 @@ fn fleet(
         check_identical(image, &out_dir.join(format!("{i}.img")), "fleetboot-agent")?;
     }
     fs::remove_dir_all(&out_dir)?;
+
+    settle()?;
+    let base = match server {
+        "nginx" => format!("http://{SERVER_IP}:{NGINX_PORT}/store/packs"),
+        _ => format!("http://{SERVER_IP}:{HTTP_PORT}/store/packs"),
+    };
+    let fetch = fetch_only(&hosts, measured, &frames_of(dir)?, &base, &work)?;
     drop(nginx);
     drop(appliance);
     drop(lab);
@@ -290,15 +326,118 @@ fn fleet(
         fetched,
         cpu,
         peak_rss,
+        machine_busy,
+        fetch,
     };
     eprintln!(
-        "bench: {n} agents from {server}: {:.1} s, link {:.2}, CPU {:.1} s, peak {} MB",
+        "bench: {n} agents from {server}: {:.1} s, link {:.2}, CPU {:.1} s, peak {} MB, \
+         machine busy {:.2}",
         took.as_secs_f64(),
         utilisation(&run, options),
         cpu.as_secs_f64(),
-        peak_rss / 1_000_000
+        peak_rss / 1_000_000,
+        machine_busy
+    );
+    eprintln!(
+        "bench: {n} fetch-only clients from {server}: {:.1} s, link {:.2}, CPU {:.1} s, \
+         machine busy {:.2}",
+        run.fetch.took.as_secs_f64(),
+        link_share(run.fetch.fetched, run.fetch.took, options),
+        run.fetch.cpu.as_secs_f64(),
+        run.fetch.machine_busy
     );
     Ok(run)
+}
+
+/// The frames a fresh install of the benchmark's image fetches: (pack file, offset, length),
+/// each once.
+fn frames_of(dir: &Path) -> Result<Vec<(String, u64, u32)>> {
+    let path = dir.join("store/manifests/debian/1.manifest");
+    let manifest = fleetboot_image::Manifest::decode(
+        &fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
+    )
+    .with_context(|| format!("{}", path.display()))?;
+    let mut frames: Vec<(String, u64, u32)> = manifest
+        .entries
+        .iter()
+        .map(|e| {
+            (
+                manifest.packs[e.pack as usize].file_name(),
+                e.frame_offset,
+                e.frame_stored,
+            )
+        })
+        .collect();
+    frames.sort();
+    frames.dedup();
+    Ok(frames)
+}
+
+/// Every host fetches `frames` from `base` with curl (Range requests on kept-alive
+/// connections, two at a time as the agent's workers on 2 cores), discarding them.
+fn fetch_only(
+    hosts: &[Host],
+    server: &Daemon,
+    frames: &[(String, u64, u32)],
+    base: &str,
+    work: &Path,
+) -> Result<FetchRun> {
+    let mut config = String::new();
+    for (i, (pack, offset, len)) in frames.iter().enumerate() {
+        if i > 0 {
+            config.push_str("next\n");
+        }
+        writeln!(
+            config,
+            "url = \"{base}/{pack}\"\nrange = \"{offset}-{}\"\noutput = \"/dev/null\"\n\
+             header = \"Authorization: Bearer {ADMIN_TOKEN}\"\n\
+             write-out = \"%{{http_code}} %{{size_download}}\\n\"",
+            offset + u64::from(*len) - 1
+        )?;
+    }
+    let config_path = work.join("fetch.curl");
+    fs::write(&config_path, config)?;
+    let expected: u64 = frames.iter().map(|f| u64::from(f.2)).sum();
+    let cpu_before = server.cpu_with_children()?;
+    let machine_before = machine_cpu()?;
+    let started = Instant::now();
+    let children = hosts
+        .iter()
+        .map(|h| {
+            h.cmd("curl")
+                .args(["-s", "--parallel", "--parallel-max", "2", "-K"])
+                .arg(&config_path)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("cannot start curl")
+        })
+        .collect::<Result<Vec<Child>>>()?;
+    let mut fetched = 0;
+    for (i, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut got = 0u64;
+        for line in text.lines() {
+            match line.split_once(' ') {
+                Some(("206", n)) => got += n.trim().parse::<u64>().unwrap_or(0),
+                _ => bail!("fetch-only client {i}: a frame request answered {line:?}"),
+            }
+        }
+        if !out.status.success() || got != expected {
+            bail!(
+                "fetch-only client {i}: got {got} of {expected} bytes ({})",
+                out.status
+            );
+        }
+        fetched += got;
+    }
+    Ok(FetchRun {
+        took: started.elapsed(),
+        fetched,
+        cpu: server.cpu_with_children()?.saturating_sub(cpu_before),
+        machine_busy: machine_cpu()?.busy_since(&machine_before),
+    })
 }
 
 fn start_nginx(app: &Host, work: &Path, store: &Path) -> Result<Daemon> {
@@ -338,8 +477,13 @@ fn peak_rss(daemon: &Daemon) -> Result<u64> {
 }
 
 fn utilisation(run: &FleetRun, options: &Options) -> f64 {
+    link_share(run.fetched, run.took, options)
+}
+
+/// `bytes` in `took` as a share of the link rate.
+fn link_share(bytes: u64, took: Duration, options: &Options) -> f64 {
     let link_bytes_per_s = options.rate_mbit as f64 * 1e6 / 8.0;
-    run.fetched as f64 / (link_bytes_per_s * run.took.as_secs_f64())
+    bytes as f64 / (link_bytes_per_s * took.as_secs_f64())
 }
 
 fn report(runs: &[FleetRun], options: &Options) -> String {
@@ -351,26 +495,90 @@ fn report(runs: &[FleetRun], options: &Options) -> String {
          too. Utilisation: the range data the agents fetched ÷ (link rate × time until the last \
          agent is done). Server CPU and peak memory: fleetboot serve, or nginx (master and \
          workers) serving the store folder through `store_url`. Every agent verified its file; \
-         the first and last were compared byte for byte with B.\n",
-        options.rate_mbit
+         the first and last were compared byte for byte with B. Machine CPU busy: the share of \
+         this machine's CPU time (all {} cores) not idle during the run: agents, server and \
+         kernel together. The agents' sparse files are on this machine's disk.\n",
+        options.rate_mbit,
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
     );
     let _ = writeln!(
         s,
-        "| agents | server | all done (s) | data fetched (GB) | link utilisation | server CPU (s) | server peak memory (MB) |"
+        "| agents | server | all done (s) | data fetched (GB) | link utilisation | server CPU (s) | server peak memory (MB) | machine CPU busy |"
     );
-    let _ = writeln!(s, "|---:|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---:|---|---:|---:|---:|---:|---:|---:|");
     for r in runs {
         let _ = writeln!(
             s,
-            "| {} | {} | {:.1} | {:.2} | {:.2} | {:.1} | {} |",
+            "| {} | {} | {:.1} | {:.2} | {:.2} | {:.1} | {} | {:.2} |",
             r.agents,
             r.server,
             r.took.as_secs_f64(),
             r.fetched as f64 / 1e9,
             utilisation(r, options),
             r.cpu.as_secs_f64(),
-            r.peak_rss / 1_000_000
+            r.peak_rss / 1_000_000,
+            r.machine_busy
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nFetch only: in the same network, N curl clients ask for the same frames as the agents \
+         (Range requests, two at a time per client) and discard them; nothing is decompressed, \
+         hashed or written. What the server does for a rack whose machines each have their own \
+         CPU.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| clients | server | all done (s) | data fetched (GB) | link utilisation | server CPU (s) | machine CPU busy |"
+    );
+    let _ = writeln!(s, "|---:|---|---:|---:|---:|---:|---:|");
+    for r in runs {
+        let f = &r.fetch;
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.1} | {:.2} | {:.2} | {:.1} | {:.2} |",
+            r.agents,
+            r.server,
+            f.took.as_secs_f64(),
+            f.fetched as f64 / 1e9,
+            link_share(f.fetched, f.took, options),
+            f.cpu.as_secs_f64(),
+            f.machine_busy
         );
     }
     s
+}
+
+/// The machine's CPU time from /proc/stat, in ticks: all, and idle (waiting for I/O included).
+struct MachineCpu {
+    total: u64,
+    idle: u64,
+}
+
+impl MachineCpu {
+    fn busy_since(&self, before: &MachineCpu) -> f64 {
+        let total = self.total.saturating_sub(before.total).max(1);
+        let idle = self.idle.saturating_sub(before.idle);
+        1.0 - idle as f64 / total as f64
+    }
+}
+
+fn machine_cpu() -> Result<MachineCpu> {
+    let stat = fs::read_to_string("/proc/stat")?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .context("no cpu line in /proc/stat")?
+        .split_whitespace()
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    if ticks.len() < 5 {
+        bail!("/proc/stat's cpu line has {} fields", ticks.len());
+    }
+    // user nice system idle iowait irq softirq steal (guest time is counted in user already).
+    Ok(MachineCpu {
+        total: ticks.iter().take(8).sum(),
+        idle: ticks[3] + ticks[4],
+    })
 }
