@@ -327,44 +327,9 @@ fn check(stored: &[u8], info: &FrameInfo) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Backend, Folder, ObjectInfo};
-    use std::io;
-    use std::path::{Path, PathBuf};
+    use crate::appliance::test_backend::Remote;
+    use crate::store::Backend;
     use std::sync::atomic::{AtomicUsize, Ordering};
-
-    /// A folder store seen as an object store (no `folder()`), counting its range reads: the
-    /// object-store code paths on a real store, without a network.
-    #[derive(Debug)]
-    struct Remote(Folder, Arc<AtomicUsize>);
-
-    impl Backend for Remote {
-        fn locate(&self, key: &str) -> PathBuf {
-            self.0.locate(key)
-        }
-        fn get(&self, key: &str) -> io::Result<Option<Vec<u8>>> {
-            self.0.get(key)
-        }
-        fn read_at(&self, key: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-            self.1.fetch_add(1, Ordering::Relaxed);
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            self.0.read_at(key, offset, len)
-        }
-        fn put(&self, key: &str, bytes: &[u8]) -> io::Result<()> {
-            self.0.put(key, bytes)
-        }
-        fn put_file(&self, key: &str, file: &Path) -> io::Result<()> {
-            self.0.put_file(key, file)
-        }
-        fn list(&self, prefix: &str) -> io::Result<Vec<ObjectInfo>> {
-            self.0.list(prefix)
-        }
-        fn delete(&self, key: &str) -> io::Result<()> {
-            self.0.delete(key)
-        }
-        fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-            self.0.rename(from, to)
-        }
-    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn frames_are_verified_cached_once_and_bounded() {
@@ -373,7 +338,7 @@ mod tests {
         let reads = Arc::new(AtomicUsize::new(0));
         let store = Store::with_backend(
             dir.path().join("staging"),
-            Arc::new(Remote(Folder::new(&root), reads.clone())),
+            Arc::new(Remote::new(&root).counting_reads(reads.clone())),
         );
         // 16 MiB: text (compressible) and pseudo-random blocks.
         let mut img = vec![0u8; 16 << 20];
@@ -422,7 +387,7 @@ mod tests {
                 cache.get(&store, pack, offset, u64::from(len)).await
             }));
         }
-        let want = Folder::new(&root)
+        let want = crate::store::Folder::new(&root)
             .read_at(&Store::pack_key(&pack), offset, len as usize)
             .unwrap();
         for t in tasks {

@@ -17,6 +17,8 @@ pub mod cloudinit;
 pub mod frames;
 mod images;
 pub mod policy;
+#[cfg(test)]
+mod test_backend;
 mod tokens;
 
 pub use boot::{now as boot_now, random_token, BootError, BootPlan};

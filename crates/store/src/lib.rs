@@ -326,8 +326,15 @@ impl Store {
 
     /// Finds the version `r` names (the latest if it names none).
     pub fn resolve(&self, r: &ImageRef) -> Result<VersionPath, StoreError> {
-        let versions = self.versions_of(&r.name)?;
-        let Some(latest) = versions.last() else {
+        Store::resolve_in(&self.versions_of(&r.name)?, r)
+    }
+
+    /// Finds the version `r` names in a listing made by [`Store::versions`] (sorted by name,
+    /// then version): for a caller that keeps the listing of an object store for a moment.
+    pub fn resolve_in(versions: &[VersionPath], r: &ImageRef) -> Result<VersionPath, StoreError> {
+        validate_name(&r.name)?;
+        let versions: Vec<&VersionPath> = versions.iter().filter(|v| v.name == r.name).collect();
+        let Some(latest) = versions.last().copied() else {
             return Err(StoreError::UnknownImage(r.name.clone()));
         };
         match r.version {
@@ -335,7 +342,7 @@ impl Store {
             Some(want) => versions
                 .iter()
                 .find(|v| v.version == want)
-                .cloned()
+                .map(|v| (*v).clone())
                 .ok_or_else(|| StoreError::UnknownVersion {
                     name: r.name.clone(),
                     version: want,
