@@ -151,7 +151,7 @@ pub fn parse(buf: &[u8]) -> Result<ClientRequest, PacketError> {
         _ => Vec::new(),
     };
     let ipxe = opts.get(OptionCode::Unknown(175)).is_some() || contains(&user_class, b"iPXE");
-    let firmware = classify(&vendor, ipxe, arch.first().copied());
+    let firmware = classify(&vendor, ipxe, client_arch(&arch, &vendor));
     let requested_ip = match opts.get(OptionCode::RequestedIpAddress) {
         Some(DhcpOption::RequestedIpAddress(ip)) => Some(*ip),
         _ => None,
@@ -184,7 +184,41 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
-/// Tells the firmware apart by vendor class (60), iPXE's marks (77, 175) and architecture (93).
+/// Architectures (RFC 4578 / IANA processor architecture types) [`classify`] has a loader for.
+const PXE_ARCH_SERVED: [u16; 4] = [0, 7, 9, 11];
+
+/// The client's architecture: option 93's first entry, unless it is missing, or names one no
+/// loader is served for while the vendor class (60, `PXEClient:Arch:00011:UNDI:003000`) names
+/// one that is. A Raspberry Pi 4 with EDK2 sends no option 93 at all.
+pub fn client_arch(option93: &[u16], vendor_class: &[u8]) -> Option<u16> {
+    let from_60 = arch_in_vendor_class(vendor_class);
+    match (option93.first().copied(), from_60) {
+        (None, a) => a,
+        (Some(a), Some(b)) if !PXE_ARCH_SERVED.contains(&a) && PXE_ARCH_SERVED.contains(&b) => {
+            Some(b)
+        }
+        (a, _) => a,
+    }
+}
+
+/// The architecture a vendor class names (`PXEClient:Arch:NNNNN:…`, `HTTPClient:Arch:NNNNN:…`:
+/// five decimal digits), if it names one.
+fn arch_in_vendor_class(vendor_class: &[u8]) -> Option<u16> {
+    let text = std::str::from_utf8(vendor_class).ok()?;
+    let mut parts = text.split(':');
+    let _client = parts.next()?;
+    if parts.next()? != "Arch" {
+        return None;
+    }
+    let digits = parts.next()?;
+    if digits.len() != 5 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Tells the firmware apart by vendor class (60), iPXE's marks (77, 175) and architecture (93,
+/// or 60's when 93 is missing or odd: [`client_arch`]).
 pub fn classify(vendor_class: &[u8], ipxe: bool, arch: Option<u16>) -> Firmware {
     if ipxe {
         return Firmware::Ipxe;
@@ -284,9 +318,48 @@ pub(crate) mod tests {
                 vec![11],
             ),
             (
-                vec![pxe, b"\x5d\x04\x00\x06\x00\x07"],
+                vec![
+                    b"\x3c\x20PXEClient:Arch:00006:UNDI:003016",
+                    b"\x5d\x04\x00\x06\x00\x07",
+                ],
                 Firmware::OtherPxe(6),
                 vec![6, 7],
+            ),
+            // No option 93 (EDK2 on a Raspberry Pi 4): the architecture in the vendor class.
+            (
+                vec![b"\x3c\x20PXEClient:Arch:00011:UNDI:003000"],
+                Firmware::UefiArm64,
+                vec![],
+            ),
+            (
+                vec![b"\x3c\x20PXEClient:Arch:00007:UNDI:003016"],
+                Firmware::UefiX64,
+                vec![],
+            ),
+            // Option 93 odd (no loader for it), the vendor class plain: the vendor class.
+            (
+                vec![
+                    b"\x3c\x20PXEClient:Arch:00011:UNDI:003000",
+                    b"\x5d\x02\xff\x7f",
+                ],
+                Firmware::UefiArm64,
+                vec![0xff7f],
+            ),
+            // Both known and different: option 93, which RFC 4578 defines, wins.
+            (
+                vec![
+                    b"\x3c\x20PXEClient:Arch:00011:UNDI:003000",
+                    b"\x5d\x02\x00\x07",
+                ],
+                Firmware::UefiX64,
+                vec![7],
+            ),
+            // A vendor class without an architecture, or a malformed one, says nothing.
+            (vec![b"\x3c\x09PXEClient"], Firmware::BiosPxe, vec![]),
+            (
+                vec![b"\x3c\x20PXEClient:Arch:0011x:UNDI:003000"],
+                Firmware::BiosPxe,
+                vec![],
             ),
             (
                 vec![pxe, b"\x5d\x02\x00\x00", b"\x4d\x04iPXE"],
