@@ -25,10 +25,13 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const USAGE: &str = "usage: cargo xtask bench fleet [--agents 10,50,100] [--rate-mbit 1000]
+const USAGE: &str =
+    "usage: cargo xtask bench fleet [--agents 10,50,100] [--rate-mbit 1000] [--rounds 2]
 
   --agents N,...   fleets installing at once, one after the other (default 10,50,100)
   --rate-mbit R    every link's rate, the appliance's too (default 1000)
+  --rounds R       every fleet R times from each server; which goes first alternates from
+                   round to round (default 2: each goes first once per fleet size)
 
 Needs free disk for the largest fleet: N x image B's data (about 0.3 GB each).
 ";
@@ -42,12 +45,14 @@ const ADMIN_TOKEN: &str = "fleet-bench-token";
 struct Options {
     agents: Vec<usize>,
     rate_mbit: u64,
+    rounds: usize,
 }
 
 fn parse(args: &[&str]) -> Result<Option<Options>> {
     let mut o = Options {
         agents: vec![10, 50, 100],
         rate_mbit: 1000,
+        rounds: 2,
     };
     let mut args = args.iter();
     while let Some(&arg) = args.next() {
@@ -70,6 +75,13 @@ fn parse(args: &[&str]) -> Result<Option<Options>> {
                     .filter(|&r: &u64| r > 0)
                     .with_context(|| format!("--rate-mbit needs a positive number\n{USAGE}"))?;
             }
+            "--rounds" => {
+                o.rounds = args
+                    .next()
+                    .and_then(|r| r.parse().ok())
+                    .filter(|r: &usize| (1..=20).contains(r))
+                    .with_context(|| format!("--rounds needs a number from 1 to 20\n{USAGE}"))?;
+            }
             other => bail!("unknown option {other:?}\n\n{USAGE}"),
         }
     }
@@ -80,6 +92,8 @@ fn parse(args: &[&str]) -> Result<Option<Options>> {
 struct FleetRun {
     agents: usize,
     server: &'static str,
+    /// Whether this server went first in its pair.
+    first: bool,
     took: Duration,
     /// Range data the agents fetched (their own count).
     fetched: u64,
@@ -130,16 +144,19 @@ pub fn run(args: &[&str]) -> Result<()> {
 
     let mut runs = Vec::new();
     for (k, &n) in options.agents.iter().enumerate() {
-        // Which server goes first alternates, so neither always meets a warmer machine.
-        let order = if k % 2 == 0 {
-            ["fleetboot", "nginx"]
-        } else {
-            ["nginx", "fleetboot"]
-        };
-        for server in order {
-            runs.push(fleet(
-                &dir, &fleetboot, &agent, &b.image, n, server, &options,
-            )?);
+        for round in 0..options.rounds {
+            // Which server goes first alternates: in every pair of the runs so far the first
+            // was the slower, whichever server it was.
+            let order = if (k + round) % 2 == 0 {
+                ["fleetboot", "nginx"]
+            } else {
+                ["nginx", "fleetboot"]
+            };
+            for server in order {
+                let mut run = fleet(&dir, &fleetboot, &agent, &b.image, n, server, &options)?;
+                run.first = server == order[0];
+                runs.push(run);
+            }
         }
     }
     let report = report(&runs, &options);
@@ -322,6 +339,7 @@ fn fleet(
     let run = FleetRun {
         agents: n,
         server,
+        first: false,
         took,
         fetched,
         cpu,
@@ -503,15 +521,16 @@ fn report(runs: &[FleetRun], options: &Options) -> String {
     );
     let _ = writeln!(
         s,
-        "| agents | server | all done (s) | data fetched (GB) | link utilisation | server CPU (s) | server peak memory (MB) | machine CPU busy |"
+        "| agents | server | first in its pair | all done (s) | data fetched (GB) | link utilisation | server CPU (s) | server peak memory (MB) | machine CPU busy |"
     );
-    let _ = writeln!(s, "|---:|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---:|---|---|---:|---:|---:|---:|---:|---:|");
     for r in runs {
         let _ = writeln!(
             s,
-            "| {} | {} | {:.1} | {:.2} | {:.2} | {:.1} | {} | {:.2} |",
+            "| {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.1} | {} | {:.2} |",
             r.agents,
             r.server,
+            if r.first { "yes" } else { "" },
             r.took.as_secs_f64(),
             r.fetched as f64 / 1e9,
             utilisation(r, options),
@@ -544,6 +563,34 @@ fn report(runs: &[FleetRun], options: &Options) -> String {
             link_share(f.fetched, f.took, options),
             f.cpu.as_secs_f64(),
             f.machine_busy
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nfleetboot's time ÷ nginx's, pair by pair (below 1: fleetboot was faster):\n"
+    );
+    let _ = writeln!(s, "| agents | agents installing | fetch-only clients |");
+    let _ = writeln!(s, "|---:|---|---|");
+    for &n in &options.agents {
+        let ratios = |took: &dyn Fn(&FleetRun) -> Duration| -> String {
+            runs.chunks(2)
+                .filter(|pair| pair.len() == 2 && pair[0].agents == n)
+                .filter_map(|pair| {
+                    let fb = pair.iter().find(|r| r.server == "fleetboot")?;
+                    let ng = pair.iter().find(|r| r.server == "nginx")?;
+                    Some(format!(
+                        "{:.2}",
+                        took(fb).as_secs_f64() / took(ng).as_secs_f64()
+                    ))
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            s,
+            "| {n} | {} | {} |",
+            ratios(&|r| r.took),
+            ratios(&|r| r.fetch.took)
         );
     }
     s
