@@ -18,8 +18,10 @@ pub enum Firmware {
     UefiX64,
     /// UEFI ARM64 PXE (option 93 = 11).
     UefiArm64,
-    /// UEFI HTTP boot (vendor class `HTTPClient`).
+    /// UEFI HTTP boot (vendor class `HTTPClient`), x86-64 (or an architecture not said).
     UefiHttp,
+    /// UEFI HTTP boot on ARM64 (architecture 19).
+    UefiHttpArm64,
     /// iPXE itself (user class `iPXE` or option 175): it fetches its script over HTTP.
     Ipxe,
     /// A PXE client of an architecture we have no boot loader for.
@@ -68,6 +70,7 @@ pub fn dhcp_boot(
         Firmware::UefiX64 => DhcpBoot::Tftp(files.uefi.clone()),
         Firmware::UefiArm64 => DhcpBoot::Tftp(files.arm64.clone()),
         Firmware::UefiHttp => DhcpBoot::Http(format!("{http_base}/boot/{}", files.uefi)),
+        Firmware::UefiHttpArm64 => DhcpBoot::Http(format!("{http_base}/boot/{}", files.arm64)),
         Firmware::Ipxe => DhcpBoot::Http(format!("{http_base}/boot/{mac}.ipxe")),
         Firmware::OtherPxe(_) | Firmware::Plain => DhcpBoot::AddressOnly,
     }
@@ -129,6 +132,12 @@ mod tests {
                 true,
                 &UnknownHosts::Ignore,
                 h("http://10.0.0.1:8080/boot/ipxe.efi"),
+            ),
+            (
+                Firmware::UefiHttpArm64,
+                true,
+                &UnknownHosts::Ignore,
+                h("http://10.0.0.1:8080/boot/ipxe-arm64.efi"),
             ),
             (
                 Firmware::Ipxe,

@@ -185,7 +185,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 /// Architectures (RFC 4578 / IANA processor architecture types) [`classify`] has a loader for.
-const PXE_ARCH_SERVED: [u16; 4] = [0, 7, 9, 11];
+const ARCH_SERVED: [u16; 6] = [0, 7, 9, 11, 16, 19];
 
 /// The client's architecture: option 93's first entry, unless it is missing, or names one no
 /// loader is served for while the vendor class (60, `PXEClient:Arch:00011:UNDI:003000`) names
@@ -194,9 +194,7 @@ pub fn client_arch(option93: &[u16], vendor_class: &[u8]) -> Option<u16> {
     let from_60 = arch_in_vendor_class(vendor_class);
     match (option93.first().copied(), from_60) {
         (None, a) => a,
-        (Some(a), Some(b)) if !PXE_ARCH_SERVED.contains(&a) && PXE_ARCH_SERVED.contains(&b) => {
-            Some(b)
-        }
+        (Some(a), Some(b)) if !ARCH_SERVED.contains(&a) && ARCH_SERVED.contains(&b) => Some(b),
         (a, _) => a,
     }
 }
@@ -224,7 +222,11 @@ pub fn classify(vendor_class: &[u8], ipxe: bool, arch: Option<u16>) -> Firmware 
         return Firmware::Ipxe;
     }
     if vendor_class.starts_with(b"HTTPClient") {
-        return Firmware::UefiHttp;
+        // 19: ARM64 UEFI HTTP boot (16 is x86-64's).
+        return match arch {
+            Some(19) => Firmware::UefiHttpArm64,
+            _ => Firmware::UefiHttp,
+        };
     }
     if !vendor_class.starts_with(b"PXEClient") {
         return Firmware::Plain;
@@ -244,6 +246,7 @@ pub fn arch_name(firmware: Firmware) -> &'static str {
         Firmware::UefiX64 => "uefi-x64",
         Firmware::UefiArm64 => "uefi-arm64",
         Firmware::UefiHttp => "uefi-http",
+        Firmware::UefiHttpArm64 => "uefi-http-arm64",
         Firmware::Ipxe => "ipxe",
         Firmware::OtherPxe(_) => "pxe-other",
         Firmware::Plain => "plain",
@@ -371,6 +374,19 @@ pub(crate) mod tests {
                 vec![b"\x3c\x0aHTTPClient", b"\x5d\x02\x00\x10"],
                 Firmware::UefiHttp,
                 vec![16],
+            ),
+            (
+                vec![
+                    b"\x3c\x21HTTPClient:Arch:00019:UNDI:003000",
+                    b"\x5d\x02\x00\x13",
+                ],
+                Firmware::UefiHttpArm64,
+                vec![19],
+            ),
+            (
+                vec![b"\x3c\x21HTTPClient:Arch:00019:UNDI:003000"],
+                Firmware::UefiHttpArm64,
+                vec![],
             ),
             (vec![b"\x3c\x04udhc"], Firmware::Plain, vec![]),
             (vec![], Firmware::Plain, vec![]),

@@ -401,7 +401,7 @@ impl DhcpServer {
         }
         match req.firmware {
             // UEFI HTTP boot only takes an answer that says HTTPClient.
-            Firmware::UefiHttp => {
+            Firmware::UefiHttp | Firmware::UefiHttpArm64 => {
                 opts.insert(DhcpOption::ClassIdentifier(b"HTTPClient".to_vec()));
             }
             // iPXE waits ~3 s for ProxyDHCP offers unless told this is the PXE server.
