@@ -199,9 +199,7 @@ impl Disk {
         Ok(buf)
     }
 
-    /// Flushes everything to the medium and, on a device, has the kernel re-read its partition
-    /// table (the new image brings its own).
-    /// Drops the (clean, just synced) cached pages of the target, so the read-back digest reads
+    /// Drops the (clean, just synced) cached pages of the target, so the read-back reads
     /// what the disk holds, not what the page cache remembers of the writes.
     fn drop_cache(&self) -> Result<()> {
         use std::os::fd::AsRawFd;
@@ -251,6 +249,8 @@ impl Disk {
         }
     }
 
+    /// Flushes everything to the medium and, on a device, has the kernel re-read its partition
+    /// table (the new image brings its own).
     pub fn sync(&self) -> Result<()> {
         self.file
             .sync_all()
@@ -270,7 +270,8 @@ impl Disk {
     }
 
     /// Checks that the image reads back from the medium as the manifest describes it, byte for
-    /// byte: every data extent read and hashed to its chunk's id; the zero runs left alone
+    /// byte (the manifest must be the image's: its file hashed to what the appliance read, the
+    /// assignment's `manifest_hash`; otherwise [`Disk::digest_of`]): every data extent read and hashed to its chunk's id; the zero runs left alone
     /// because they read as zeros read again and checked to be zeros; the other zero runs — made
     /// zero by BLKZEROOUT or a punched hole, which guarantee it — not read. The manifest's map is
     /// contiguous over the whole image (its decoder checks), so this covers every byte.
@@ -281,19 +282,20 @@ impl Disk {
     /// and for a 100 GiB disk image it is minutes. Two threads, each with half the data.
     pub fn verify(&self, manifest: &fleetboot_image::Manifest) -> Result<()> {
         self.drop_cache()?;
-        let data: u64 = manifest
-            .extents
-            .iter()
-            .filter(|x| x.entry.is_some())
-            .map(|x| x.len)
-            .sum();
+        // What each extent costs to check: its data, or the part of a zero run left alone
+        // (on a new device, most of the image).
+        let read = |x: &fleetboot_image::Extent| match x.entry {
+            Some(_) => x.len,
+            None => self.left_alone_in(x.offset, x.offset + x.len),
+        };
+        let total: u64 = manifest.extents.iter().map(read).sum();
         let mut seen = 0;
         let split = manifest
             .extents
             .iter()
             .position(|x| {
-                seen += if x.entry.is_some() { x.len } else { 0 };
-                seen > data / 2
+                seen += read(x);
+                seen > total / 2
             })
             .unwrap_or(manifest.extents.len());
         let (first, second) = manifest.extents.split_at(split);
@@ -380,6 +382,77 @@ impl Disk {
         Ok(())
     }
 
+    /// BLAKE3 of the whole image as it reads back now, for a manifest the agent cannot tie to
+    /// the appliance (see [`Disk::verify`]): its data extents read from the disk, its zero
+    /// runs — made zero by BLKZEROOUT or a punched hole, which guarantee it — hashed as zeros
+    /// without reading them (reading 2 GiB of holes took 4 s), except the ranges left alone
+    /// because they read as zeros, which are read again. Two threads, one per half of the
+    /// BLAKE3 tree.
+    pub fn digest_of(&self, manifest: &fleetboot_image::Manifest) -> Result<String> {
+        use blake3::hazmat::{left_subtree_len, merge_subtrees_root, HasherExt, Mode};
+        self.drop_cache()?;
+        let size = manifest.meta.size;
+        if size <= blake3::CHUNK_LEN as u64 {
+            return Ok(self
+                .hash_range(manifest, 0, size)?
+                .finalize()
+                .to_hex()
+                .to_string());
+        }
+        let split = left_subtree_len(size);
+        let (left, right) = std::thread::scope(|s| {
+            let left = s.spawn(|| self.hash_range(manifest, 0, split));
+            let right = self.hash_range(manifest, split, size);
+            (left.join().expect("digest thread"), right)
+        });
+        let (left, right) = (left?, right?);
+        Ok(merge_subtrees_root(
+            &left.finalize_non_root(),
+            &right.finalize_non_root(),
+            Mode::Hash,
+        )
+        .to_hex()
+        .to_string())
+    }
+
+    /// Hashes `lo .. hi` of the image (a BLAKE3 subtree when `lo` > 0).
+    fn hash_range(
+        &self,
+        manifest: &fleetboot_image::Manifest,
+        lo: u64,
+        hi: u64,
+    ) -> io::Result<blake3::Hasher> {
+        use blake3::hazmat::HasherExt;
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        const READ_BYTES: u64 = 4 << 20;
+        let mut hasher = blake3::Hasher::new();
+        if lo > 0 {
+            hasher.set_input_offset(lo);
+        }
+        let mut buf = vec![0u8; READ_BYTES as usize];
+        for x in &manifest.extents {
+            let (start, end) = (x.offset.max(lo), (x.offset + x.len).min(hi));
+            if start >= end {
+                continue;
+            }
+            let mut at = start;
+            while at < end {
+                let read = x.entry.is_some() || self.was_left_alone(at);
+                let n = (end - at).min(if read { READ_BYTES } else { ZEROS.len() as u64 });
+                // A piece is all read or all taken as zeros.
+                let n = self.next_boundary(at).map_or(n, |b| n.min(b - at)) as usize;
+                if read {
+                    self.file.read_exact_at(&mut buf[..n], at)?;
+                    hasher.update(&buf[..n]);
+                } else {
+                    hasher.update(&ZEROS[..n]);
+                }
+                at += n as u64;
+            }
+        }
+        Ok(hasher)
+    }
+
     /// Whether `offset .. offset + len` of a file lies in a hole (reads as zeros without being
     /// stored). A device, or a filesystem that cannot say: false.
     pub fn is_hole(&self, offset: u64, len: u64) -> bool {
@@ -410,6 +483,16 @@ impl Disk {
     fn was_left_alone(&self, at: u64) -> bool {
         let i = self.left_alone.partition_point(|r| r.1 <= at);
         self.left_alone.get(i).is_some_and(|r| r.0 <= at)
+    }
+
+    /// Bytes of `lo .. hi` in ranges left alone.
+    fn left_alone_in(&self, lo: u64, hi: u64) -> u64 {
+        let first = self.left_alone.partition_point(|r| r.1 <= lo);
+        self.left_alone[first..]
+            .iter()
+            .take_while(|r| r.0 < hi)
+            .map(|r| r.1.min(hi).saturating_sub(r.0.max(lo)))
+            .sum()
     }
 
     /// The first start or end of a left-alone range after `at`.

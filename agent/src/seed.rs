@@ -10,7 +10,7 @@
 //! filesystem, and both GPT copies are checked (CRCs) when read and rewritten whole.
 //!
 //! The seed is not part of the image: it is rewritten at every install (after the image read
-//! back with its digest), and delta reimages never look at it. What was written is read back
+//! back as written), and delta reimages never look at it. What was written is read back
 //! from the medium and checked — both GPT copies, the entry, and the files through the FAT
 //! filesystem — before the install is reported done. An image without a partition table (a bare
 //! filesystem, a test pattern) has no place for a seed: it is skipped, and said so.

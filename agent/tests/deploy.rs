@@ -293,9 +293,35 @@ fn installs_then_reinstalls_moving_only_what_changed() {
 fn packs_come_from_the_store_url_mirror() {
     let v1 = image(3, &[]);
     let app = Appliance::start(std::slice::from_ref(&v1));
+    let mirror_requests = use_mirror(&app, &app.dir.path().join("store"));
+
+    let target = app.dir.path().join("disk.img");
+    let out = app.deploy(&target);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("not the one the appliance read"),
+        "the mirror's manifest is the appliance's: checked chunk by chunk\n{stderr}"
+    );
+    assert_eq!(std::fs::read(&target).unwrap(), v1);
+    assert_eq!(app.status().0, HostStatus::Installed);
+    assert!(
+        mirror_requests.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "the manifest and packs came from the mirror"
+    );
+    assert_eq!(
+        app.pack_requests.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no pack from the appliance"
+    );
+}
+
+/// Serves `store_dir` over HTTP (tower-http's file service, as a mirror or cache would) and
+/// points the appliance's `store_url` at it; counts the mirror's requests.
+fn use_mirror(app: &Appliance, store_dir: &Path) -> Arc<std::sync::atomic::AtomicUsize> {
     let mirror_requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = mirror_requests.clone();
-    let store_dir = app.dir.path().join("store");
+    let store_dir = store_dir.to_path_buf();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mirror = format!("http://{}/copy-of-store", listener.local_addr().unwrap());
     listener.set_nonblocking(true).unwrap();
@@ -318,25 +344,51 @@ fn packs_come_from_the_store_url_mirror() {
     let yaml = std::fs::read_to_string(&path).unwrap() + &format!("store_url: {mirror}/\n");
     std::fs::write(&path, yaml).unwrap();
     *app.state.config.write().unwrap() = Arc::new(Config::load(&path).unwrap());
+    mirror_requests
+}
 
+/// A mirror whose manifest of os@2 is os@1's map under os@2's name and digest (it decodes, and
+/// its own checksum is right): the agent cannot tie it to the appliance, so it checks the whole
+/// image's digest as read back, and the install fails instead of reporting os@1's bytes as os@2.
+#[test]
+fn a_manifest_the_appliance_did_not_read_is_checked_by_the_whole_images_digest() {
+    let (v1, v2) = (image(21, &[]), image(21, &[3, 400]));
+    let app = Appliance::start(&[v1.clone(), v2]);
+    let store = app.dir.path().join("store");
+    let copy = app.dir.path().join("mirror");
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&store)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let read = |v: u32| {
+        let bytes = std::fs::read(store.join(format!("manifests/os/{v}.manifest"))).unwrap();
+        fleetboot_image::Manifest::decode(&bytes).unwrap()
+    };
+    let (m1, m2) = (read(1), read(2));
+    let mut forged = m1.clone();
+    forged.meta = m2.meta.clone();
+    std::fs::write(copy.join("manifests/os/2.manifest"), forged.encode()).unwrap();
+
+    app.assign("os@2");
+    use_mirror(&app, &copy);
     let target = app.dir.path().join("disk.img");
     let out = app.deploy(&target);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(std::fs::read(&target).unwrap(), v1);
-    assert_eq!(app.status().0, HostStatus::Installed);
-    assert!(
-        mirror_requests.load(std::sync::atomic::Ordering::SeqCst) >= 2,
-        "the manifest and packs came from the mirror"
+        stderr.contains("not the one the appliance read")
+            && stderr.contains("reads back with BLAKE3"),
+        "{stderr}"
     );
     assert_eq!(
-        app.pack_requests.load(std::sync::atomic::Ordering::SeqCst),
-        0,
-        "no pack from the appliance"
+        std::fs::read(&target).unwrap(),
+        v1,
+        "it wrote what the forgery named"
     );
+    assert_ne!(app.status().0, HostStatus::Installed);
 }
 
 #[test]

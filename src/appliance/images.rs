@@ -44,7 +44,9 @@ impl Default for ImageCatalog {
 struct Listing {
     store: PathBuf,
     made: Instant,
-    versions: Arc<Vec<VersionPath>>,
+    /// The versions, or why the store could not be listed (kept as long: when the object
+    /// store is down, a rack's boots must not each wait out its timeouts one after another).
+    versions: Result<Arc<Vec<VersionPath>>, String>,
 }
 
 #[derive(Clone)]
@@ -54,6 +56,7 @@ struct Cached {
     id: ImageId,
     size: u64,
     packs: Arc<Vec<PackId>>,
+    manifest_hash: Arc<str>,
 }
 
 /// Entries kept; past it the cache starts over.
@@ -66,6 +69,8 @@ pub struct Resolved {
     pub size: u64,
     pub version: VersionPath,
     pub packs: Arc<Vec<PackId>>,
+    /// BLAKE3 (hex) of the manifest file.
+    pub manifest_hash: Arc<str>,
 }
 
 impl ImageCatalog {
@@ -85,6 +90,7 @@ impl ImageCatalog {
                 size: c.size,
                 version: version.clone(),
                 packs: c.packs.clone(),
+                manifest_hash: c.manifest_hash.clone(),
             })
         };
         if let Some(r) = cached(&version) {
@@ -95,7 +101,8 @@ impl ImageCatalog {
         if let Some(r) = cached(&version) {
             return Ok(r);
         }
-        let m = store.load_manifest(&version)?;
+        let (m, manifest_hash) = store.load_manifest_hashed(&version)?;
+        let manifest_hash: Arc<str> = manifest_hash.into();
         let id = ImageId {
             name: m.meta.name.clone(),
             version: version.version,
@@ -114,6 +121,7 @@ impl ImageCatalog {
                 id: id.clone(),
                 size: m.meta.size,
                 packs: packs.clone(),
+                manifest_hash: manifest_hash.clone(),
             },
         );
         Ok(Resolved {
@@ -121,6 +129,7 @@ impl ImageCatalog {
             size: m.meta.size,
             version,
             packs,
+            manifest_hash,
         })
     }
 
@@ -130,16 +139,19 @@ impl ImageCatalog {
         let location = store.location();
         if let Some(l) = listing.as_ref() {
             if l.store == location && l.made.elapsed() < self.listing_fresh {
-                return Ok(l.versions.clone());
+                return l.versions.clone().map_err(|e| StoreError::BadInput {
+                    path: l.store.clone(),
+                    what: format!("could not be listed a moment ago: {e}"),
+                });
             }
         }
-        let versions = Arc::new(store.versions()?);
+        let result = store.versions().map(Arc::new);
         *listing = Some(Listing {
             store: location,
             made: Instant::now(),
-            versions: versions.clone(),
+            versions: result.as_ref().map(Arc::clone).map_err(|e| e.to_string()),
         });
-        Ok(versions)
+        result
     }
 
     /// The stored image that is exactly `id` (same name, version and digest), if it is still
@@ -213,6 +225,24 @@ mod tests {
             lists.load(Ordering::Relaxed) - before,
             1,
             "listed again once stale"
+        );
+
+        // A store that cannot be listed (here: no store there at all, its marker missing) fails
+        // every resolve, but is asked once while the failure is fresh.
+        let gets = Arc::new(AtomicUsize::new(0));
+        let broken = Store::with_backend(
+            dir.path().join("staging2"),
+            Arc::new(Remote::new(&dir.path().join("nothing")).counting_gets(gets.clone())),
+        );
+        let first = format!("{}", kept.resolve(&broken, &os).unwrap_err());
+        for _ in 0..4 {
+            let again = format!("{}", kept.resolve(&broken, &os).unwrap_err());
+            assert!(again.contains(&first), "{again}");
+        }
+        assert_eq!(
+            gets.load(Ordering::Relaxed),
+            1,
+            "one attempt for five boots"
         );
     }
 }

@@ -1,5 +1,5 @@
-//! For tests: a folder store seen as an object store (no `folder()`), counting its range reads
-//! and listings, and slow to read a range as a network would be — the object-store code paths
+//! For tests: a folder store seen as an object store (no `folder()`), counting its range reads,
+//! object reads and listings, and slow to read a range as a network would be — the object-store code paths
 //! on a real store, without a network.
 
 use crate::store::{Backend, Folder, ObjectInfo};
@@ -12,6 +12,7 @@ use std::sync::Arc;
 pub struct Remote {
     folder: Folder,
     reads: Arc<AtomicUsize>,
+    gets: Arc<AtomicUsize>,
     lists: Arc<AtomicUsize>,
 }
 
@@ -20,12 +21,18 @@ impl Remote {
         Remote {
             folder: Folder::new(root),
             reads: Default::default(),
+            gets: Default::default(),
             lists: Default::default(),
         }
     }
     /// Counts range reads in `reads`.
     pub fn counting_reads(mut self, reads: Arc<AtomicUsize>) -> Remote {
         self.reads = reads;
+        self
+    }
+    /// Counts whole-object reads in `gets`.
+    pub fn counting_gets(mut self, gets: Arc<AtomicUsize>) -> Remote {
+        self.gets = gets;
         self
     }
     /// Counts listings in `lists`.
@@ -40,6 +47,7 @@ impl Backend for Remote {
         self.folder.locate(key)
     }
     fn get(&self, key: &str) -> io::Result<Option<Vec<u8>>> {
+        self.gets.fetch_add(1, Ordering::Relaxed);
         self.folder.get(key)
     }
     fn read_at(&self, key: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {

@@ -184,17 +184,26 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
-/// Architectures (RFC 4578 / IANA processor architecture types) [`classify`] has a loader for.
-const ARCH_SERVED: [u16; 6] = [0, 7, 9, 11, 16, 19];
+/// Architectures (RFC 4578 / IANA processor architecture types) [`classify`] has a loader for,
+/// by the kind of client the vendor class says: PXE (BIOS, x86-64 UEFI, ARM64 UEFI) and UEFI
+/// HTTP boot (x86-64, ARM64).
+fn arch_served(vendor_class: &[u8]) -> &'static [u16] {
+    if vendor_class.starts_with(b"HTTPClient") {
+        &[16, 19]
+    } else {
+        &[0, 7, 9, 11]
+    }
+}
 
 /// The client's architecture: option 93's first entry, unless it is missing, or names one no
 /// loader is served for while the vendor class (60, `PXEClient:Arch:00011:UNDI:003000`) names
 /// one that is. A Raspberry Pi 4 with EDK2 sends no option 93 at all.
 pub fn client_arch(option93: &[u16], vendor_class: &[u8]) -> Option<u16> {
     let from_60 = arch_in_vendor_class(vendor_class);
+    let served = arch_served(vendor_class);
     match (option93.first().copied(), from_60) {
         (None, a) => a,
-        (Some(a), Some(b)) if !ARCH_SERVED.contains(&a) && ARCH_SERVED.contains(&b) => Some(b),
+        (Some(a), Some(b)) if !served.contains(&a) && served.contains(&b) => Some(b),
         (a, _) => a,
     }
 }
@@ -347,6 +356,16 @@ pub(crate) mod tests {
                 ],
                 Firmware::UefiArm64,
                 vec![0xff7f],
+            ),
+            // A PXE client's option 93 naming an HTTP-boot architecture: no PXE loader for it,
+            // so the vendor class's.
+            (
+                vec![
+                    b"\x3c\x20PXEClient:Arch:00007:UNDI:003016",
+                    b"\x5d\x02\x00\x10",
+                ],
+                Firmware::UefiX64,
+                vec![16],
             ),
             // Both known and different: option 93, which RFC 4578 defines, wins.
             (

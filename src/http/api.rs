@@ -118,6 +118,7 @@ pub async fn assignment(
             mac: mac.to_string(),
             presigned: direct_access,
             pack_urls,
+            manifest_hash: Some(resolved.manifest_hash.to_string()),
             manifest_url,
             image,
             size: resolved.size,

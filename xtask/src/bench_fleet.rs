@@ -431,9 +431,13 @@ fn fetch_only(
                 .context("cannot start curl")
         })
         .collect::<Result<Vec<Child>>>()?;
+    // Every client waited for before any is judged: none is left running.
+    let outputs: Vec<std::io::Result<std::process::Output>> =
+        children.into_iter().map(|c| c.wait_with_output()).collect();
+    let took = started.elapsed();
     let mut fetched = 0;
-    for (i, child) in children.into_iter().enumerate() {
-        let out = child.wait_with_output()?;
+    for (i, out) in outputs.into_iter().enumerate() {
+        let out = out?;
         let text = String::from_utf8_lossy(&out.stdout);
         let mut got = 0u64;
         for line in text.lines() {
@@ -451,7 +455,7 @@ fn fetch_only(
         fetched += got;
     }
     Ok(FetchRun {
-        took: started.elapsed(),
+        took,
         fetched,
         cpu: server.cpu_with_children()?.saturating_sub(cpu_before),
         machine_busy: machine_cpu()?.busy_since(&machine_before),

@@ -65,6 +65,11 @@ pub struct Assignment {
     pub pack_urls: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     pub presigned: bool,
+    /// BLAKE3 (hex) of the manifest file as the appliance read it: the agent trusts a manifest
+    /// it fetched (from the appliance, a mirror or the object store) only if it hashes to this.
+    /// `None` from an older appliance.
+    #[serde(default)]
+    pub manifest_hash: Option<String>,
 }
 
 /// The three NoCloud documents of one install.

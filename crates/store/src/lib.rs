@@ -357,16 +357,23 @@ impl Store {
 
     /// Reads and validates the manifest of a listed version (`NotFound` if it was removed since).
     pub fn load_manifest(&self, v: &VersionPath) -> Result<Manifest, StoreError> {
+        Ok(self.load_manifest_hashed(v)?.0)
+    }
+
+    /// [`Store::load_manifest`], with the BLAKE3 (hex) of the manifest file's bytes: what an
+    /// agent checks the manifest it fetches against, wherever it fetches it from.
+    pub fn load_manifest_hashed(&self, v: &VersionPath) -> Result<(Manifest, String), StoreError> {
         let bytes = self
             .backend
             .get(&v.key)
             .at(&v.path)?
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
             .at(&v.path)?;
-        Manifest::decode(&bytes).map_err(|error| StoreError::Manifest {
+        let manifest = Manifest::decode(&bytes).map_err(|error| StoreError::Manifest {
             path: v.path.clone(),
             error,
-        })
+        })?;
+        Ok((manifest, blake3::hash(&bytes).to_hex().to_string()))
     }
 
     /// The manifest of the image `r` names.
