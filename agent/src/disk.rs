@@ -271,9 +271,10 @@ impl Disk {
 
     /// Checks that the image reads back from the medium as the manifest describes it, byte for
     /// byte (the manifest must be the image's: its file hashed to what the appliance read, the
-    /// assignment's `manifest_hash`; otherwise [`Disk::digest_of`]): every data extent read and hashed to its chunk's id; the zero runs left alone
-    /// because they read as zeros read again and checked to be zeros; the other zero runs — made
-    /// zero by BLKZEROOUT or a punched hole, which guarantee it — not read. The manifest's map is
+    /// assignment's `manifest_hash`; otherwise [`Disk::digest_of`]): every data extent read and
+    /// hashed to its chunk's id; the zero runs left alone because they read as zeros read again
+    /// and checked to be zeros; the other zero runs — made zero by BLKZEROOUT or a punched hole,
+    /// which guarantee it — not read. The manifest's map is
     /// contiguous over the whole image (its decoder checks), so this covers every byte.
     ///
     /// Hashing the whole image instead (its BLAKE3) proves no more about the disk but hashes
@@ -286,7 +287,10 @@ impl Disk {
         // (on a new device, most of the image).
         let read = |x: &fleetboot_image::Extent| match x.entry {
             Some(_) => x.len,
-            None => self.left_alone_in(x.offset, x.offset + x.len),
+            None => self
+                .left_alone_within(x.offset, x.offset + x.len)
+                .map(|(from, to)| to - from)
+                .sum(),
         };
         let total: u64 = manifest.extents.iter().map(read).sum();
         let mut seen = 0;
@@ -356,28 +360,15 @@ impl Disk {
 
     /// Checks that the left-alone parts of the zero run `lo .. hi` still read as zeros.
     fn check_zeros(&self, lo: u64, hi: u64, buf: &mut Vec<u8>) -> Result<()> {
-        let mut at = lo;
-        while at < hi {
-            let Some(boundary) = self.next_boundary(at) else {
-                break;
-            };
-            let n = (hi - at).min(boundary - at).min(ZERO_CHECK_BYTES as u64) as usize;
-            if !self.was_left_alone(at) {
-                at += n as u64;
-                continue;
-            }
-            buf.resize(n, 0);
-            self.file
-                .read_exact_at(&mut buf[..n], at)
-                .with_context(|| format!("cannot read back {}", self.path.display()))?;
-            if !is_zero(&buf[..n]) {
+        for (from, to) in self.left_alone_within(lo, hi) {
+            if !zeros_at(&self.file, buf, from, to - from)
+                .with_context(|| format!("cannot read back {}", self.path.display()))?
+            {
                 bail!(
-                    "{} does not read back as the image: bytes {at}..{} should read as zeros",
-                    self.path.display(),
-                    at + n as u64
+                    "{} does not read back as the image: bytes {from}..{to} should read as zeros",
+                    self.path.display()
                 );
             }
-            at += n as u64;
         }
         Ok(())
     }
@@ -469,6 +460,22 @@ impl Disk {
     }
 }
 
+/// Whether `offset .. offset + len` of `file` reads as zeros, read through `buf` in steps of
+/// [`ZERO_CHECK_BYTES`] (stops at the first other byte).
+fn zeros_at(file: &File, buf: &mut Vec<u8>, offset: u64, len: u64) -> io::Result<bool> {
+    buf.resize(ZERO_CHECK_BYTES, 0);
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(ZERO_CHECK_BYTES as u64) as usize;
+        file.read_exact_at(&mut buf[..n], at)?;
+        if !is_zero(&buf[..n]) {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    Ok(true)
+}
+
 /// Whether every byte of `data` is zero (a loop the compiler vectorises).
 pub fn is_zero(data: &[u8]) -> bool {
     let mut words = data.chunks_exact(64);
@@ -485,14 +492,13 @@ impl Disk {
         self.left_alone.get(i).is_some_and(|r| r.0 <= at)
     }
 
-    /// Bytes of `lo .. hi` in ranges left alone.
-    fn left_alone_in(&self, lo: u64, hi: u64) -> u64 {
+    /// The parts of `lo .. hi` in ranges left alone, in order.
+    fn left_alone_within(&self, lo: u64, hi: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
         let first = self.left_alone.partition_point(|r| r.1 <= lo);
         self.left_alone[first..]
             .iter()
-            .take_while(|r| r.0 < hi)
-            .map(|r| r.1.min(hi).saturating_sub(r.0.max(lo)))
-            .sum()
+            .take_while(move |r| r.0 < hi)
+            .map(move |r| (r.0.max(lo), r.1.min(hi)))
     }
 
     /// The first start or end of a left-alone range after `at`.
@@ -504,17 +510,7 @@ impl Disk {
 
     /// Whether `offset .. offset + len` reads as zeros now (stops at the first other byte).
     fn reads_as_zeros(&mut self, offset: u64, len: u64) -> io::Result<bool> {
-        self.scratch.resize(ZERO_CHECK_BYTES, 0);
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(ZERO_CHECK_BYTES as u64) as usize;
-            self.file.read_exact_at(&mut self.scratch[..n], at)?;
-            if !is_zero(&self.scratch[..n]) {
-                return Ok(false);
-            }
-            at += n as u64;
-        }
-        Ok(true)
+        zeros_at(&self.file, &mut self.scratch, offset, len)
     }
 }
 
