@@ -135,10 +135,14 @@ impl Default for BootFiles {
     }
 }
 
-/// TFTP limits.
+/// TFTP: whether it runs, and its limits.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Tftp {
+    /// Whether the TFTP server runs (taken at start). Off, for a network whose firmware all
+    /// boots over UEFI HTTP: nothing listens on UDP 69, and DHCP names no TFTP boot file (a PXE
+    /// client gets an address only, in full mode, and no answer in proxy mode).
+    pub enabled: bool,
     /// Largest block size granted (RFC 2348).
     pub blksize_max: u16,
     /// Largest window granted (RFC 7440).
@@ -154,6 +158,7 @@ pub struct Tftp {
 impl Default for Tftp {
     fn default() -> Self {
         Tftp {
+            enabled: true,
             blksize_max: 1468,
             windowsize_max: 16,
             transfers_max: 64,
@@ -1717,6 +1722,7 @@ hosts:
         let c = Config::load(&path).unwrap();
         assert_eq!(c.hosts.len(), 2);
         assert_eq!(c.tftp.port, 69);
+        assert!(c.tftp.enabled);
         assert_eq!(c.http, Http::default());
     }
 

@@ -72,7 +72,7 @@ pub async fn run(options: ServeOptions) -> Result<()> {
             .context("cannot start the DHCP threads")?;
         tracing::info!(mode = ?dhcp_mode, %interface, "serving DHCP");
     }
-    {
+    if state.config().tftp.enabled {
         let config = state.config();
         let port = config.tftp.port;
         let socket = crate::net::udp_on(&interface, address, port)
@@ -85,6 +85,8 @@ pub async fn run(options: ServeOptions) -> Result<()> {
         crate::tftp::spawn(socket, &interface, boot_dir, limits, metrics)
             .context("cannot start TFTP")?;
         tracing::info!(%address, "serving TFTP");
+    } else {
+        tracing::info!("TFTP off (tftp.enabled: false): UEFI HTTP boot and iPXE only");
     }
     if state.config().router_advertisements {
         crate::ra::spawn(interface.clone())
@@ -193,10 +195,15 @@ async fn reload_loop(state: Arc<AppState>, path: PathBuf) {
                 .unwrap_or_else(|e| Err(anyhow::anyhow!("configuration reload: {e}")))
         };
         match reloaded {
-            Ok(new) => {
+            Ok(mut new) => {
                 let old = state.config();
                 if new.interface != old.interface || new.http_port != old.http_port {
                     tracing::warn!("interface and http_port changes take effect at the next start");
+                }
+                // DHCP names TFTP boot files only while the TFTP server started with them runs.
+                if new.tftp.enabled != old.tftp.enabled {
+                    tracing::warn!("a tftp.enabled change takes effect at the next start");
+                    new.tftp.enabled = old.tftp.enabled;
                 }
                 *state.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
                 // The new configuration may read other files.

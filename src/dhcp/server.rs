@@ -153,6 +153,12 @@ impl DhcpServer {
             &config.boot_files,
             &self.state.base_url,
         );
+        // With TFTP off, a PXE client is not sent to fetch what nobody serves: its firmware
+        // goes on to its next boot option (UEFI HTTP boot, say) instead of failing a download.
+        let boot = match boot {
+            DhcpBoot::Tftp(_) if !config.tftp.enabled => DhcpBoot::AddressOnly,
+            boot => boot,
+        };
         if boot == DhcpBoot::Ignore {
             metrics.dhcp_ignored.inc();
             tracing::debug!(mac = %req.mac, "not answering an unknown host");

@@ -42,7 +42,8 @@ pub fn run(args: &[&str]) -> Result<()> {
         ["--bios-only"] => false,
         ["--os", "debian"] => return crate::e2e_debian::run(true),
         ["--os", "debian", "--bios-only"] => return crate::e2e_debian::run(false),
-        _ => bail!("usage: cargo xtask e2e [--os debian] [--bios-only]"),
+        ["--http-boot"] => return crate::e2e_http_boot::run(),
+        _ => bail!("usage: cargo xtask e2e [--os debian] [--bios-only] | --http-boot"),
     };
     let started = Instant::now();
     let (fleetboot, boot) = prepare()?;
@@ -620,6 +621,18 @@ fn boot_vm(
     let mut qemu = ns.cmd("timeout");
     qemu.arg("400");
     vm_args(&mut qemu, fw, fw.mac(), work, disk, 1024, true)?;
+    run_boot(&mut qemu, log, marker, expect_agent)
+}
+
+/// Runs the VM `qemu` starts until it powers itself off; its console (in `log`) must show the
+/// agent installing (`expect_agent`) or not running at all, then `marker` booted from the disk.
+/// Returns the serial console.
+pub(crate) fn run_boot(
+    qemu: &mut Command,
+    log: &Path,
+    marker: &str,
+    expect_agent: bool,
+) -> Result<String> {
     let status = qemu
         .stdin(Stdio::null())
         .stdout(fs::File::create(log)?)
@@ -775,7 +788,7 @@ fn agent_without_address(ns: &Host, boot: &Path, disk: &Path, log: &Path, mac: &
 /// Checks the VM's disk: the image, byte for byte, but for the MBR slots past the image's one
 /// partition, where the seed is added: a FAT (LBA) partition past the image whose `meta-data`
 /// names `hostname`. Returns the seed's instance-id.
-fn check_disk(
+pub(crate) fn check_disk(
     fleetboot: &Path,
     store: &Path,
     image: &str,

@@ -1,5 +1,6 @@
 //! `cargo xtask test`: everything CI runs — formatting, lints, the end-to-end VM runs (`e2e` with
-//! the demo disks, then `e2e --os debian` with a real Debian), unit and integration tests.
+//! the demo disks, `e2e --http-boot` with no TFTP, then `e2e --os debian` with a real Debian),
+//! unit and integration tests.
 //!
 //! Ends with one plain line `tests: N passed, M failed`, summed over every test binary, so the
 //! closing line of a run speaks for all of it (cargo's own last line is that of its last binary).
@@ -29,6 +30,7 @@ pub fn run(extra: &[&str]) -> Result<()> {
     // The agent in real VMs: the demo disks, then a real Debian up as itself (each counted as one
     // test in the summary line).
     crate::e2e::run(&[])?;
+    crate::e2e::run(&["--http-boot"])?;
     crate::e2e::run(&["--os", "debian"])?;
     let mut cmd = Command::new(&cargo);
     cmd.current_dir(&root)
@@ -38,7 +40,8 @@ pub fn run(extra: &[&str]) -> Result<()> {
     eprintln!("$ {}", util::show(&cmd));
     let mut child = cmd.spawn().context("cannot start cargo test")?;
     let stdout = child.stdout.take().context("cargo test has no stdout")?;
-    let (mut passed, mut failed) = (2u64, 0u64); // the two e2e runs above passed
+    const E2E_RUNS: u64 = 3;
+    let (mut passed, mut failed) = (E2E_RUNS, 0u64); // the e2e runs above passed
     let mut out = std::io::stdout().lock();
     for line in BufReader::new(stdout).lines() {
         let line = line.context("cannot read cargo test's output")?;
@@ -53,7 +56,7 @@ pub fn run(extra: &[&str]) -> Result<()> {
     if !status.success() {
         bail!("cargo test failed: {status}");
     }
-    if passed <= 2 {
+    if passed <= E2E_RUNS {
         bail!("no test ran");
     }
     Ok(())
