@@ -123,6 +123,9 @@ pub struct BootFiles {
     pub uefi: String,
     /// UEFI ARM64 (option 93 = 11), over TFTP.
     pub arm64: String,
+    /// UEFI x86-64 hosts with `secure_boot: true`: Debian's Microsoft-signed shim, which fetches
+    /// `grubx64.efi` (Debian's signed network GRUB) from beside it.
+    pub secure_boot: String,
 }
 
 impl Default for BootFiles {
@@ -131,6 +134,7 @@ impl Default for BootFiles {
             bios: "undionly.kpxe".into(),
             uefi: "ipxe.efi".into(),
             arm64: "ipxe-arm64.efi".into(),
+            secure_boot: "shimx64.efi".into(),
         }
     }
 }
@@ -225,6 +229,7 @@ pub struct Assignment {
     pub image: Option<ImageRef>,
     pub disk: Option<DiskChoice>,
     pub wipe: Option<WipeMode>,
+    pub secure_boot: Option<bool>,
     pub identity: IdentityKeys,
 }
 
@@ -313,6 +318,9 @@ pub struct Host {
     pub disk: DiskChoice,
     /// How its disks are wiped when it is retired.
     pub wipe: WipeMode,
+    /// UEFI firmware gets the signed chain (shim → GRUB → Debian's kernel), which boots with
+    /// Secure Boot on or off, instead of iPXE.
+    pub secure_boot: bool,
     /// Reserved address (full DHCP mode).
     pub ip: Option<Ipv4Addr>,
     /// Its BMC (`bmc:`), for power and a one-time network boot.
@@ -507,6 +515,8 @@ struct RawAssignment {
     disk: Option<Spanned<DiskChoice>>,
     #[serde(default)]
     wipe: Option<WipeMode>,
+    #[serde(default)]
+    secure_boot: Option<bool>,
     // The identity keys (see `RawIdentity`), written out: serde's flatten would lose their
     // line numbers.
     #[serde(default)]
@@ -605,6 +615,8 @@ struct RawHost {
     disk: Option<Spanned<DiskChoice>>,
     #[serde(default)]
     wipe: Option<WipeMode>,
+    #[serde(default)]
+    secure_boot: Option<bool>,
     #[serde(default)]
     ip: Option<Ipv4Addr>,
     #[serde(default)]
@@ -909,6 +921,11 @@ impl Config {
                 .and_then(|(_, g)| g.wipe)
                 .or(self.defaults.wipe)
                 .unwrap_or_default(),
+            secure_boot: group
+                .as_ref()
+                .and_then(|(_, g)| g.secure_boot)
+                .or(self.defaults.secure_boot)
+                .unwrap_or(false),
             group: group.map(|(name, _)| name),
             ip: None,
             bmc: None,
@@ -1062,6 +1079,7 @@ impl Config {
             image: raw.defaults.image.as_ref().map(&mut image).transpose()?,
             disk: disk_choice(&raw.defaults.disk)?,
             wipe: raw.defaults.wipe,
+            secure_boot: raw.defaults.secure_boot,
             identity: identity(&raw.defaults.identity(), false)?,
         };
         let mut groups = BTreeMap::new();
@@ -1072,6 +1090,7 @@ impl Config {
                     image: g.value.image.as_ref().map(&mut image).transpose()?,
                     disk: disk_choice(&g.value.disk)?,
                     wipe: g.value.wipe,
+                    secure_boot: g.value.secure_boot,
                     identity: identity(&g.value.identity(), false)?,
                 },
             );
@@ -1165,6 +1184,12 @@ impl Config {
                     .or_else(|| from_group.and_then(|g| g.wipe))
                     .or(defaults.wipe)
                     .unwrap_or_default(),
+                secure_boot: h
+                    .value
+                    .secure_boot
+                    .or_else(|| from_group.and_then(|g| g.secure_boot))
+                    .or(defaults.secure_boot)
+                    .unwrap_or(false),
                 group,
                 ip: h.value.ip,
             };
@@ -1410,6 +1435,31 @@ hosts:
         assert_eq!(plain.image, Some("debian".parse().unwrap()));
         assert_eq!(plain.disk, DiskChoice::Name("auto".into()));
         assert_eq!(c.image_uses.len(), 4);
+    }
+
+    #[test]
+    fn secure_boot_resolves_from_host_group_and_defaults() {
+        let c = parse(
+            "interface: eth0\nstore: /s\ndefaults: { secure_boot: true }\n\
+             groups:\n  lab: { secure_boot: false }\n\
+             hosts:\n  \"52:54:00:00:00:01\": {}\n  \"52:54:00:00:00:02\": { group: lab }\n  \
+             \"52:54:00:00:00:03\": { group: lab, secure_boot: true }\n",
+        )
+        .unwrap();
+        let sb = |m: &str| c.hosts[&m.parse().unwrap()].secure_boot;
+        assert!(sb("52:54:00:00:00:01"), "from the defaults");
+        assert!(!sb("52:54:00:00:00:02"), "the group's over the defaults'");
+        assert!(sb("52:54:00:00:00:03"), "the host's over its group's");
+        assert!(!parse("interface: eth0\nstore: /s\nhosts: {}\n")
+            .unwrap()
+            .defaults
+            .secure_boot
+            .unwrap_or(false));
+        assert_invalid(
+            "interface: eth0\nstore: /s\nhosts:\n  \"52:54:00:00:00:01\": { secure_boot: maybe }\n",
+            4,
+            "invalid boolean",
+        );
     }
 
     /// (text, line, what the message says)

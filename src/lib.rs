@@ -24,6 +24,7 @@ pub mod config;
 pub mod dhcp;
 pub mod fleet;
 pub mod fuzz;
+pub mod grub;
 pub mod http;
 pub mod mac;
 pub mod metrics;

@@ -82,7 +82,11 @@ pub async fn run(options: ServeOptions) -> Result<()> {
             config.tftp.clone(),
             state.metrics.clone(),
         );
-        crate::tftp::spawn(socket, &interface, boot_dir, limits, metrics)
+        let generated: crate::tftp::Generated = {
+            let state = state.clone();
+            Arc::new(move |name, peer| crate::grub::tftp_file(&state, name, peer))
+        };
+        crate::tftp::spawn(socket, &interface, boot_dir, generated, limits, metrics)
             .context("cannot start TFTP")?;
         tracing::info!(%address, "serving TFTP");
     } else {

@@ -9,6 +9,9 @@
 //! Names are resolved with [`resolve_beneath`] (no `..`, no symlink out of `boot_dir`). Every
 //! socket is bound to the interface's address and device. At most `transfers_max` transfers run
 //! at once; a request beyond that gets an error, not a queue.
+//!
+//! A few names are made on request instead of read from `boot_dir` ([`Generated`]): the signed
+//! GRUB of the Secure Boot chain reads its configuration over TFTP only.
 
 use crate::bootfiles::{resolve_beneath, BootFileError};
 use crate::config::Tftp;
@@ -46,10 +49,16 @@ const RETRIES_MAX: u32 = 6;
 /// asked for (RFC 2349 allows 255 s: 64 such requests would hold every slot for half an hour).
 const WAIT_MAX: Duration = Duration::from_secs(3);
 
+/// Makes the file a request names, for the names it owns: `None` for every other name (read
+/// from `boot_dir`), else its bytes or why the client may not have it. Called with the name
+/// (without a leading `/`) and the client's address.
+pub type Generated = Arc<dyn Fn(&str, IpAddr) -> Option<Result<Vec<u8>, String>> + Send + Sync>;
+
 /// What the service needs, cloned into each transfer.
 #[derive(Clone)]
 struct Ctx {
     root: PathBuf,
+    generated: Generated,
     interface: String,
     address: Ipv4Addr,
     limits: Tftp,
@@ -64,6 +73,7 @@ pub fn spawn(
     socket: UdpSocket,
     interface: &str,
     boot_dir: PathBuf,
+    generated: Generated,
     limits: Tftp,
     metrics: Arc<Metrics>,
 ) -> io::Result<()> {
@@ -73,6 +83,7 @@ pub fn spawn(
     };
     let ctx = Ctx {
         root: boot_dir,
+        generated,
         interface: interface.to_string(),
         address,
         limits,
@@ -252,15 +263,24 @@ fn transfer(ctx: &Ctx, client: SocketAddr, req: &Request) -> io::Result<()> {
         let _ = socket.send(&error_packet(code, &why));
         io::Error::other(why)
     };
-    let path = match resolve_beneath(&ctx.root, &req.file) {
-        Ok(p) => p,
-        Err(e @ (BootFileError::NotFound(_) | BootFileError::NotAFile(_))) => {
-            return Err(refuse(ERR_NOT_FOUND, e.to_string()))
+    let source = match (ctx.generated)(req.file.trim_start_matches('/'), client.ip()) {
+        Some(Ok(bytes)) => Source::Bytes(bytes),
+        Some(Err(why)) => return Err(refuse(ERR_ACCESS, why)),
+        None => {
+            let path = match resolve_beneath(&ctx.root, &req.file) {
+                Ok(p) => p,
+                Err(e @ (BootFileError::NotFound(_) | BootFileError::NotAFile(_))) => {
+                    return Err(refuse(ERR_NOT_FOUND, e.to_string()))
+                }
+                Err(e) => return Err(refuse(ERR_ACCESS, e.to_string())),
+            };
+            Source::File(File::open(&path).map_err(|e| refuse(ERR_NOT_FOUND, e.to_string()))?)
         }
-        Err(e) => return Err(refuse(ERR_ACCESS, e.to_string())),
     };
-    let file = File::open(&path).map_err(|e| refuse(ERR_NOT_FOUND, e.to_string()))?;
-    let size = file.metadata()?.len();
+    let size = match &source {
+        Source::File(f) => f.metadata()?.len(),
+        Source::Bytes(b) => b.len() as u64,
+    };
     ctx.metrics.tftp_transfers.inc();
 
     let blksize = req.blksize.map_or(BLKSIZE_DEFAULT, |b| {
@@ -329,7 +349,7 @@ fn transfer(ctx: &Ctx, client: SocketAddr, req: &Request) -> io::Result<()> {
                 0
             } else {
                 read_full(
-                    &file,
+                    &source,
                     &mut packet[4..4 + blksize.min((size - offset) as usize)],
                     offset,
                 )?
@@ -428,8 +448,23 @@ fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
+/// What a transfer sends: a file of `boot_dir`, or bytes made for the request.
+enum Source {
+    File(File),
+    Bytes(Vec<u8>),
+}
+
 /// Fills `buf` from `offset` (short only at the end of the file).
-fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+fn read_full(source: &Source, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let file = match source {
+        Source::File(f) => f,
+        Source::Bytes(b) => {
+            let from = usize::try_from(offset).unwrap_or(usize::MAX).min(b.len());
+            let n = buf.len().min(b.len() - from);
+            buf[..n].copy_from_slice(&b[from..from + n]);
+            return Ok(n);
+        }
+    };
     let mut done = 0;
     while done < buf.len() {
         let n = file.read_at(&mut buf[done..], offset + done as u64)?;
@@ -461,6 +496,7 @@ mod tests {
             socket,
             "lo",
             dir.path().to_path_buf(),
+            Arc::new(|_: &str, _: IpAddr| None),
             limits,
             Arc::new(Metrics::default()),
         )

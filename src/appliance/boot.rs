@@ -35,6 +35,21 @@ pub enum BootPlan {
     LocalDisk,
 }
 
+impl BootPlan {
+    /// The agent's token and mode (`""` install, `inspect`, `wipe`, `wipe secure`); `None`: the
+    /// local disk.
+    pub fn agent_mode(&self) -> Option<(&str, &'static str)> {
+        match self {
+            BootPlan::Agent { token, .. } => Some((token, "")),
+            BootPlan::Inspect { token } => Some((token, "inspect")),
+            BootPlan::Wipe { token, secure } => {
+                Some((token, if *secure { "wipe secure" } else { "wipe" }))
+            }
+            BootPlan::LocalDisk => None,
+        }
+    }
+}
+
 /// Why a host gets no script.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {

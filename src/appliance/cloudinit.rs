@@ -87,6 +87,7 @@ mod tests {
             group: None,
             disk: Default::default(),
             wipe: Default::default(),
+            secure_boot: false,
             ip: None,
             bmc: None,
         }

@@ -53,11 +53,13 @@ pub enum ScriptPlan {
 }
 
 /// Decides the boot part of a DHCP answer. `known` says whether the MAC is in `hosts`;
-/// `http_base` is the appliance's URL (`http://10.0.0.1:80`).
+/// `secure_boot` whether the host is to boot the signed chain under UEFI x86-64; `http_base` is
+/// the appliance's URL (`http://10.0.0.1:80`).
 pub fn dhcp_boot(
     firmware: Firmware,
     mac: &str,
     known: bool,
+    secure_boot: bool,
     unknown_hosts: &UnknownHosts,
     files: &BootFiles,
     http_base: &str,
@@ -67,6 +69,8 @@ pub fn dhcp_boot(
     }
     match firmware {
         Firmware::BiosPxe => DhcpBoot::Tftp(files.bios.clone()),
+        // Firmware with Secure Boot on refuses the unsigned iPXE: the shim is signed by Microsoft.
+        Firmware::UefiX64 if secure_boot => DhcpBoot::Tftp(files.secure_boot.clone()),
         Firmware::UefiX64 => DhcpBoot::Tftp(files.uefi.clone()),
         Firmware::UefiArm64 => DhcpBoot::Tftp(files.arm64.clone()),
         Firmware::UefiHttp => DhcpBoot::Http(format!("{http_base}/boot/{}", files.uefi)),
@@ -179,7 +183,7 @@ mod tests {
         ];
         for (fw, known, policy, want) in cases {
             assert_eq!(
-                dhcp_boot(fw, mac, known, policy, &files, base),
+                dhcp_boot(fw, mac, known, false, policy, &files, base),
                 want,
                 "{fw:?} known={known} {policy:?}"
             );
@@ -193,12 +197,25 @@ mod tests {
                 Firmware::UefiX64,
                 mac,
                 true,
+                false,
                 &UnknownHosts::Ignore,
                 &snp,
                 base
             ),
             t("snponly.efi")
         );
+        // Secure Boot: the shim to UEFI x86-64 PXE; BIOS and iPXE itself as before.
+        for (fw, want) in [
+            (Firmware::UefiX64, t("shimx64.efi")),
+            (Firmware::BiosPxe, t("undionly.kpxe")),
+            (
+                Firmware::Ipxe,
+                h("http://10.0.0.1:8080/boot/52:54:00:12:34:56.ipxe"),
+            ),
+        ] {
+            let got = dhcp_boot(fw, mac, true, true, &UnknownHosts::Ignore, &files, base);
+            assert_eq!(got, want, "{fw:?} with secure_boot");
+        }
     }
 
     #[test]

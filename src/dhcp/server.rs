@@ -144,11 +144,15 @@ impl DhcpServer {
             self.pool = self.pool_for(&config, old.as_ref());
             self.pool_config = config.clone();
         }
-        let known = config.hosts.contains_key(&req.mac);
+        let host = config.hosts.get(&req.mac);
+        let known = host.is_some();
+        // An unknown machine takes the defaults' (a rule's group applies once it is inspected).
+        let secure_boot = host.map_or(config.defaults.secure_boot, |h| Some(h.secure_boot));
         let boot = dhcp_boot(
             req.firmware,
             &req.mac.to_string(),
             known,
+            secure_boot.unwrap_or(false),
             &config.unknown_hosts,
             &config.boot_files,
             &self.state.base_url,

@@ -23,7 +23,7 @@ mod dashboard;
 pub mod limits;
 mod meta;
 pub mod packs;
-mod script;
+pub mod script;
 mod sendfile;
 
 pub use crate::appliance::AppState;

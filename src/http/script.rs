@@ -3,7 +3,7 @@
 //! and iPXE's own lease), or boot the local disk.
 
 use super::{blocking, AppError, AppState};
-use crate::appliance::{BootError, BootPlan};
+use crate::appliance::BootError;
 use crate::mac::Mac;
 use axum::http::StatusCode;
 use fleetboot_image::api::cmdline;
@@ -34,16 +34,9 @@ pub async fn for_host(st: Arc<AppState>, mac: Mac, peer: IpAddr) -> Result<Strin
         })
     })
     .await?;
-    Ok(match plan {
-        BootPlan::Agent { token, .. } => agent_script(&base, mac, &token, ""),
-        BootPlan::Inspect { token } => agent_script(&base, mac, &token, "inspect"),
-        BootPlan::Wipe { token, secure } => agent_script(
-            &base,
-            mac,
-            &token,
-            if secure { "wipe secure" } else { "wipe" },
-        ),
-        BootPlan::LocalDisk => local_disk_script(&base),
+    Ok(match plan.agent_mode() {
+        Some((token, mode)) => agent_script(&base, mac, token, mode),
+        None => local_disk_script(&base),
     })
 }
 
@@ -52,6 +45,23 @@ pub async fn for_host(st: Arc<AppState>, mac: Mac, peer: IpAddr) -> Result<Strin
 /// `${ip}` and friends from its own lease, so the agent can configure its NIC without a second
 /// DHCP exchange.
 pub fn agent_script(base: &str, mac: Mac, token: &str, mode: &str) -> String {
+    let (what, params) = agent_params(base, mac, token, mode);
+    format!(
+        "#!ipxe\n\
+         echo fleetboot: {what} {mac}\n\
+         kernel {base}/boot/{AGENT_KERNEL} initrd={AGENT_INITRD} {params} \
+         {ip}=${{ip}} {netmask}=${{netmask}} {gateway}=${{gateway}}\n\
+         initrd {base}/boot/{AGENT_INITRD}\n\
+         boot\n",
+        ip = cmdline::IP,
+        netmask = cmdline::NETMASK,
+        gateway = cmdline::GATEWAY,
+    )
+}
+
+/// What the agent is booted for (in words), and its kernel parameters for `mode` (see
+/// [`agent_script`]) whatever loads it: the consoles, the appliance, the MAC, the token.
+pub fn agent_params(base: &str, mac: Mac, token: &str, mode: &str) -> (&'static str, String) {
     let (what, mode) = match mode {
         "" => ("installing on", String::new()),
         "inspect" => ("inspecting", format!(" {}=inspect", cmdline::MODE)),
@@ -61,21 +71,13 @@ pub fn agent_script(base: &str, mac: Mac, token: &str, mode: &str) -> String {
         ),
         _ => ("wiping", format!(" {}=wipe", cmdline::MODE)),
     };
-    format!(
-        "#!ipxe\n\
-         echo fleetboot: {what} {mac}\n\
-         kernel {base}/boot/{AGENT_KERNEL} initrd={AGENT_INITRD} console=tty0 console=ttyS0,115200 \
-         {url}={base} {mac_key}={mac} {token_key}={token} \
-         {ip}=${{ip}} {netmask}=${{netmask}} {gateway}=${{gateway}}{mode}\n\
-         initrd {base}/boot/{AGENT_INITRD}\n\
-         boot\n",
+    let params = format!(
+        "console=tty0 console=ttyS0,115200 {url}={base} {mac_key}={mac} {token_key}={token}{mode}",
         url = cmdline::URL,
         mac_key = cmdline::MAC,
         token_key = cmdline::TOKEN,
-        ip = cmdline::IP,
-        netmask = cmdline::NETMASK,
-        gateway = cmdline::GATEWAY,
-    )
+    );
+    (what, params)
 }
 
 /// Boots the first disk: `sanboot` under BIOS; under UEFI a small GRUB that chainloads the

@@ -3,7 +3,11 @@
 //!
 //! Called by whatever needs the loaders (the demo, the end-to-end test), so nobody has to remember
 //! it. A Debian update that changes a binary fails here loudly instead of booting something new.
-//! Also builds `fleetboot-localboot.efi` (UEFI local boot) from Debian's GRUB.
+//! Also builds `fleetboot-localboot.efi` (UEFI local boot) from Debian's GRUB, and puts Debian's
+//! signed chain for Secure Boot beside them: `shimx64.efi` (shim-signed, signed by Microsoft)
+//! and `grubx64.efi` (grub-efi-amd64-signed's network GRUB, signed by Debian, the name shim
+//! fetches). Those two are not pinned: apt has checked the packages' signatures, and a shim update
+//! is often a revocation that firmware will soon enforce; their versions and sums are recorded.
 
 use crate::util::root;
 use anyhow::{bail, Context, Result};
@@ -68,6 +72,17 @@ pub fn install(dir: &Path) -> Result<()> {
             .with_context(|| format!("cannot copy {source} to {}", dest.display()))?;
         record.push_str(&format!("{sha256}  {name}\n"));
     }
+    let chain = signed_chain()?;
+    for (name, source) in [
+        ("shimx64.efi", &chain.shim),
+        ("grubx64.efi", &chain.grub_net),
+    ] {
+        let dest = dir.join(name);
+        fs::copy(source, &dest)
+            .with_context(|| format!("cannot copy {} to {}", source.display(), dest.display()))?;
+        record.push_str(&format!("{}  {name}\n", sha256_of(&dest)?));
+    }
+    record.push_str(&format!("# signed chain: {}\n", chain.versions));
     fs::write(dir.join("ASSETS.sha256"), record)?;
     local_boot_efi(dir)?;
     eprintln!("boot assets: iPXE {version} loaders in {}", dir.display());
@@ -118,4 +133,72 @@ fn local_boot_efi(dir: &Path) -> Result<()> {
         bail!("grub-mkstandalone failed");
     }
     Ok(())
+}
+
+/// Debian's signed UEFI boot chain, unpacked from its packages.
+pub struct SignedChain {
+    /// shim, signed by Microsoft's UEFI CA; carries Debian's CA for what it loads.
+    pub shim: PathBuf,
+    /// GRUB for network boot (TFTP; config from `/grub/grub.cfg` on its server), signed by Debian.
+    pub grub_net: PathBuf,
+    /// GRUB for a disk (config from `/EFI/debian/grub.cfg` beside it), signed by Debian.
+    pub grub: PathBuf,
+    /// The packages' versions, for the record.
+    pub versions: String,
+}
+
+const SIGNED_PACKAGES: &[&str] = &["shim-signed", "grub-efi-amd64-signed"];
+
+/// Downloads and unpacks `shim-signed` and `grub-efi-amd64-signed` (once, into
+/// `target/signed-boot`). Downloaded, not installed: installing them would set up this machine's
+/// own boot.
+pub fn signed_chain() -> Result<SignedChain> {
+    let work = root().join("target/signed-boot");
+    let unpacked = work.join("root");
+    let done = work.join("versions");
+    if !done.exists() {
+        let debs = work.join("debs");
+        if debs.exists() {
+            fs::remove_dir_all(&debs)?;
+        }
+        fs::create_dir_all(&debs)?;
+        let download = || {
+            Command::new("apt-get")
+                .current_dir(&debs)
+                .arg("download")
+                .args(SIGNED_PACKAGES)
+                .status()
+        };
+        if !download().context("cannot run apt-get download")?.success() {
+            // A fresh machine may not have the package lists yet.
+            crate::util::run(Command::new("apt-get").args(["update", "-q"]))?;
+            if !download()?.success() {
+                bail!("apt-get download {} failed", SIGNED_PACKAGES.join(" "));
+            }
+        }
+        if unpacked.exists() {
+            fs::remove_dir_all(&unpacked)?;
+        }
+        let mut versions = Vec::new();
+        for deb in fs::read_dir(&debs)?.flatten().map(|e| e.path()) {
+            crate::util::run(Command::new("dpkg").arg("-x").arg(&deb).arg(&unpacked))?;
+            if let Some(name) = deb.file_stem() {
+                versions.push(name.to_string_lossy().into_owned());
+            }
+        }
+        versions.sort();
+        fs::write(&done, versions.join(", "))?;
+    }
+    let chain = SignedChain {
+        shim: unpacked.join("usr/lib/shim/shimx64.efi.signed"),
+        grub_net: unpacked.join("usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed"),
+        grub: unpacked.join("usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"),
+        versions: fs::read_to_string(&done)?,
+    };
+    for f in [&chain.shim, &chain.grub_net, &chain.grub] {
+        if !f.is_file() {
+            bail!("{} is missing from Debian's signed packages", f.display());
+        }
+    }
+    Ok(chain)
 }

@@ -43,7 +43,10 @@ pub fn run(args: &[&str]) -> Result<()> {
         ["--os", "debian"] => return crate::e2e_debian::run(true),
         ["--os", "debian", "--bios-only"] => return crate::e2e_debian::run(false),
         ["--http-boot"] => return crate::e2e_http_boot::run(),
-        _ => bail!("usage: cargo xtask e2e [--os debian] [--bios-only] | --http-boot"),
+        ["--secure-boot"] => return crate::e2e_secure_boot::run(),
+        _ => bail!(
+            "usage: cargo xtask e2e [--os debian] [--bios-only] | --http-boot | --secure-boot"
+        ),
     };
     let started = Instant::now();
     let (fleetboot, boot) = prepare()?;
@@ -689,6 +692,31 @@ pub(crate) fn vm_args(
     memory_mib: u32,
     network_first: bool,
 ) -> Result<()> {
+    vm_args_with(qemu, fw, false, mac, work, disk, memory_mib, network_first)
+}
+
+/// [`vm_args`] for a UEFI VM with Secure Boot on: OVMF's build with Microsoft's keys enrolled
+/// (`OVMF_CODE_4M.ms.fd`, `OVMF_VARS_4M.ms.fd`), which needs SMM and secure flash.
+pub(crate) fn secure_boot_vm_args(
+    qemu: &mut Command,
+    mac: &str,
+    work: &Path,
+    disk: &Path,
+) -> Result<()> {
+    vm_args_with(qemu, Firmware::Uefi, true, mac, work, disk, 1024, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn vm_args_with(
+    qemu: &mut Command,
+    fw: Firmware,
+    secure_boot: bool,
+    mac: &str,
+    work: &Path,
+    disk: &Path,
+    memory_mib: u32,
+    network_first: bool,
+) -> Result<()> {
     let (nic_index, disk_index) = if network_first { (1, 2) } else { (2, 1) };
     qemu.args(["qemu-system-x86_64", "-accel", "tcg", "-smp", "1", "-m"])
         .arg(memory_mib.to_string())
@@ -702,17 +730,27 @@ pub(crate) fn vm_args(
             ]);
         }
         Firmware::Uefi => {
-            let vars = work.join(format!("OVMF_VARS-{}.fd", mac.replace(':', "")));
-            if !vars.exists() {
-                fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars)?;
+            let (code, vars, kind) = if secure_boot {
+                ("OVMF_CODE_4M.ms.fd", "OVMF_VARS_4M.ms.fd", "ms-")
+            } else {
+                ("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd", "")
+            };
+            let own_vars = work.join(format!("OVMF_VARS-{kind}{}.fd", mac.replace(':', "")));
+            if !own_vars.exists() {
+                fs::copy(format!("/usr/share/OVMF/{vars}"), &own_vars)?;
             }
-            qemu.args(["-machine", "q35"])
-                .args([
-                    "-drive",
-                    "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
-                ])
+            if secure_boot {
+                qemu.args(["-machine", "q35,smm=on"])
+                    .args(["-global", "driver=cfi.pflash01,property=secure,value=on"]);
+            } else {
+                qemu.args(["-machine", "q35"]);
+            }
+            qemu.arg("-drive")
+                .arg(format!(
+                    "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/{code}"
+                ))
                 .arg("-drive")
-                .arg(format!("if=pflash,format=raw,file={}", vars.display()))
+                .arg(format!("if=pflash,format=raw,file={}", own_vars.display()))
                 .args(["-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n"])
                 .args([
                     "-device",

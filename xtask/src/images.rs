@@ -1,8 +1,9 @@
 //! `cargo xtask images`: the demo disk images the end-to-end test installs — small disks bootable
-//! by BIOS and UEFI, made without mounting anything: an MBR, one FAT16 partition with SYSLINUX
-//! (and syslinux.efi as `\EFI\BOOT\BOOTX64.EFI`), the same
-//! Debian kernel as the agent's and a tiny initramfs (busybox) whose `/init` prints
-//! `FLEETBOOT-MARKER <name>` on the serial console and powers off.
+//! by BIOS and by UEFI with Secure Boot on or off, made without mounting anything: an MBR, one
+//! FAT16 partition with SYSLINUX for BIOS and Debian's signed chain for UEFI (shim as
+//! `\EFI\BOOT\BOOTX64.EFI`, the signed GRUB beside it, its config in `\EFI\debian\grub.cfg`),
+//! the same Debian (signed) kernel as the agent's and a tiny initramfs (busybox) whose `/init`
+//! prints `FLEETBOOT-MARKER <name>` on the serial console and powers off.
 
 use crate::util::{self, root};
 use anyhow::{Context, Result};
@@ -23,7 +24,6 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("fdisk", "sfdisk"),
     ("busybox-static", "busybox"),
     ("cpio", "cpio"),
-    ("syslinux-efi", "/usr/lib/SYSLINUX.EFI/efi64/syslinux.efi"),
 ];
 
 pub fn run(args: &[&str]) -> Result<()> {
@@ -85,32 +85,27 @@ pub fn build(dir: &Path, name: &str, extra: &str) -> Result<PathBuf> {
     )?;
     let note = work.join("version.txt");
     fs::write(&note, format!("{name}\n{extra}"))?;
-    // UEFI: the same partition carries \EFI\BOOT\BOOTX64.EFI (syslinux.efi) and its config.
-    util::run(
-        Command::new("mmd")
-            .arg("-i")
-            .arg(&part)
-            .args(["::EFI", "::EFI/BOOT"]),
+    // UEFI: the same partition carries the signed chain as a removable disk's loader: shim as
+    // \EFI\BOOT\BOOTX64.EFI loads grubx64.efi from beside it, which reads \EFI\debian\grub.cfg
+    // and boots the kernel shim has checked (Secure Boot on); with it off, the same chain runs.
+    let chain = crate::boot_assets::signed_chain()?;
+    let grub_cfg = work.join("grub.cfg");
+    fs::write(
+        &grub_cfg,
+        "set timeout=0\nlinux /vmlinuz root=disk console=ttyS0 quiet\ninitrd /initrd.img\nboot\n",
     )?;
+    util::run(Command::new("mmd").arg("-i").arg(&part).args([
+        "::EFI",
+        "::EFI/BOOT",
+        "::EFI/debian",
+    ]))?;
     for (from, to) in [
-        (
-            "/usr/lib/SYSLINUX.EFI/efi64/syslinux.efi",
-            "::EFI/BOOT/BOOTX64.EFI",
-        ),
-        (
-            "/usr/lib/syslinux/modules/efi64/ldlinux.e64",
-            "::EFI/BOOT/ldlinux.e64",
-        ),
+        (&chain.shim, "::EFI/BOOT/BOOTX64.EFI"),
+        (&chain.grub, "::EFI/BOOT/grubx64.efi"),
+        (&grub_cfg, "::EFI/debian/grub.cfg"),
     ] {
         util::run(Command::new("mcopy").arg("-i").arg(&part).arg(from).arg(to))?;
     }
-    util::run(
-        Command::new("mcopy")
-            .arg("-i")
-            .arg(&part)
-            .arg(&cfg)
-            .arg("::EFI/BOOT/syslinux.cfg"),
-    )?;
     for f in [&kernel, &initrd, &cfg, &note] {
         let dest = match f.file_name().and_then(|n| n.to_str()) {
             Some(n) if n.starts_with("vmlinuz") => "::vmlinuz".to_string(),

@@ -13,6 +13,7 @@ mod demo;
 mod e2e;
 mod e2e_debian;
 mod e2e_http_boot;
+mod e2e_secure_boot;
 mod fuzz;
 mod images;
 mod initramfs;
@@ -34,7 +35,8 @@ tasks:
   boot-assets   copy the pinned iPXE boot loaders from Debian's ipxe package into boot/
   e2e           the agent in a QEMU VM: install, reinstall moving only what changed, local boot
                 (--os debian: a real Debian installed, up as itself over SSH, reimaged; --bios-only;
-                --http-boot: UEFI HTTP boot with TFTP off, full and proxy DHCP)
+                --http-boot: UEFI HTTP boot with TFTP off, full and proxy DHCP;
+                --secure-boot: OVMF with Secure Boot on, through shim and signed GRUB)
   images        the demo disk images (bootable, print a marker) into images/out
                 (--os debian: a Debian 12 cloud image, versions 1 and 2, as qcow2, cached)
   initramfs     the agent's kernel and initramfs (Debian's kernel, static agent as /init) in boot/

@@ -1,0 +1,110 @@
+//! The Secure Boot chain's GRUB configuration, served over TFTP.
+//!
+//! A host with `secure_boot: true` is sent Debian's Microsoft-signed shim, which fetches
+//! Debian's signed network GRUB (`grubx64.efi`) from beside it. That GRUB reads
+//! `/grub/grub.cfg` from its TFTP server and can load no module (lockdown) — not even HTTP — so
+//! the appliance makes both files over TFTP: a bootstrap, the same for every machine, that reads
+//! `/grub/<mac>.cfg`, and that per-MAC file, which does what the iPXE script does: boot the
+//! agent (Debian's signed kernel, the agent's initramfs, a command line with the install token),
+//! or chainload the local disk's `\EFI\BOOT\BOOTX64.EFI` (its own shim, so the disk boots
+//! through the signed chain too). The decision and its bookkeeping are the iPXE script's
+//! ([`AppState::boot_plan`]); a token is handed only to the address DHCP gave the machine.
+//!
+//! GRUB has no `${netmask}` or `${gateway}` to give the agent: it asks DHCP itself.
+
+use crate::appliance::AppState;
+use crate::http::script::{agent_params, AGENT_INITRD, AGENT_KERNEL};
+use crate::mac::Mac;
+use std::net::IpAddr;
+
+/// The name the signed network GRUB reads first (its prefix is `/grub`).
+pub const BOOTSTRAP: &str = "grub/grub.cfg";
+
+/// The file a TFTP request names, if it is one of GRUB's (see [`crate::tftp::Generated`]).
+pub fn tftp_file(state: &AppState, name: &str, peer: IpAddr) -> Option<Result<Vec<u8>, String>> {
+    if name == BOOTSTRAP {
+        return Some(Ok(bootstrap().into_bytes()));
+    }
+    let mac = name.strip_prefix("grub/")?.strip_suffix(".cfg")?;
+    let Ok(mac) = mac.parse::<Mac>() else {
+        return Some(Err(format!("{name}: not a MAC address")));
+    };
+    Some(
+        state
+            .boot_plan(mac, peer)
+            .map(|plan| match plan.agent_mode() {
+                Some((token, mode)) => agent_config(&state.base_url, mac, token, mode),
+                None => local_disk_config(),
+            })
+            .map(String::into_bytes)
+            .map_err(|e| {
+                tracing::warn!(%mac, %peer, "no GRUB configuration: {e}");
+                e.to_string()
+            }),
+    )
+}
+
+/// Reads the machine's own configuration; if it cannot, says so and hands the machine back to
+/// its firmware's next boot entry.
+pub fn bootstrap() -> String {
+    "# fleetboot: what this machine boots is in the next file.\n\
+     set timeout=0\n\
+     configfile /grub/${net_default_mac}.cfg\n\
+     echo \"fleetboot: no boot configuration for ${net_default_mac}\"\n\
+     sleep 5\n\
+     exit 1\n"
+        .to_string()
+}
+
+/// Boots the agent for `mode` (see [`crate::http::script::agent_script`]) from the TFTP server
+/// GRUB came from: shim checks the kernel's Debian signature.
+pub fn agent_config(base: &str, mac: Mac, token: &str, mode: &str) -> String {
+    let (what, params) = agent_params(base, mac, token, mode);
+    format!(
+        "echo \"fleetboot: {what} {mac}\"\n\
+         linux /{AGENT_KERNEL} {params}\n\
+         initrd /{AGENT_INITRD}\n\
+         boot\n"
+    )
+}
+
+/// Chainloads the disk's removable-media loader (its shim, on an image built for Secure Boot).
+pub fn local_disk_config() -> String {
+    "echo \"fleetboot: booting the local disk\"\n\
+     search --no-floppy --file /EFI/BOOT/BOOTX64.EFI --set=root\n\
+     chainloader /EFI/BOOT/BOOTX64.EFI\n\
+     boot\n"
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agents_config_carries_its_token_and_mode_and_loads_from_the_tftp_root() {
+        let mac: Mac = "52:54:00:12:34:56".parse().unwrap();
+        let cfg = agent_config("http://10.0.0.1:8080", mac, "00ff", "wipe");
+        assert!(
+            cfg.contains("linux /fleetboot-vmlinuz console=tty0"),
+            "{cfg}"
+        );
+        for part in [
+            "fleetboot.url=http://10.0.0.1:8080",
+            "fleetboot.mac=52:54:00:12:34:56",
+            "fleetboot.token=00ff",
+            "fleetboot.mode=wipe",
+        ] {
+            assert!(cfg.contains(part), "{part} in {cfg}");
+        }
+        assert!(cfg.contains("initrd /fleetboot-initrd.img\nboot\n"));
+        // GRUB has no lease variables to hand on: the agent asks DHCP.
+        assert!(!cfg.contains("fleetboot.ip"));
+    }
+
+    #[test]
+    fn the_bootstrap_reads_the_machines_own_file() {
+        assert!(bootstrap().contains("configfile /grub/${net_default_mac}.cfg"));
+        assert!(local_disk_config().contains("chainloader /EFI/BOOT/BOOTX64.EFI"));
+    }
+}
