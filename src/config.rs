@@ -318,8 +318,8 @@ pub struct Host {
     pub disk: DiskChoice,
     /// How its disks are wiped when it is retired.
     pub wipe: WipeMode,
-    /// UEFI firmware gets the signed chain (shim → GRUB → Debian's kernel), which boots with
-    /// Secure Boot on or off, instead of iPXE.
+    /// UEFI x86-64 PXE gets the signed chain (shim → GRUB → Debian's kernel over TFTP), which
+    /// boots with Secure Boot on or off, instead of iPXE (not UEFI HTTP boot, not ARM64 yet).
     pub secure_boot: bool,
     /// Reserved address (full DHCP mode).
     pub ip: Option<Ipv4Addr>,

@@ -12,7 +12,7 @@
 //!
 //! GRUB has no `${netmask}` or `${gateway}` to give the agent: it asks DHCP itself.
 
-use crate::appliance::AppState;
+use crate::appliance::{AppState, BootError};
 use crate::http::script::{agent_params, AGENT_INITRD, AGENT_KERNEL};
 use crate::mac::Mac;
 use std::net::IpAddr;
@@ -20,15 +20,18 @@ use std::net::IpAddr;
 /// The name the signed network GRUB reads first (its prefix is `/grub`).
 pub const BOOTSTRAP: &str = "grub/grub.cfg";
 
-/// The file a TFTP request names, if it is one of GRUB's (see [`crate::tftp::Generated`]).
+/// The file a TFTP request names, if it is one of GRUB's (see [`crate::tftp::Generated`]):
+/// `grub/grub.cfg` and `grub/<mac>.cfg` are made here (a file of that name in `boot_dir` is not
+/// served); every other name is left to `boot_dir`.
 pub fn tftp_file(state: &AppState, name: &str, peer: IpAddr) -> Option<Result<Vec<u8>, String>> {
     if name == BOOTSTRAP {
         return Some(Ok(bootstrap().into_bytes()));
     }
-    let mac = name.strip_prefix("grub/")?.strip_suffix(".cfg")?;
-    let Ok(mac) = mac.parse::<Mac>() else {
-        return Some(Err(format!("{name}: not a MAC address")));
-    };
+    let mac: Mac = name
+        .strip_prefix("grub/")?
+        .strip_suffix(".cfg")?
+        .parse()
+        .ok()?;
     Some(
         state
             .boot_plan(mac, peer)
@@ -38,7 +41,11 @@ pub fn tftp_file(state: &AppState, name: &str, peer: IpAddr) -> Option<Result<Ve
             })
             .map(String::into_bytes)
             .map_err(|e| {
-                tracing::warn!(%mac, %peer, "no GRUB configuration: {e}");
+                // Anyone can ask over UDP: only a request from the wrong address is worth a warning.
+                match e {
+                    BootError::WrongAddress { .. } => tracing::warn!(%peer, "{e}"),
+                    _ => tracing::debug!(%mac, %peer, "no GRUB configuration: {e}"),
+                }
                 e.to_string()
             }),
     )

@@ -27,9 +27,39 @@ pub fn load_checked(path: &Path) -> Result<Config> {
     Ok(config)
 }
 
+/// Says which boot loaders the configuration names that `boot_dir` lacks: a machine sent to
+/// fetch one would stop in its firmware with no clue on the appliance's side.
+fn warn_missing_loaders(config: &Config) {
+    let files = &config.boot_files;
+    let secure_boot = config.defaults.secure_boot == Some(true)
+        || config.groups.values().any(|g| g.secure_boot == Some(true))
+        || config.hosts.values().any(|h| h.secure_boot);
+    // UEFI HTTP boot fetches `uefi` too; the rest only over TFTP.
+    let mut wanted = vec![files.uefi.as_str()];
+    if config.tftp.enabled {
+        wanted.push(files.bios.as_str());
+        if secure_boot {
+            // The shim fetches the signed GRUB under this name.
+            wanted.extend([files.secure_boot.as_str(), "grubx64.efi"]);
+        }
+    } else if secure_boot {
+        tracing::warn!(
+            "secure_boot hosts cannot boot with tftp.enabled: false (the signed GRUB reads over \
+             TFTP only)"
+        );
+    }
+    for name in wanted {
+        if let Err(e) = crate::bootfiles::resolve_beneath(&config.boot_dir, name) {
+            tracing::warn!(boot_dir = %config.boot_dir.display(),
+                "boot loader {name}: {e} (`cargo xtask boot-assets` puts them there)");
+        }
+    }
+}
+
 /// Runs the appliance until SIGINT or SIGTERM.
 pub async fn run(options: ServeOptions) -> Result<()> {
     let config = load_checked(&options.config)?;
+    warn_missing_loaders(&config);
     match http::limits::raise_open_files_limit() {
         Ok(n) => tracing::debug!(open_files_max = n, "open files limit"),
         Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),

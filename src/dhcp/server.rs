@@ -9,7 +9,7 @@ use super::leases::{Lease, LeasePool};
 use super::packet::{self, arch_name, reply_to, ClientRequest};
 use crate::appliance::AppState;
 use crate::appliance::{dhcp_boot, DhcpBoot, Firmware};
-use crate::config::{Config, DhcpMode};
+use crate::config::{Config, DhcpMode, UnknownHosts};
 use crate::fleet::{FleetState, StateError, Write};
 use crate::mac::Mac;
 use crate::net::udp_on;
@@ -144,21 +144,29 @@ impl DhcpServer {
             self.pool = self.pool_for(&config, old.as_ref());
             self.pool_config = config.clone();
         }
-        let host = config.hosts.get(&req.mac);
-        let known = host.is_some();
-        // An unknown machine takes the defaults' (a rule's group applies once it is inspected).
-        let secure_boot = host.map_or(config.defaults.secure_boot, |h| Some(h.secure_boot));
+        let known = config.hosts.contains_key(&req.mac);
+        let secure_boot = match config.hosts.get(&req.mac) {
+            Some(h) => h.secure_boot,
+            // Not served at all: no need to ask.
+            None if config.unknown_hosts == UnknownHosts::Ignore => false,
+            None if config.rules.is_empty() => config.defaults.secure_boot.unwrap_or(false),
+            // A machine nobody listed: its rule's group once it is inspected, else the defaults.
+            None => {
+                let inventory = self.state.inventory(req.mac);
+                config.host_for(req.mac, inventory.as_ref()).secure_boot
+            }
+        };
         let boot = dhcp_boot(
             req.firmware,
             &req.mac.to_string(),
             known,
-            secure_boot.unwrap_or(false),
+            secure_boot,
             &config.unknown_hosts,
             &config.boot_files,
             &self.state.base_url,
         );
         // With TFTP off, a PXE client is not sent to fetch what nobody serves: its firmware
-        // goes on to its next boot option (UEFI HTTP boot, say) instead of failing a download.
+        // gives up on PXE (OVMF after its PXE timeout) and goes on to its next boot option.
         let boot = match boot {
             DhcpBoot::Tftp(_) if !config.tftp.enabled => DhcpBoot::AddressOnly,
             boot => boot,

@@ -149,14 +149,34 @@ pub struct SignedChain {
 
 const SIGNED_PACKAGES: &[&str] = &["shim-signed", "grub-efi-amd64-signed"];
 
-/// Downloads and unpacks `shim-signed` and `grub-efi-amd64-signed` (once, into
-/// `target/signed-boot`). Downloaded, not installed: installing them would set up this machine's
-/// own boot.
+/// `shim-signed VERSION, grub-efi-amd64-signed VERSION` as apt would download them now.
+fn candidates() -> Result<String> {
+    let mut versions = Vec::new();
+    for pkg in SIGNED_PACKAGES {
+        let out = Command::new("apt-cache").args(["policy", pkg]).output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let Some(version) = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Candidate: "))
+            .filter(|v| *v != "(none)")
+        else {
+            bail!("apt knows no {pkg} (run apt-get update?)");
+        };
+        versions.push(format!("{pkg} {version}"));
+    }
+    Ok(versions.join(", "))
+}
+
+/// Downloads and unpacks `shim-signed` and `grub-efi-amd64-signed` into `target/signed-boot`:
+/// once, and again whenever apt's candidate versions change (a shim update is often a
+/// revocation). Downloaded, not installed: installing them would set up this machine's own boot.
 pub fn signed_chain() -> Result<SignedChain> {
     let work = root().join("target/signed-boot");
     let unpacked = work.join("root");
     let done = work.join("versions");
-    if !done.exists() {
+    let wanted = candidates().unwrap_or_default();
+    let have = fs::read_to_string(&done).unwrap_or_default();
+    if have.is_empty() || (!wanted.is_empty() && wanted != have) {
         let debs = work.join("debs");
         if debs.exists() {
             fs::remove_dir_all(&debs)?;
@@ -179,15 +199,10 @@ pub fn signed_chain() -> Result<SignedChain> {
         if unpacked.exists() {
             fs::remove_dir_all(&unpacked)?;
         }
-        let mut versions = Vec::new();
         for deb in fs::read_dir(&debs)?.flatten().map(|e| e.path()) {
             crate::util::run(Command::new("dpkg").arg("-x").arg(&deb).arg(&unpacked))?;
-            if let Some(name) = deb.file_stem() {
-                versions.push(name.to_string_lossy().into_owned());
-            }
         }
-        versions.sort();
-        fs::write(&done, versions.join(", "))?;
+        fs::write(&done, candidates()?)?;
     }
     let chain = SignedChain {
         shim: unpacked.join("usr/lib/shim/shimx64.efi.signed"),

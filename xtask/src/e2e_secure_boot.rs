@@ -124,10 +124,9 @@ fn unsigned_ipxe_refused(ns: &Host, work: &Path, disk: &Path) -> Result<()> {
             l.contains("failed to load") && l.contains("PXEv4") && l.contains("Access Denied")
         })
     };
-    let mut console = String::new();
+    let read = || -> Result<String> { Ok(String::from_utf8_lossy(&fs::read(&log)?).into_owned()) };
     while vm.try_wait()?.is_none() {
-        console = String::from_utf8_lossy(&fs::read(&log)?).into_owned();
-        if refused(&console) {
+        if refused(&read()?) {
             // SIGTERM to `timeout`, which passes it on to QEMU.
             util::run(Command::new("kill").arg(vm.id().to_string()))?;
             vm.wait()?;
@@ -135,6 +134,7 @@ fn unsigned_ipxe_refused(ns: &Host, work: &Path, disk: &Path) -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
+    let console = read()?;
     let offered = console.contains("NBP filename is ipxe.efi");
     if !offered || !refused(&console) || console.contains("iPXE initialising") {
         bail!(
