@@ -85,7 +85,11 @@ pub fn install(dir: &Path) -> Result<()> {
     record.push_str(&format!("# signed chain: {}\n", chain.versions));
     fs::write(dir.join("ASSETS.sha256"), record)?;
     local_boot_efi(dir)?;
-    eprintln!("boot assets: iPXE {version} loaders in {}", dir.display());
+    eprintln!(
+        "boot assets: iPXE {version} loaders and the signed chain ({}) in {}",
+        chain.versions,
+        dir.display()
+    );
     Ok(())
 }
 
