@@ -52,21 +52,7 @@ pub fn run(args: &[&str]) -> Result<()> {
     let (fleetboot, boot) = prepare()?;
 
     let work = root().join("target/e2e");
-    if work.exists() {
-        fs::remove_dir_all(&work)?;
-    }
-    fs::create_dir_all(&work)?;
-    let store = work.join("store");
-    for (name, extra) in [("demo@1", ""), ("demo@2", "second version\n")] {
-        let img = crate::images::build(&work, name, extra)?;
-        util::run(
-            Command::new(&fleetboot)
-                .arg("--store")
-                .arg(&store)
-                .args(["image", "import", "demo"])
-                .arg(&img),
-        )?;
-    }
+    let store = demo_store(&fleetboot, &work, 2)?;
 
     let net = vm_network("e2e")?;
     let mut lab = Rig {
@@ -534,6 +520,30 @@ pub(crate) fn prepare() -> Result<(PathBuf, PathBuf)> {
     crate::initramfs::build(&boot)?;
     crate::boot_assets::install(&boot)?;
     Ok((fleetboot, boot))
+}
+
+/// Empties `work` and imports the first `versions` demo images into `work/store` as `demo@1`,
+/// `demo@2` (a small change). Returns the store.
+pub(crate) fn demo_store(fleetboot: &Path, work: &Path, versions: usize) -> Result<PathBuf> {
+    if work.exists() {
+        fs::remove_dir_all(work)?;
+    }
+    fs::create_dir_all(work)?;
+    let store = work.join("store");
+    for (name, extra) in [("demo@1", ""), ("demo@2", "second version\n")]
+        .into_iter()
+        .take(versions)
+    {
+        let img = crate::images::build(work, name, extra)?;
+        util::run(
+            Command::new(fleetboot)
+                .arg("--store")
+                .arg(&store)
+                .args(["image", "import", "demo"])
+                .arg(&img),
+        )?;
+    }
+    Ok(store)
 }
 
 /// The VMs' network: a lab whose switch holds the appliance's address and the tap QEMU uses.

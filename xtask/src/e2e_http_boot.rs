@@ -17,7 +17,6 @@ use anyhow::{bail, Result};
 use fleetboot_lab::{Daemon, Host};
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 
 const MAC: &str = "52:54:00:e2:e0:05";
@@ -27,19 +26,7 @@ pub fn run() -> Result<()> {
     let started = Instant::now();
     let (fleetboot, boot) = e2e::prepare()?;
     let work = root().join("target/e2e-http-boot");
-    if work.exists() {
-        fs::remove_dir_all(&work)?;
-    }
-    fs::create_dir_all(&work)?;
-    let store = work.join("store");
-    let img = crate::images::build(&work, "demo@1", "")?;
-    util::run(
-        Command::new(&fleetboot)
-            .arg("--store")
-            .arg(&store)
-            .args(["image", "import", "demo"])
-            .arg(&img),
-    )?;
+    e2e::demo_store(&fleetboot, &work, 1)?;
     let mut net = e2e::vm_network("httpb")?;
     let site = net.host("site", "52:54:00:e2:e1:fe", Some("10.77.0.2/24"))?;
     let ns = net.switch().clone();

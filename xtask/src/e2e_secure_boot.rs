@@ -30,21 +30,7 @@ pub fn run() -> Result<()> {
     let started = Instant::now();
     let (fleetboot, boot) = e2e::prepare()?;
     let work = root().join("target/e2e-secure-boot");
-    if work.exists() {
-        fs::remove_dir_all(&work)?;
-    }
-    fs::create_dir_all(&work)?;
-    let store = work.join("store");
-    for (name, extra) in [("demo@1", ""), ("demo@2", "second version\n")] {
-        let img = crate::images::build(&work, name, extra)?;
-        util::run(
-            Command::new(&fleetboot)
-                .arg("--store")
-                .arg(&store)
-                .args(["image", "import", "demo"])
-                .arg(&img),
-        )?;
-    }
+    let store = e2e::demo_store(&fleetboot, &work, 2)?;
     let net = e2e::vm_network("sboot")?;
     let ns = net.switch().clone();
     write_config(&work, &boot, "demo@1", false)?;
