@@ -23,6 +23,10 @@ struct Rig {
 }
 
 fn rig(extra_yaml: &str) -> Rig {
+    rig_yaml("groups:\n  web: { image: demo@1 }\n", extra_yaml)
+}
+
+fn rig_yaml(groups: &str, extra_yaml: &str) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let image: Vec<u8> = (0..64 * 4096u32)
@@ -44,7 +48,7 @@ fn rig(extra_yaml: &str) -> Rig {
     std::os::unix::fs::symlink(root.join("secret.txt"), root.join("boot/escape")).unwrap();
     let yaml = format!(
         "interface: lo\nhttp_port: 8080\nboot_dir: boot\nstore: store\nstate_dir: state\n\
-         admin_token: s3cret\ngroups:\n  web: {{ image: demo@1 }}\nhosts:\n  \"{MAC}\": {{ group: web, hostname: web-01 }}\n{extra_yaml}"
+         admin_token: s3cret\n{groups}hosts:\n  \"{MAC}\": {{ group: web, hostname: web-01 }}\n{extra_yaml}"
     );
     let path = root.join("fleetboot.yaml");
     std::fs::write(&path, &yaml).unwrap();
@@ -521,10 +525,44 @@ async fn unknown_hosts_follow_the_policy() {
 
     // Rules: an inspected machine that matches one is installed with its image at its next
     // boot; one that matches none boots its disk.
-    let ruled = rig_with_policy(
-        "discover\nrules:\n  - { match: { product: \"Rack Server 9000\", \
+    // The rule's group asks for Secure Boot: DHCP names the shim once the machine is
+    // inspected (before, it has no group: the defaults, iPXE).
+    let ruled = rig_with_group(
+        "{ image: demo@1, secure_boot: true }",
+        "unknown_hosts: discover\nrules:\n  - { match: { product: \"Rack Server 9000\", \
          memory: \">=1G\", cpus: \">=2\" }, group: web }\n",
     );
+    let mut dhcp = fleetboot::dhcp::DhcpServer::new(
+        ruled.state.clone(),
+        "10.9.0.1".parse().unwrap(),
+        "255.255.255.0".parse().unwrap(),
+    )
+    .unwrap();
+    let mut uefi_boot_file = |mac: &str| -> String {
+        use dhcproto::{Decodable, Decoder, Encodable, Encoder};
+        let mac: fleetboot::mac::Mac = mac.parse().unwrap();
+        let mut m = dhcproto::v4::Message::default();
+        m.set_chaddr(&mac.0);
+        m.opts_mut().insert(dhcproto::v4::DhcpOption::MessageType(
+            dhcproto::v4::MessageType::Discover,
+        ));
+        m.opts_mut()
+            .insert(dhcproto::v4::DhcpOption::ClassIdentifier(
+                b"PXEClient:Arch:00007:UNDI:003016".to_vec(),
+            ));
+        let mut bytes = Vec::new();
+        m.encode(&mut Encoder::new(&mut bytes)).unwrap();
+        // 93: UEFI x86-64.
+        let end = bytes.len() - 1;
+        bytes.splice(end..end, [93u8, 2, 0, 7]);
+        let reply = dhcp
+            .handle(&bytes, "0.0.0.0:68".parse().unwrap(), false)
+            .expect("a proxy offer");
+        let offer = dhcproto::v4::Message::decode(&mut Decoder::new(&reply.bytes)).unwrap();
+        String::from_utf8_lossy(offer.fname().unwrap_or_default())
+            .trim_end_matches('\0')
+            .to_string()
+    };
     for (mac, product, installs) in [
         ("52:54:00:99:99:01", "Rack Server 9000", true),
         ("52:54:00:99:99:02", "Desktop 1", false),
@@ -533,6 +571,7 @@ async fn unknown_hosts_follow_the_policy() {
             .state
             .note_address(mac.parse().unwrap(), HOST_IP.parse().unwrap());
         let uri = format!("/boot/{mac}.ipxe");
+        assert_eq!(uefi_boot_file(mac), "ipxe.efi", "not inspected yet");
         let (_, script) = get(&ruled, &uri).await;
         assert!(script.contains("fleetboot.mode=inspect"), "{script}");
         let inventory = serde_json::json!({
@@ -548,6 +587,8 @@ async fn unknown_hosts_follow_the_policy() {
         .await;
         assert_eq!(s, StatusCode::NO_CONTENT, "{body}");
         let (_, script) = get(&ruled, &uri).await;
+        let shim = if installs { "shimx64.efi" } else { "ipxe.efi" };
+        assert_eq!(uefi_boot_file(mac), shim, "{product}");
         if installs {
             assert!(
                 script.contains("fleetboot.token=") && !script.contains("mode=inspect"),
@@ -573,6 +614,11 @@ async fn unknown_hosts_follow_the_policy() {
 
 fn rig_with_policy(policy: &str) -> Rig {
     rig(&format!("unknown_hosts: {policy}\n"))
+}
+
+/// [`rig`] whose group `web` is `group` (YAML flow mapping) instead of `{ image: demo@1 }`.
+fn rig_with_group(group: &str, extra_yaml: &str) -> Rig {
+    rig_yaml(&format!("groups:\n  web: {group}\n"), extra_yaml)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
