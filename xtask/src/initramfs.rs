@@ -4,6 +4,11 @@
 //! Output, in `boot/`: `fleetboot-vmlinuz` and `fleetboot-initrd.img` (the names the iPXE script
 //! uses). The kernel package comes from `apt-get download` of what `linux-image-amd64` depends on;
 //! `depmod` makes the module index the package does not ship.
+//!
+//! `--arch arm64`: the same for ARM64 servers, beside them (`fleetboot-vmlinuz-arm64`,
+//! `fleetboot-initrd-arm64.img`): Debian's arm64 kernel (dpkg learns the foreign architecture to
+//! download it) and the agent cross-built for `aarch64-unknown-linux-musl` with Debian's
+//! `gcc-aarch64-linux-gnu` as C compiler (zstd) and linker.
 
 use crate::util::{self, root};
 use anyhow::{bail, Context, Result};
@@ -43,23 +48,75 @@ const MODULES: &[&str] = &[
     "ipmi_devintf",
 ];
 
-pub fn run(_args: &[&str]) -> Result<()> {
-    build(&root().join("boot")).map(|_| ())
+/// A CPU architecture the agent's boot files are built for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Arch {
+    Amd64,
+    Arm64,
 }
 
-/// Builds the kernel and initramfs into `boot_dir`; returns (kernel, initramfs).
+impl Arch {
+    /// Debian's name for it.
+    fn debian(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "amd64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+    fn rust_target(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "x86_64-unknown-linux-musl",
+            Arch::Arm64 => "aarch64-unknown-linux-musl",
+        }
+    }
+    /// What the file names in `boot/` end with (before `.img`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "",
+            Arch::Arm64 => "-arm64",
+        }
+    }
+    fn strip(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "strip",
+            Arch::Arm64 => "aarch64-linux-gnu-strip",
+        }
+    }
+}
+
+pub fn run(args: &[&str]) -> Result<()> {
+    let arch = match args {
+        [] | ["--arch", "amd64"] => Arch::Amd64,
+        ["--arch", "arm64"] => Arch::Arm64,
+        _ => bail!("usage: cargo xtask initramfs [--arch amd64|arm64]"),
+    };
+    build_for(&root().join("boot"), arch).map(|_| ())
+}
+
+/// Builds the x86-64 kernel and initramfs into `boot_dir`; returns (kernel, initramfs).
 pub fn build(boot_dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    build_for(boot_dir, Arch::Amd64)
+}
+
+/// Builds `arch`'s kernel and initramfs into `boot_dir`; returns (kernel, initramfs).
+pub fn build_for(boot_dir: &Path, arch: Arch) -> Result<(PathBuf, PathBuf)> {
     crate::setup::apt_install(&[
         ("cpio", "cpio"),
         ("kmod", "depmod"),
         ("musl-tools", "musl-gcc"),
     ])?;
+    if arch == Arch::Arm64 {
+        crate::setup::apt_install(&[
+            ("gcc-aarch64-linux-gnu", "aarch64-linux-gnu-gcc"),
+            ("binutils-aarch64-linux-gnu", "aarch64-linux-gnu-strip"),
+        ])?;
+    }
     let work = root().join("target/initramfs");
     fs::create_dir_all(&work)?;
-    let (kernel, modules_dir, version) = kernel(&work)?;
-    let agent = agent()?;
+    let (kernel, modules_dir, version) = kernel(&work, arch)?;
+    let agent = agent(arch)?;
 
-    let tree = work.join("tree");
+    let tree = work.join(format!("tree-{}", arch.debian()));
     if tree.exists() {
         fs::remove_dir_all(&tree)?;
     }
@@ -67,7 +124,7 @@ pub fn build(boot_dir: &Path) -> Result<(PathBuf, PathBuf)> {
         fs::create_dir_all(tree.join(d))?;
     }
     fs::copy(&agent, tree.join("init"))?;
-    util::run(Command::new("strip").arg(tree.join("init")))?;
+    util::run(Command::new(arch.strip()).arg(tree.join("init")))?;
 
     // The modules, their dependencies, and an index of just those.
     let deps_text = fs::read_to_string(modules_dir.join("modules.dep"))?;
@@ -122,7 +179,7 @@ pub fn build(boot_dir: &Path) -> Result<(PathBuf, PathBuf)> {
 
     // newc cpio (what the kernel unpacks), gzip-compressed.
     fs::create_dir_all(boot_dir)?;
-    let initrd = boot_dir.join("fleetboot-initrd.img");
+    let initrd = boot_dir.join(format!("fleetboot-initrd{}.img", arch.suffix()));
     let list = Command::new("sh")
         .current_dir(&tree)
         .arg("-c")
@@ -135,7 +192,7 @@ pub fn build(boot_dir: &Path) -> Result<(PathBuf, PathBuf)> {
     if !list.success() {
         bail!("building the initramfs failed");
     }
-    let vmlinuz = boot_dir.join("fleetboot-vmlinuz");
+    let vmlinuz = boot_dir.join(format!("fleetboot-vmlinuz{}", arch.suffix()));
     fs::copy(&kernel, &vmlinuz)?;
     eprintln!(
         "initramfs: kernel {version}, {} modules, {} bytes -> {}",
@@ -150,22 +207,29 @@ pub fn build(boot_dir: &Path) -> Result<(PathBuf, PathBuf)> {
 pub fn kernel_image() -> Result<(PathBuf, String)> {
     let work = root().join("target/initramfs");
     fs::create_dir_all(&work)?;
-    let (kernel, _, version) = kernel(&work)?;
+    let (kernel, _, version) = kernel(&work, Arch::Amd64)?;
     Ok((kernel, version))
 }
 
-/// Downloads and unpacks the kernel `linux-image-amd64` points to (once); returns its image, its
+/// Downloads and unpacks the kernel `linux-image-ARCH` points to (once); returns its image, its
 /// module folder (with `depmod`'s index) and its version.
-fn kernel(work: &Path) -> Result<(PathBuf, PathBuf, String)> {
+fn kernel(work: &Path, arch: Arch) -> Result<(PathBuf, PathBuf, String)> {
+    let meta = match arch {
+        Arch::Amd64 => "linux-image-amd64".to_string(),
+        Arch::Arm64 => "linux-image-arm64:arm64".to_string(),
+    };
     let depends = || -> Result<String> {
         let out = Command::new("apt-cache")
-            .args(["depends", "linux-image-amd64"])
+            .args(["depends", &meta])
             .output()?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
     let mut text = depends()?;
     if !text.contains("Depends: linux-image-") {
-        // A fresh machine may not have the package lists yet.
+        // A fresh machine may not have the package lists yet, nor know the foreign architecture.
+        if arch != Arch::Amd64 {
+            util::run(Command::new("dpkg").args(["--add-architecture", arch.debian()]))?;
+        }
         util::run(Command::new("apt-get").args(["update", "-q"]))?;
         text = depends()?;
     }
@@ -174,9 +238,12 @@ fn kernel(work: &Path) -> Result<(PathBuf, PathBuf, String)> {
         .filter_map(|l| l.trim().strip_prefix("Depends: "))
         .find(|p| p.starts_with("linux-image-"))
     else {
-        bail!("cannot tell which kernel linux-image-amd64 means (run apt-get update?)");
+        bail!("cannot tell which kernel {meta} means (run apt-get update?)");
     };
-    let version = pkg.trim_start_matches("linux-image-").to_string();
+    let version = pkg
+        .trim_start_matches("linux-image-")
+        .trim_end_matches(&format!(":{}", arch.debian()))
+        .to_string();
     let unpacked = work.join(format!("kernel-{version}"));
     if !unpacked.join("done").exists() {
         let debs = work.join("debs");
@@ -190,8 +257,10 @@ fn kernel(work: &Path) -> Result<(PathBuf, PathBuf, String)> {
             .flatten()
             .map(|e| e.path())
             .find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with(pkg))
+                p.file_name().is_some_and(|n| {
+                    n.to_string_lossy()
+                        .starts_with(&format!("linux-image-{version}_"))
+                })
             })
             .context("the kernel package did not arrive")?;
         if unpacked.exists() {
@@ -213,20 +282,32 @@ fn kernel(work: &Path) -> Result<(PathBuf, PathBuf, String)> {
     ))
 }
 
-/// Builds the static agent.
-fn agent() -> Result<PathBuf> {
-    const TARGET: &str = "x86_64-unknown-linux-musl";
+/// Builds the static agent for `arch`.
+fn agent(arch: Arch) -> Result<PathBuf> {
+    let target = arch.rust_target();
     if util::have("rustup") {
-        util::run(Command::new("rustup").args(["target", "add", TARGET]))?;
+        util::run(Command::new("rustup").args(["target", "add", target]))?;
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    util::run(Command::new(cargo).current_dir(root()).args([
+    let mut build = Command::new(cargo);
+    build.current_dir(root()).args([
         "build",
         "--release",
         "--target",
-        TARGET,
+        target,
         "-p",
         "fleetboot-agent",
-    ]))?;
-    Ok(root().join(format!("target/{TARGET}/release/fleetboot-agent")))
+    ]);
+    if arch == Arch::Arm64 {
+        // Debian's cross compiler compiles zstd's C and links the static binary (musl's own
+        // start files come with Rust's target).
+        build
+            .env("CC_aarch64_unknown_linux_musl", "aarch64-linux-gnu-gcc")
+            .env(
+                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER",
+                "aarch64-linux-gnu-gcc",
+            );
+    }
+    util::run(&mut build)?;
+    Ok(root().join(format!("target/{target}/release/fleetboot-agent")))
 }

@@ -40,6 +40,7 @@ tasks:
   images        the demo disk images (bootable, print a marker) into images/out
                 (--os debian: a Debian 12 cloud image, versions 1 and 2, as qcow2, cached)
   initramfs     the agent's kernel and initramfs (Debian's kernel, static agent as /init) in boot/
+                (--arch arm64: the ARM64 ones beside them)
   s3            the store in a three-node Garage cluster (S3, replication 3): every store
                 command, concurrent imports from two appliances, a node killed mid-way
                 (builds Garage once with cargo install, about 30 min)
