@@ -145,17 +145,19 @@ impl DhcpServer {
             self.pool_config = config.clone();
         }
         let known = config.hosts.contains_key(&req.mac);
-        let secure_boot = match config.hosts.get(&req.mac) {
-            Some(h) => h.secure_boot,
-            // Not served at all: no need to ask.
-            None if config.unknown_hosts == UnknownHosts::Ignore => false,
-            None if config.rules.is_empty() => config.defaults.secure_boot.unwrap_or(false),
-            // A machine nobody listed: its rule's group once it is inspected, else the defaults.
-            None => {
-                let inventory = self.state.inventory(req.mac);
-                config.host_for(req.mac, inventory.as_ref()).secure_boot
-            }
-        };
+        // Asked only where it decides something (an unknown machine's costs a database read).
+        let secure_boot = req.firmware == Firmware::UefiX64
+            && match config.hosts.get(&req.mac) {
+                Some(h) => h.secure_boot,
+                // Not served at all: no need to ask.
+                None if config.unknown_hosts == UnknownHosts::Ignore => false,
+                None if config.rules.is_empty() => config.defaults.secure_boot.unwrap_or(false),
+                // A machine nobody listed: its rule's group once it is inspected, else the defaults.
+                None => {
+                    let inventory = self.state.inventory(req.mac);
+                    config.host_for(req.mac, inventory.as_ref()).secure_boot
+                }
+            };
         let boot = dhcp_boot(
             req.firmware,
             &req.mac.to_string(),
