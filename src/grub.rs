@@ -25,7 +25,7 @@ pub const BOOTSTRAP: &str = "grub/grub.cfg";
 /// served); every other name is left to `boot_dir`.
 pub fn tftp_file(state: &AppState, name: &str, peer: IpAddr) -> Option<Result<Vec<u8>, String>> {
     if name == BOOTSTRAP {
-        return Some(Ok(bootstrap().into_bytes()));
+        return Some(Ok(BOOTSTRAP_CONFIG.as_bytes().to_vec()));
     }
     let mac: Mac = name
         .strip_prefix("grub/")?
@@ -37,7 +37,7 @@ pub fn tftp_file(state: &AppState, name: &str, peer: IpAddr) -> Option<Result<Ve
             .boot_plan(mac, peer)
             .map(|plan| match plan.agent_mode() {
                 Some((token, mode)) => agent_config(&state.base_url, mac, token, mode),
-                None => local_disk_config(),
+                None => LOCAL_DISK_CONFIG.to_string(),
             })
             .map(String::into_bytes)
             .map_err(|e| {
@@ -51,17 +51,14 @@ pub fn tftp_file(state: &AppState, name: &str, peer: IpAddr) -> Option<Result<Ve
     )
 }
 
-/// Reads the machine's own configuration; if it cannot, says so and hands the machine back to
-/// its firmware's next boot entry.
-pub fn bootstrap() -> String {
-    "# fleetboot: what this machine boots is in the next file.\n\
+/// [`BOOTSTRAP`]: reads the machine's own configuration; if it cannot, says so and hands the
+/// machine back to its firmware's next boot entry.
+pub const BOOTSTRAP_CONFIG: &str = "# fleetboot: what this machine boots is in the next file.\n\
      set timeout=0\n\
      configfile /grub/${net_default_mac}.cfg\n\
      echo \"fleetboot: no boot configuration for ${net_default_mac}\"\n\
      sleep 5\n\
-     exit 1\n"
-        .to_string()
-}
+     exit 1\n";
 
 /// Boots the agent for `mode` (see [`crate::http::script::agent_script`]) from the TFTP server
 /// GRUB came from: shim checks the kernel's Debian signature.
@@ -76,13 +73,10 @@ pub fn agent_config(base: &str, mac: Mac, token: &str, mode: &str) -> String {
 }
 
 /// Chainloads the disk's removable-media loader (its shim, on an image built for Secure Boot).
-pub fn local_disk_config() -> String {
-    "echo \"fleetboot: booting the local disk\"\n\
+pub const LOCAL_DISK_CONFIG: &str = "echo \"fleetboot: booting the local disk\"\n\
      search --no-floppy --file /EFI/BOOT/BOOTX64.EFI --set=root\n\
      chainloader /EFI/BOOT/BOOTX64.EFI\n\
-     boot\n"
-        .to_string()
-}
+     boot\n";
 
 #[cfg(test)]
 mod tests {
@@ -111,7 +105,7 @@ mod tests {
 
     #[test]
     fn the_bootstrap_reads_the_machines_own_file() {
-        assert!(bootstrap().contains("configfile /grub/${net_default_mac}.cfg"));
-        assert!(local_disk_config().contains("chainloader /EFI/BOOT/BOOTX64.EFI"));
+        assert!(BOOTSTRAP_CONFIG.contains("configfile /grub/${net_default_mac}.cfg"));
+        assert!(LOCAL_DISK_CONFIG.contains("chainloader /EFI/BOOT/BOOTX64.EFI"));
     }
 }

@@ -178,9 +178,10 @@ pub fn signed_chain() -> Result<SignedChain> {
     let work = root().join("target/signed-boot");
     let unpacked = work.join("root");
     let done = work.join("versions");
-    let wanted = candidates().unwrap_or_default();
+    // Unknown before the first `apt-get update`: asked again after the download below.
+    let wanted = candidates().ok();
     let have = fs::read_to_string(&done).unwrap_or_default();
-    if have.is_empty() || (!wanted.is_empty() && wanted != have) {
+    if have.is_empty() || wanted.as_ref().is_some_and(|w| *w != have) {
         let debs = work.join("debs");
         if debs.exists() {
             fs::remove_dir_all(&debs)?;
@@ -206,7 +207,11 @@ pub fn signed_chain() -> Result<SignedChain> {
         for deb in fs::read_dir(&debs)?.flatten().map(|e| e.path()) {
             crate::util::run(Command::new("dpkg").arg("-x").arg(&deb).arg(&unpacked))?;
         }
-        fs::write(&done, candidates()?)?;
+        let versions = match wanted {
+            Some(w) => w,
+            None => candidates()?,
+        };
+        fs::write(&done, versions)?;
     }
     let chain = SignedChain {
         shim: unpacked.join("usr/lib/shim/shimx64.efi.signed"),

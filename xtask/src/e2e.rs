@@ -392,11 +392,10 @@ impl Rig {
     /// Writes the configuration and has the appliance read it again.
     fn reload(&self) -> Result<()> {
         self.write_config()?;
-        if let Some(server) = &self.server {
-            util::run(Command::new("kill").args(["-HUP", &server.pid().to_string()]))?;
+        match &self.server {
+            Some(server) => reread_config(server),
+            None => Ok(()),
         }
-        std::thread::sleep(Duration::from_millis(300));
-        Ok(())
     }
 
     fn assign(&mut self, fw: Firmware, image: &'static str) -> Result<()> {
@@ -544,6 +543,13 @@ pub(crate) fn demo_store(fleetboot: &Path, work: &Path, versions: usize) -> Resu
         )?;
     }
     Ok(store)
+}
+
+/// Has `fleetboot serve` read its configuration again (SIGHUP), and gives it the moment it takes.
+pub(crate) fn reread_config(server: &Daemon) -> Result<()> {
+    util::run(Command::new("kill").args(["-HUP", &server.pid().to_string()]))?;
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(())
 }
 
 /// The VMs' network: a lab whose switch holds the appliance's address and the tap QEMU uses.

@@ -13,7 +13,7 @@
 
 use crate::e2e::{self, Firmware};
 use crate::util::{self, root};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use fleetboot_lab::{Daemon, Host};
 use std::fs;
 use std::path::Path;
@@ -26,14 +26,14 @@ pub fn run() -> Result<()> {
     let started = Instant::now();
     let (fleetboot, boot) = e2e::prepare()?;
     let work = root().join("target/e2e-http-boot");
-    e2e::demo_store(&fleetboot, &work, 1)?;
+    let store = e2e::demo_store(&fleetboot, &work, 1)?;
     let mut net = e2e::vm_network("httpb")?;
     let site = net.host("site", "52:54:00:e2:e1:fe", Some("10.77.0.2/24"))?;
     let ns = net.switch().clone();
     let mut summary = Vec::new();
     for mode in ["full", "proxy"] {
         let t = Instant::now();
-        install_over_http(&ns, &site, &fleetboot, &boot, &work, mode)?;
+        install_over_http(&ns, &site, &fleetboot, &boot, &store, mode)?;
         summary.push(format!(
             "{mode} DHCP: HTTP boot + install + local boot {:.1} s",
             t.elapsed().as_secs_f64()
@@ -48,15 +48,17 @@ pub fn run() -> Result<()> {
 }
 
 /// One install through UEFI HTTP boot with the appliance in DHCP `mode` (`full` or `proxy`, the
-/// latter beside dnsmasq in `site`), TFTP off; a fresh disk and fleet state each time.
+/// latter beside dnsmasq in `site`), TFTP off, `store` in the work folder beside it; a fresh
+/// disk and fleet state each time.
 fn install_over_http(
     ns: &Host,
     site: &Host,
     fleetboot: &Path,
     boot: &Path,
-    work: &Path,
+    store: &Path,
     mode: &str,
 ) -> Result<()> {
+    let work = store.parent().context("the store's folder")?;
     let dhcp = match mode {
         "full" => "{ mode: full, range: [10.77.0.100, 10.77.0.150], router: 10.77.0.1 }",
         _ => "{ mode: proxy }",
@@ -108,14 +110,7 @@ fn install_over_http(
             log.display()
         );
     }
-    e2e::check_disk(
-        fleetboot,
-        &work.join("store"),
-        "demo@1",
-        &disk,
-        work,
-        HOSTNAME,
-    )?;
+    e2e::check_disk(fleetboot, store, "demo@1", &disk, work, HOSTNAME)?;
     server.stop()?;
     Ok(())
 }

@@ -35,44 +35,36 @@ pub fn run() -> Result<()> {
     let ns = net.switch().clone();
     write_config(&work, &boot, "demo@1", false)?;
     let server = e2e::serve(&ns, &fleetboot, &work)?;
-    let reload = |image: &str, secure_boot: bool| -> Result<()> {
-        write_config(&work, &boot, image, secure_boot)?;
-        util::run(Command::new("kill").args(["-HUP", &server.pid().to_string()]))?;
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        Ok(())
-    };
     let disk = work.join("disk.img");
     fs::File::create(&disk)?.set_len(256 << 20)?;
 
     let t = Instant::now();
     unsigned_ipxe_refused(&ns, &work, &disk)?;
-    let refused = t.elapsed();
-
-    reload("demo@1", true)?;
-    let t = Instant::now();
-    let first = signed_install(&ns, &work, &disk, "demo@1")?;
-    e2e::check_disk(&fleetboot, &store, "demo@1", &disk, &work, HOSTNAME)?;
-    let install = t.elapsed();
-    let (f1, _) = crate::util::install_figures(&first)?;
-
-    reload("demo@2", true)?;
-    let t = Instant::now();
-    let second = signed_install(&ns, &work, &disk, "demo@2")?;
-    e2e::check_disk(&fleetboot, &store, "demo@2", &disk, &work, HOSTNAME)?;
-    let reimage = t.elapsed();
-    let (fetched, reused) = crate::util::install_figures(&second)?;
-    if reused < 4 * fetched {
-        bail!("the reimage fetched {fetched} bytes and reused only {reused}");
+    let mut summary = vec![format!(
+        "unsigned iPXE refused ({:.1} s)",
+        t.elapsed().as_secs_f64()
+    )];
+    // Install, then reimage: each boots its disk through the disk's own shim.
+    for (image, what) in [("demo@1", "install"), ("demo@2", "reimage to")] {
+        write_config(&work, &boot, image, true)?;
+        e2e::reread_config(&server)?;
+        let t = Instant::now();
+        let console = signed_install(&ns, &work, &disk, image)?;
+        e2e::check_disk(&fleetboot, &store, image, &disk, &work, HOSTNAME)?;
+        let (fetched, reused) = crate::util::install_figures(&console)?;
+        if image == "demo@2" && reused < 4 * fetched {
+            bail!("the reimage fetched {fetched} bytes and reused only {reused}");
+        }
+        summary.push(format!(
+            "{what} {image} + boot {:.1} s (fetched {fetched} B, reused {reused} B)",
+            t.elapsed().as_secs_f64()
+        ));
     }
     server.stop()?;
     println!(
-        "e2e --secure-boot: PASS in {:.0} s — unsigned iPXE refused ({:.1} s); shim → GRUB → \
-         agent: install demo@1 + boot its disk through its shim {:.1} s (fetched {f1} B); reimage \
-         to demo@2 + boot {:.1} s (fetched {fetched} B, reused {reused} B)",
+        "e2e --secure-boot: PASS in {:.0} s — {}",
         started.elapsed().as_secs_f64(),
-        refused.as_secs_f64(),
-        install.as_secs_f64(),
-        reimage.as_secs_f64()
+        summary.join("; ")
     );
     Ok(())
 }
