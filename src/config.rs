@@ -121,7 +121,9 @@ pub struct BootFiles {
     pub bios: String,
     /// UEFI x86-64 (option 93 = 7 or 9), over TFTP; `snponly.efi` starts faster where it works.
     pub uefi: String,
-    /// UEFI ARM64 (option 93 = 11), over TFTP.
+    /// UEFI ARM64 (option 93 = 11), over TFTP: by default Debian's signed shim for ARM64, which
+    /// fetches `grubaa64.efi` (Debian's signed network GRUB) from beside it — with Secure Boot on
+    /// or off, as Debian has no ARM64 iPXE. An ARM64 iPXE of your own works too.
     pub arm64: String,
     /// UEFI x86-64 hosts with `secure_boot: true`: Debian's Microsoft-signed shim, which fetches
     /// `grubx64.efi` (Debian's signed network GRUB) from beside it.
@@ -133,7 +135,7 @@ impl Default for BootFiles {
         BootFiles {
             bios: "undionly.kpxe".into(),
             uefi: "ipxe.efi".into(),
-            arm64: "ipxe-arm64.efi".into(),
+            arm64: "shimaa64.efi".into(),
             secure_boot: "shimx64.efi".into(),
         }
     }

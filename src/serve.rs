@@ -2,7 +2,7 @@
 //! (HTTP now; DHCP and TFTP beside it) into one process, and reloads the configuration on SIGHUP
 //! or when the file changes — keeping the old one in force when the new one does not load.
 
-use crate::config::{Config, DhcpMode};
+use crate::config::{BootFiles, Config, DhcpMode};
 use crate::dhcp::{DhcpServer, DhcpSockets};
 use crate::http::{self, AppState};
 use crate::net::interface_ipv4;
@@ -41,6 +41,16 @@ fn warn_missing_loaders(config: &Config) {
         if secure_boot {
             // The shim fetches the signed GRUB under this name.
             wanted.extend([files.secure_boot.as_str(), "grubx64.efi"]);
+        }
+        // ARM64 machines only where the ARM64 agent is there to boot.
+        let arm64_agent = config
+            .boot_dir
+            .join(crate::http::script::AGENT_KERNEL_ARM64);
+        if arm64_agent.exists() {
+            wanted.push(files.arm64.as_str());
+            if files.arm64 == BootFiles::default().arm64 {
+                wanted.push("grubaa64.efi");
+            }
         }
     } else if secure_boot {
         tracing::warn!(

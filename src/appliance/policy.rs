@@ -129,7 +129,7 @@ mod tests {
                 Firmware::UefiArm64,
                 true,
                 &UnknownHosts::Ignore,
-                t("ipxe-arm64.efi"),
+                t("shimaa64.efi"),
             ),
             (
                 Firmware::UefiHttp,
@@ -141,7 +141,7 @@ mod tests {
                 Firmware::UefiHttpArm64,
                 true,
                 &UnknownHosts::Ignore,
-                h("http://10.0.0.1:8080/boot/ipxe-arm64.efi"),
+                h("http://10.0.0.1:8080/boot/shimaa64.efi"),
             ),
             (
                 Firmware::Ipxe,

@@ -13,6 +13,9 @@ use std::sync::Arc;
 /// File names of the agent's kernel and initramfs in `boot_dir`.
 pub const AGENT_KERNEL: &str = "fleetboot-vmlinuz";
 pub const AGENT_INITRD: &str = "fleetboot-initrd.img";
+/// The same for ARM64 machines, beside them (`cargo xtask initramfs --arch arm64`).
+pub const AGENT_KERNEL_ARM64: &str = "fleetboot-vmlinuz-arm64";
+pub const AGENT_INITRD_ARM64: &str = "fleetboot-initrd-arm64.img";
 /// Standalone GRUB that finds and chainloads the disk's `\EFI\BOOT\BOOTX64.EFI` (UEFI local boot).
 pub const UEFI_LOCAL_BOOT: &str = "fleetboot-localboot.efi";
 

@@ -9,6 +9,7 @@
 //! fetches). Those two are not pinned: apt has checked the packages' signatures, and a shim update
 //! is often a revocation that firmware will soon enforce; their versions and sums are recorded.
 
+use crate::initramfs::Arch;
 use crate::util::root;
 use anyhow::{bail, Context, Result};
 use std::fs;
@@ -38,12 +39,47 @@ const ASSETS: &[(&str, &str, &str)] = &[
 ];
 
 pub fn run(args: &[&str]) -> Result<()> {
+    let (arm64, args) = match args {
+        ["--arch", "arm64", rest @ ..] => (true, rest),
+        ["--arch", "amd64", rest @ ..] => (false, rest),
+        rest => (false, rest),
+    };
     let dir = match args {
         [] => root().join("boot"),
         [d] => PathBuf::from(d),
-        _ => bail!("usage: cargo xtask boot-assets [DIR]"),
+        _ => bail!("usage: cargo xtask boot-assets [--arch amd64|arm64] [DIR]"),
     };
-    install(&dir)
+    if arm64 {
+        install_arm64(&dir)
+    } else {
+        install(&dir)
+    }
+}
+
+/// Puts Debian's signed chain for ARM64 into `dir`: `shimaa64.efi` (what DHCP names for UEFI
+/// ARM64) and `grubaa64.efi` (the signed network GRUB, under the name shim fetches), recorded in
+/// `ASSETS-arm64.sha256`. There is no ARM64 iPXE in Debian: ARM64 machines boot this chain with
+/// Secure Boot on or off.
+pub fn install_arm64(dir: &Path) -> Result<()> {
+    let chain = signed_chain_for(Arch::Arm64)?;
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut record = format!("# ARM64 signed chain: {}\n", chain.versions);
+    for (name, source) in [
+        ("shimaa64.efi", &chain.shim),
+        ("grubaa64.efi", &chain.grub_net),
+    ] {
+        let dest = dir.join(name);
+        fs::copy(source, &dest)
+            .with_context(|| format!("cannot copy {} to {}", source.display(), dest.display()))?;
+        record.push_str(&format!("{}  {name}\n", sha256_of(&dest)?));
+    }
+    fs::write(dir.join("ASSETS-arm64.sha256"), record)?;
+    eprintln!(
+        "boot assets: the ARM64 signed chain ({}) in {}",
+        chain.versions,
+        dir.display()
+    );
+    Ok(())
 }
 
 /// Installs the loaders into `dir` (idempotent).
@@ -151,12 +187,18 @@ pub struct SignedChain {
     pub versions: String,
 }
 
-const SIGNED_PACKAGES: &[&str] = &["shim-signed", "grub-efi-amd64-signed"];
+/// Debian's signed packages for `arch`: the shim, then GRUB.
+fn signed_packages(arch: Arch) -> [&'static str; 2] {
+    match arch {
+        Arch::Amd64 => ["shim-signed", "grub-efi-amd64-signed"],
+        Arch::Arm64 => ["shim-signed:arm64", "grub-efi-arm64-signed:arm64"],
+    }
+}
 
 /// `shim-signed VERSION, grub-efi-amd64-signed VERSION` as apt would download them now.
-fn candidates() -> Result<String> {
+fn candidates(arch: Arch) -> Result<String> {
     let mut versions = Vec::new();
-    for pkg in SIGNED_PACKAGES {
+    for pkg in signed_packages(arch) {
         let out = Command::new("apt-cache").args(["policy", pkg]).output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         let Some(version) = text
@@ -171,15 +213,22 @@ fn candidates() -> Result<String> {
     Ok(versions.join(", "))
 }
 
-/// Downloads and unpacks `shim-signed` and `grub-efi-amd64-signed` into `target/signed-boot`:
-/// once, and again whenever apt's candidate versions change (a shim update is often a
-/// revocation). Downloaded, not installed: installing them would set up this machine's own boot.
+/// Downloads and unpacks `shim-signed` and `grub-efi-amd64-signed` (x86-64) or their arm64
+/// builds into `target/signed-boot[-arm64]`: once, and again whenever apt's candidate versions
+/// change (a shim update is often a revocation). Downloaded, not installed: installing them
+/// would set up this machine's own boot.
 pub fn signed_chain() -> Result<SignedChain> {
-    let work = root().join("target/signed-boot");
+    signed_chain_for(Arch::Amd64)
+}
+
+/// [`signed_chain`] for `arch` (ARM64: dpkg learns the architecture first).
+pub fn signed_chain_for(arch: Arch) -> Result<SignedChain> {
+    let work = root().join(format!("target/signed-boot{}", arch.suffix()));
     let unpacked = work.join("root");
     let done = work.join("versions");
+    let packages = signed_packages(arch);
     // Unknown before the first `apt-get update`: asked again after the download below.
-    let wanted = candidates().ok();
+    let wanted = candidates(arch).ok();
     let have = fs::read_to_string(&done).unwrap_or_default();
     if have.is_empty() || wanted.as_ref().is_some_and(|w| *w != have) {
         let debs = work.join("debs");
@@ -191,14 +240,15 @@ pub fn signed_chain() -> Result<SignedChain> {
             Command::new("apt-get")
                 .current_dir(&debs)
                 .arg("download")
-                .args(SIGNED_PACKAGES)
+                .args(packages)
                 .status()
         };
         if !download().context("cannot run apt-get download")?.success() {
-            // A fresh machine may not have the package lists yet.
+            // A fresh machine may not have the package lists yet, nor know the architecture.
+            crate::initramfs::add_architecture(arch)?;
             crate::util::run(Command::new("apt-get").args(["update", "-q"]))?;
             if !download()?.success() {
-                bail!("apt-get download {} failed", SIGNED_PACKAGES.join(" "));
+                bail!("apt-get download {} failed", packages.join(" "));
             }
         }
         if unpacked.exists() {
@@ -209,14 +259,18 @@ pub fn signed_chain() -> Result<SignedChain> {
         }
         let versions = match wanted {
             Some(w) => w,
-            None => candidates()?,
+            None => candidates(arch)?,
         };
         fs::write(&done, versions)?;
     }
+    let (shim, grub_dir, efi) = match arch {
+        Arch::Amd64 => ("shimx64", "x86_64-efi-signed", "x64"),
+        Arch::Arm64 => ("shimaa64", "arm64-efi-signed", "aa64"),
+    };
     let chain = SignedChain {
-        shim: unpacked.join("usr/lib/shim/shimx64.efi.signed"),
-        grub_net: unpacked.join("usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed"),
-        grub: unpacked.join("usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"),
+        shim: unpacked.join(format!("usr/lib/shim/{shim}.efi.signed")),
+        grub_net: unpacked.join(format!("usr/lib/grub/{grub_dir}/grubnet{efi}.efi.signed")),
+        grub: unpacked.join(format!("usr/lib/grub/{grub_dir}/grub{efi}.efi.signed")),
         versions: fs::read_to_string(&done)?,
     };
     for f in [&chain.shim, &chain.grub_net, &chain.grub] {

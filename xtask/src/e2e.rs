@@ -25,6 +25,7 @@
 //! A discovery rule then enrols it, its group's disk hints picking the NVMe disk: it is installed
 //! there and boots it. Listed by hand and retired, it has both disks wiped.
 
+use crate::initramfs::Arch;
 use crate::util::{self, root};
 use anyhow::{bail, Context, Result};
 use fleetboot_lab::{Daemon, Host, Lab};
@@ -44,8 +45,10 @@ pub fn run(args: &[&str]) -> Result<()> {
         ["--os", "debian", "--bios-only"] => return crate::e2e_debian::run(false),
         ["--http-boot"] => return crate::e2e_http_boot::run(),
         ["--secure-boot"] => return crate::e2e_secure_boot::run(),
+        ["--arch", "arm64"] => return crate::e2e_arm64::run(),
         _ => bail!(
-            "usage: cargo xtask e2e [--os debian] [--bios-only] | --http-boot | --secure-boot"
+            "usage: cargo xtask e2e [--os debian] [--bios-only] | --http-boot | --secure-boot \
+             | --arch arm64"
         ),
     };
     let started = Instant::now();
@@ -524,6 +527,16 @@ pub(crate) fn prepare() -> Result<(PathBuf, PathBuf)> {
 /// Empties `work` and imports the first `versions` demo images into `work/store` as `demo@1`,
 /// `demo@2` (a small change). Returns the store.
 pub(crate) fn demo_store(fleetboot: &Path, work: &Path, versions: usize) -> Result<PathBuf> {
+    demo_store_for(fleetboot, work, versions, Arch::Amd64)
+}
+
+/// [`demo_store`] with the demo images built for `arch`.
+pub(crate) fn demo_store_for(
+    fleetboot: &Path,
+    work: &Path,
+    versions: usize,
+    arch: Arch,
+) -> Result<PathBuf> {
     if work.exists() {
         fs::remove_dir_all(work)?;
     }
@@ -533,7 +546,7 @@ pub(crate) fn demo_store(fleetboot: &Path, work: &Path, versions: usize) -> Resu
         .into_iter()
         .take(versions)
     {
-        let img = crate::images::build(work, name, extra)?;
+        let img = crate::images::build_for(work, name, extra, arch)?;
         util::run(
             Command::new(fleetboot)
                 .arg("--store")

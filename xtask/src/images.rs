@@ -5,6 +5,7 @@
 //! the same Debian (signed) kernel as the agent's and a tiny initramfs (busybox) whose `/init`
 //! prints `FLEETBOOT-MARKER <name>` on the serial console and powers off.
 
+use crate::initramfs::Arch;
 use crate::util::{self, root};
 use anyhow::{Context, Result};
 use std::fs;
@@ -42,8 +43,15 @@ pub fn run(args: &[&str]) -> Result<()> {
 
 /// Builds the demo image `name` (its marker) into `dir`; `extra` adds a file so versions differ.
 pub fn build(dir: &Path, name: &str, extra: &str) -> Result<PathBuf> {
+    build_for(dir, name, extra, Arch::Amd64)
+}
+
+/// [`build`] for `arch`. The ARM64 image has no SYSLINUX (UEFI only): its loader is
+/// `\EFI\BOOT\BOOTAA64.EFI` (the arm64 shim), its kernel and busybox are Debian's arm64 ones and
+/// its console is the PL011 (`ttyAMA0`).
+pub fn build_for(dir: &Path, name: &str, extra: &str, arch: Arch) -> Result<PathBuf> {
     crate::setup::apt_install(PACKAGES)?;
-    let (kernel, _) = crate::initramfs::kernel_image()?;
+    let (kernel, _) = crate::initramfs::kernel_image(arch)?;
     let work = dir.join(format!("{}.work", name.replace('@', "-")));
     if work.exists() {
         fs::remove_dir_all(&work)?;
@@ -51,7 +59,7 @@ pub fn build(dir: &Path, name: &str, extra: &str) -> Result<PathBuf> {
     fs::create_dir_all(work.join("initrd/bin"))?;
     fs::create_dir_all(work.join("initrd/dev"))?;
     fs::create_dir_all(work.join("initrd/proc"))?;
-    fs::copy("/bin/busybox", work.join("initrd/bin/busybox"))?;
+    fs::copy(busybox(arch)?, work.join("initrd/bin/busybox"))?;
     let init = format!(
         "#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n\
          echo \"FLEETBOOT-MARKER {name} booted from $(/bin/busybox cat /proc/cmdline | /bin/busybox cut -d' ' -f1)\"\n\
@@ -77,7 +85,9 @@ pub fn build(dir: &Path, name: &str, extra: &str) -> Result<PathBuf> {
             .args(["-F", "16", "-n", "DEMO", "-i", "12345678"])
             .arg(&part),
     )?;
-    util::run(Command::new("syslinux").arg("--install").arg(&part))?;
+    if arch == Arch::Amd64 {
+        util::run(Command::new("syslinux").arg("--install").arg(&part))?;
+    }
     let cfg = work.join("syslinux.cfg");
     fs::write(
         &cfg,
@@ -88,11 +98,15 @@ pub fn build(dir: &Path, name: &str, extra: &str) -> Result<PathBuf> {
     // UEFI: the same partition carries the signed chain as a removable disk's loader: shim as
     // \EFI\BOOT\BOOTX64.EFI loads grubx64.efi from beside it, which reads \EFI\debian\grub.cfg
     // and boots the kernel shim has checked (Secure Boot on); with it off, the same chain runs.
-    let chain = crate::boot_assets::signed_chain()?;
+    let chain = crate::boot_assets::signed_chain_for(arch)?;
+    let (console, loader, grub) = match arch {
+        Arch::Amd64 => ("ttyS0", "BOOTX64.EFI", "grubx64.efi"),
+        Arch::Arm64 => ("ttyAMA0", "BOOTAA64.EFI", "grubaa64.efi"),
+    };
     let grub_cfg = work.join("grub.cfg");
     fs::write(
         &grub_cfg,
-        "set timeout=0\nlinux /vmlinuz root=disk console=ttyS0 quiet\ninitrd /initrd.img\nboot\n",
+        format!("set timeout=0\nlinux /vmlinuz root=disk console={console} quiet\ninitrd /initrd.img\nboot\n"),
     )?;
     util::run(Command::new("mmd").arg("-i").arg(&part).args([
         "::EFI",
@@ -100,9 +114,9 @@ pub fn build(dir: &Path, name: &str, extra: &str) -> Result<PathBuf> {
         "::EFI/debian",
     ]))?;
     for (from, to) in [
-        (&chain.shim, "::EFI/BOOT/BOOTX64.EFI"),
-        (&chain.grub, "::EFI/BOOT/grubx64.efi"),
-        (&grub_cfg, "::EFI/debian/grub.cfg"),
+        (&chain.shim, format!("::EFI/BOOT/{loader}")),
+        (&chain.grub, format!("::EFI/BOOT/{grub}")),
+        (&grub_cfg, "::EFI/debian/grub.cfg".to_string()),
     ] {
         util::run(Command::new("mcopy").arg("-i").arg(&part).arg(from).arg(to))?;
     }
@@ -141,4 +155,40 @@ pub fn build(dir: &Path, name: &str, extra: &str) -> Result<PathBuf> {
     f.sync_all()?;
     fs::remove_dir_all(&work)?;
     Ok(disk)
+}
+
+/// A static busybox for `arch`: this machine's own, or Debian's arm64 build, downloaded and
+/// unpacked once into `target/busybox-arm64`.
+fn busybox(arch: Arch) -> Result<PathBuf> {
+    if arch == Arch::Amd64 {
+        return Ok(PathBuf::from("/bin/busybox"));
+    }
+    let work = root().join("target/busybox-arm64");
+    let bin = work.join("root/bin/busybox");
+    if !bin.is_file() {
+        let debs = work.join("debs");
+        fs::create_dir_all(&debs)?;
+        let download = || {
+            Command::new("apt-get")
+                .current_dir(&debs)
+                .args(["download", "busybox-static:arm64"])
+                .status()
+        };
+        if !download()?.success() {
+            crate::initramfs::add_architecture(arch)?;
+            util::run(Command::new("apt-get").args(["update", "-q"]))?;
+            if !download()?.success() {
+                anyhow::bail!("apt-get download busybox-static:arm64 failed");
+            }
+        }
+        for deb in fs::read_dir(&debs)?.flatten().map(|e| e.path()) {
+            util::run(
+                Command::new("dpkg")
+                    .arg("-x")
+                    .arg(&deb)
+                    .arg(work.join("root")),
+            )?;
+        }
+    }
+    Ok(bin)
 }

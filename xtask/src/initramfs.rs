@@ -203,12 +203,20 @@ pub fn build_for(boot_dir: &Path, arch: Arch) -> Result<(PathBuf, PathBuf)> {
     Ok((vmlinuz, initrd))
 }
 
-/// The kernel image and its version (downloaded and unpacked once).
-pub fn kernel_image() -> Result<(PathBuf, String)> {
+/// The kernel image for `arch` and its version (downloaded and unpacked once).
+pub fn kernel_image(arch: Arch) -> Result<(PathBuf, String)> {
     let work = root().join("target/initramfs");
     fs::create_dir_all(&work)?;
-    let (kernel, _, version) = kernel(&work, Arch::Amd64)?;
+    let (kernel, _, version) = kernel(&work, arch)?;
     Ok((kernel, version))
+}
+
+/// Has dpkg (and so apt, after its next update) know `arch`'s packages, if it is foreign here.
+pub fn add_architecture(arch: Arch) -> Result<()> {
+    if arch != Arch::Amd64 {
+        util::run(Command::new("dpkg").args(["--add-architecture", arch.debian()]))?;
+    }
+    Ok(())
 }
 
 /// Downloads and unpacks the kernel `linux-image-ARCH` points to (once); returns its image, its
@@ -227,9 +235,7 @@ fn kernel(work: &Path, arch: Arch) -> Result<(PathBuf, PathBuf, String)> {
     let mut text = depends()?;
     if !text.contains("Depends: linux-image-") {
         // A fresh machine may not have the package lists yet, nor know the foreign architecture.
-        if arch != Arch::Amd64 {
-            util::run(Command::new("dpkg").args(["--add-architecture", arch.debian()]))?;
-        }
+        add_architecture(arch)?;
         util::run(Command::new("apt-get").args(["update", "-q"]))?;
         text = depends()?;
     }

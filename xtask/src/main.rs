@@ -11,6 +11,7 @@ mod boot_assets;
 mod debian_image;
 mod demo;
 mod e2e;
+mod e2e_arm64;
 mod e2e_debian;
 mod e2e_http_boot;
 mod e2e_secure_boot;

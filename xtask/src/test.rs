@@ -1,6 +1,6 @@
 //! `cargo xtask test`: everything CI runs — formatting, lints, the end-to-end VM runs (`e2e` with
-//! the demo disks, `e2e --http-boot` with no TFTP, `e2e --secure-boot`, then `e2e --os debian`
-//! with a real Debian),
+//! the demo disks, `e2e --http-boot` with no TFTP, `e2e --secure-boot`, `e2e --arch arm64` under
+//! TCG, then `e2e --os debian` with a real Debian),
 //! unit and integration tests.
 //!
 //! Ends with one plain line `tests: N passed, M failed`, summed over every test binary, so the
@@ -33,6 +33,7 @@ pub fn run(extra: &[&str]) -> Result<()> {
     crate::e2e::run(&[])?;
     crate::e2e::run(&["--http-boot"])?;
     crate::e2e::run(&["--secure-boot"])?;
+    crate::e2e::run(&["--arch", "arm64"])?;
     crate::e2e::run(&["--os", "debian"])?;
     let mut cmd = Command::new(&cargo);
     cmd.current_dir(&root)
@@ -42,7 +43,7 @@ pub fn run(extra: &[&str]) -> Result<()> {
     eprintln!("$ {}", util::show(&cmd));
     let mut child = cmd.spawn().context("cannot start cargo test")?;
     let stdout = child.stdout.take().context("cargo test has no stdout")?;
-    const E2E_RUNS: u64 = 4;
+    const E2E_RUNS: u64 = 5;
     let (mut passed, mut failed) = (E2E_RUNS, 0u64); // the e2e runs above passed
     let mut out = std::io::stdout().lock();
     for line in BufReader::new(stdout).lines() {
