@@ -3,13 +3,14 @@
 //!
 //! The VM's own UEFI PXE (option 93 = 11) is answered with Debian's signed chain for ARM64 —
 //! shim (`shimaa64.efi`), which fetches the signed network GRUB (`grubaa64.efi`), which reads its
-//! per-MAC configuration from the appliance — since Debian has no ARM64 iPXE; Secure Boot is off
-//! (AAVMF has no build with keys enrolled), which the chain does not mind. GRUB's `${grub_cpu}`
+//! per-MAC configuration from the appliance — since Debian has no ARM64 iPXE. GRUB's `${grub_cpu}`
 //! picks the ARM64 agent (`fleetboot-vmlinuz-arm64`, `fleetboot-initrd-arm64.img`, beside the
 //! x86-64 ones in `boot/`), which installs the ARM64 demo image `demo@1` on the VM's NVMe disk;
 //! the machine reboots, GRUB chainloads the disk's `\EFI\BOOT\BOOTAA64.EFI` (its own shim), and
-//! the disk boots and prints `demo@1`'s marker. Then `demo@2` is reimaged the same way, reusing
-//! what it can from the disk. Each disk must read back as its image, with the host's seed.
+//! the disk boots and prints `demo@1`'s marker, all with Secure Boot off. Then, with Secure Boot
+//! on (AAVMF's variables with Microsoft's keys enrolled), `demo@2` is reimaged the same way under
+//! the kernel's lockdown, reusing what it can from the disk, and the disk boots through its own
+//! shim. Each disk must read back as its image, with the host's seed.
 //!
 //! Under TCG on two cores each network boot (install, reboot, disk boot) takes about a minute.
 
@@ -46,11 +47,15 @@ pub fn run() -> Result<()> {
     fs::File::create(&disk)?.set_len(256 << 20)?;
 
     let mut summary = Vec::new();
-    for (image, what) in [("demo@1", "install"), ("demo@2", "reimage to")] {
+    // The same chain with Secure Boot off, then on (AAVMF's variables with Microsoft's keys).
+    for (image, what, secure_boot) in [
+        ("demo@1", "install", false),
+        ("demo@2", "reimage (Secure Boot on) to", true),
+    ] {
         write_config(&work, &boot, image)?;
         e2e::reread_config(&server)?;
         let t = Instant::now();
-        let console = install(&ns, &work, &disk, image)?;
+        let console = install(&ns, &work, &disk, image, secure_boot)?;
         e2e::check_disk(&fleetboot, &store, image, &disk, &work, HOSTNAME)?;
         let (fetched, reused) = crate::util::install_figures(&console)?;
         if image == "demo@2" && reused < 4 * fetched {
@@ -85,16 +90,22 @@ fn write_config(work: &Path, boot: &Path, image: &str) -> Result<()> {
 
 /// One network boot of the ARM64 VM: the agent installs `image`, the machine reboots into the
 /// signed chain again, which boots the disk. Returns the console.
-fn install(ns: &Host, work: &Path, disk: &Path, image: &str) -> Result<String> {
+fn install(ns: &Host, work: &Path, disk: &Path, image: &str, secure_boot: bool) -> Result<String> {
     let log = work.join(format!("vm-{}.log", image.replace('@', "-")));
     let mut qemu = ns.cmd("timeout");
     qemu.arg("1200");
-    vm_args(&mut qemu, work, disk)?;
+    vm_args(&mut qemu, work, disk, secure_boot)?;
     let console = e2e::run_boot(&mut qemu, &log, image, true)?;
+    let kernel_says = if secure_boot {
+        "secureboot: Secure boot enabled"
+    } else {
+        "secureboot: Secure boot disabled"
+    };
     for wanted in [
         // The firmware says which architecture it is (option 93 = 11) by what it is sent.
-        "shimaa64.efi",
+        "NBP filename is shimaa64.efi",
         "fleetboot: installing on",
+        kernel_says,
         "fleetboot: booting the local disk",
     ] {
         if !console.contains(wanted) {
@@ -108,12 +119,18 @@ fn install(ns: &Host, work: &Path, disk: &Path, image: &str) -> Result<String> {
 }
 
 /// `qemu-system-aarch64` and its arguments: the `virt` machine under TCG, AAVMF (its variables
-/// kept in `work`), the NIC first in the boot order and an NVMe disk second, the serial console
+/// kept in `work`; with `secure_boot`, from `AAVMF_VARS.ms.fd`: Microsoft's keys enrolled,
+/// Secure Boot on), the NIC first in the boot order and an NVMe disk second, the serial console
 /// (PL011) on stdout.
-fn vm_args(qemu: &mut Command, work: &Path, disk: &Path) -> Result<()> {
-    let vars = work.join(format!("AAVMF_VARS-{}.fd", MAC.replace(':', "")));
+fn vm_args(qemu: &mut Command, work: &Path, disk: &Path, secure_boot: bool) -> Result<()> {
+    let (template, kind) = if secure_boot {
+        ("AAVMF_VARS.ms.fd", "ms-")
+    } else {
+        ("AAVMF_VARS.fd", "")
+    };
+    let vars = work.join(format!("AAVMF_VARS-{kind}{}.fd", MAC.replace(':', "")));
     if !vars.exists() {
-        fs::copy(format!("{AAVMF}/AAVMF_VARS.fd"), &vars)?;
+        fs::copy(format!("{AAVMF}/{template}"), &vars)?;
     }
     qemu.args(["qemu-system-aarch64", "-machine", "virt", "-accel", "tcg"])
         // `max` with QEMU's cheap pointer authentication: Debian's kernel runs on any ARMv8.
