@@ -123,7 +123,7 @@ pub struct BootFiles {
     pub uefi: String,
     /// UEFI ARM64 (option 93 = 11), over TFTP: by default Debian's signed shim for ARM64, which
     /// fetches `grubaa64.efi` (Debian's signed network GRUB) from beside it — with Secure Boot on
-    /// or off, as Debian has no ARM64 iPXE. An ARM64 iPXE of your own works too.
+    /// or off, as Debian has no ARM64 iPXE. (The iPXE scripts name x86-64 files only.)
     pub arm64: String,
     /// UEFI x86-64 hosts with `secure_boot: true`: Debian's Microsoft-signed shim, which fetches
     /// `grubx64.efi` (Debian's signed network GRUB) from beside it.
