@@ -1,7 +1,7 @@
 //! The command line: the only place that reads flags and the environment, prints, and picks exit
 //! codes. Every command is a thin shell over a [`Store`] method.
 
-use crate::store::{self, Chunking, ExportOptions, ImageRef, ImportOptions, Store};
+use crate::store::{self, Chunking, CompactOptions, ExportOptions, ImageRef, ImportOptions, Store};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use fleetboot_image::Manifest;
@@ -217,6 +217,30 @@ enum StoreCommand {
         /// it at least the appliance's install_token_ttl (default 4h): no install lasts longer.
         #[arg(long, default_value = "4h", value_parser = humantime::parse_duration)]
         grace: std::time::Duration,
+    },
+    /// Rewrite cold packs smaller: their chunks regrouped by the images that use them, in
+    /// bigger frames compressed harder (imports stay fast; this is the background pass). Runs
+    /// beside `serve` and imports: the writers' lock is held only to publish the result; the old
+    /// packs are retired like gc's, readable for installs in flight until a gc after the grace
+    /// period.
+    Compact {
+        /// Only packs older than this, e.g. 7d, 12h
+        #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "all",
+              required_unless_present = "all")]
+        older_than: Option<std::time::Duration>,
+        /// Every pack, however new
+        #[arg(long)]
+        all: bool,
+        /// zstd level (1-22)
+        #[arg(long, default_value_t = CompactOptions::default().zstd_level,
+              value_parser = clap::value_parser!(i32).range(1..=22))]
+        level: i32,
+        /// Raw bytes per frame at most (one range request each)
+        #[arg(long, default_value_t = CompactOptions::default().frame_bytes as u64,
+              value_parser = clap::value_parser!(u64).range(4096..=(64 << 20)))]
+        frame_size: u64,
+        #[arg(long)]
+        json: bool,
     },
     /// Logical and stored bytes, dedup and compression ratios.
     Stats {
@@ -943,6 +967,45 @@ fn store_cmd(store: &Store, command: StoreCommand) -> Result<()> {
                     human(r.bytes_waiting),
                     humantime::format_duration(grace)
                 );
+            }
+        }
+        StoreCommand::Compact {
+            older_than,
+            all,
+            level,
+            frame_size,
+            json,
+        } => {
+            let options = CompactOptions {
+                older_than: if all { None } else { older_than },
+                zstd_level: level,
+                frame_bytes: frame_size as usize,
+                ..CompactOptions::default()
+            };
+            let r = store.compact(&options)?;
+            if json {
+                return print_json(&r);
+            }
+            println!(
+                "compacted {} pack(s), {}, into {} pack(s), {} ({} chunks, {} raw, in {} frames); rewrote {} manifest(s) in {:.1} s (lock held {:.1} s)",
+                r.packs_compacted,
+                human(r.bytes_before),
+                r.packs_written,
+                human(r.bytes_after),
+                r.chunks,
+                human(r.raw_bytes),
+                r.frames,
+                r.manifests_rewritten,
+                r.write_secs + r.publish_secs,
+                r.publish_secs,
+            );
+            if r.no_gain {
+                println!("the packs would not get smaller: left as they were");
+            } else if r.packs_kept > 0 {
+                println!("{} pack(s) left as they were (newer than --older-than, or named by an image imported meanwhile)", r.packs_kept);
+            }
+            if r.packs_compacted > 0 {
+                println!("the old packs stay readable for installs in flight; a `store gc` after its grace period frees them");
             }
         }
         StoreCommand::Stats { json } => {

@@ -23,6 +23,7 @@
 
 mod backend;
 mod chunker;
+mod compact;
 mod fsutil;
 mod gc;
 pub mod import;
@@ -37,6 +38,7 @@ mod verify;
 
 pub use backend::{Backend, Folder, ObjectInfo};
 pub use chunker::Chunking;
+pub use compact::{CompactOptions, CompactReport};
 pub use gc::GcReport;
 pub use import::{ImportOptions, ImportReport};
 pub use name::{validate_name, ImageRef, NameError};

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 /// First bytes of every pack file.
@@ -29,14 +30,18 @@ pub struct PackWriter {
 impl PackWriter {
     /// Starts a new pack with a fresh id in the store's temp folder.
     pub fn create(store: &Store) -> Result<PackWriter, StoreError> {
+        PackWriter::create_in(store, &store.tmp_dir())
+    }
+
+    /// Starts a new pack with a fresh id in `dir` (a staging folder of the store's own).
+    pub fn create_in(store: &Store, dir: &Path) -> Result<PackWriter, StoreError> {
         let seed = unique_name(&store.root().to_string_lossy());
         let mut id = [0u8; 16];
         id.copy_from_slice(&blake3::hash(seed.as_bytes()).as_bytes()[..16]);
-        let dir = store.tmp_dir();
-        let mut tmp = TempFile::create_in(&dir, ".pack").at(&dir)?;
+        let mut tmp = TempFile::create_in(dir, ".pack").at(dir)?;
         let mut header = [0u8; PACK_HEADER_BYTES as usize];
         header[..8].copy_from_slice(&PACK_MAGIC);
-        tmp.file().write_all(&header).at(&dir)?;
+        tmp.file().write_all(&header).at(dir)?;
         Ok(PackWriter {
             id: PackId(id),
             tmp,
