@@ -808,7 +808,7 @@ fn imports_and_rm_beside_compaction_lose_nothing() {
     fast("old", &env.write("old.img", &synthetic_image(82, 500, 0)));
     let next = next_version(&base, 83, 100);
     let pnext = env.write("b.img", &next);
-    let mut compactor = env
+    let compactor = env
         .cmd()
         .args(["store", "compact", "--all", "--level", "19"])
         .stdout(Stdio::piped())
