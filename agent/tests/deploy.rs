@@ -513,6 +513,66 @@ fn gc_during_an_install_neither_breaks_it_nor_keeps_deleted_packs_open() {
     assert!(app.state.store.verify().unwrap().ok());
 }
 
+/// 4 MiB of text-like bytes (compressible, unlike [`random`]): configuration lines with numbers.
+fn text(mut x: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 << 20);
+    let mut line = 0u64;
+    while out.len() < 4 << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(format!("key{line}=value{}\n", x % 100_000).as_bytes());
+        line += 1;
+    }
+    out.truncate(4 << 20);
+    out
+}
+
+/// Issue 13: the operator compacts the store while a machine installs. The agent holds the
+/// manifest from before and asks for the old packs, which compaction retired: they are still
+/// served, and the install finishes; the image then names only the new packs.
+#[test]
+fn compaction_during_an_install_does_not_break_it() {
+    let v1 = text(31);
+    let mut v2 = text(32);
+    v2[..1 << 20].copy_from_slice(&v1[..1 << 20]);
+    let report = Arc::new(std::sync::Mutex::new(None));
+    let done = report.clone();
+    let hook: PackHook = Box::new(move |store: &Store| {
+        let options = fleetboot::store::CompactOptions::default();
+        *done.lock().unwrap() = Some(store.compact(&options).unwrap());
+    });
+    let app = Appliance::start_full(
+        &[v1.clone(), v2.clone()],
+        std::time::Duration::ZERO,
+        0,
+        Some(hook),
+    );
+    app.assign("os@2");
+    let packs_before = app.state.store.packs().unwrap();
+    let target = app.dir.path().join("disk.img");
+    let out = app.deploy(&target);
+    let compacted = report
+        .lock()
+        .unwrap()
+        .take()
+        .expect("compaction ran during the install");
+    assert!(
+        compacted.packs_compacted >= 1 && compacted.manifests_rewritten == 2,
+        "{compacted:?}"
+    );
+    assert!(
+        out.status.success(),
+        "the install that began before compaction finished: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&target).unwrap(), v2);
+    assert_eq!(app.status().1.as_deref(), Some("os@2"));
+    let packs_after = app.state.store.packs().unwrap();
+    assert!(packs_after.iter().all(|p| !packs_before.contains(p)));
+    assert!(app.state.store.verify().unwrap().ok());
+}
+
 /// Open file descriptors of this process on deleted pack files.
 fn deleted_packs_held_open() -> usize {
     std::fs::read_dir("/proc/self/fd")

@@ -1,5 +1,7 @@
-//! `cargo xtask bench store`: fleetboot's combined image store against casync, WIM (wimlib, LZX) and zstd,
-//! on three related real Debian disk images (built and cached by `os_images`).
+//! `cargo xtask bench store`: fleetboot's combined image store against casync, WIM (wimlib, LZX),
+//! zstd and squashfs (xz, 1 MiB blocks, the three trees in one), on three related real Debian disk
+//! images (built and cached by `os_images`); then the fleetboot store after `store compact --all`
+//! against them: its size, the pass's time and peak memory, delta fetches and export after it.
 //!
 //! For each tool, from an empty store directory: store the three images (timed, all three together),
 //! measure the store, then export or extract image B (timed). fleetboot's and the other tools' exported
@@ -50,8 +52,22 @@ struct Measured {
     import: Duration,
     /// Exporting (or extracting) B.
     export: Duration,
-    /// fleetboot only: what a machine holding A fetches to become B.
+    /// fleetboot only: what a machine holding A fetches to become B, and to become C.
     fetch_a_to_b: Option<u64>,
+    fetch_a_to_c: Option<u64>,
+}
+
+/// `fleetboot store compact --all` on the main store, and the store after it.
+struct Compacted {
+    /// The store after compaction and `gc --grace 0s`.
+    store_bytes: u64,
+    took: Duration,
+    /// Peak resident memory of the pass (GNU time's %M).
+    peak_rss_kib: u64,
+    fetch_a_to_b: u64,
+    fetch_a_to_c: u64,
+    /// Exporting B afterwards, each run.
+    exports: Vec<Duration>,
 }
 
 struct Options {
@@ -140,6 +156,8 @@ pub fn run(args: &[&str]) -> Result<()> {
     let casync = best_of(runs, || bench_casync(&images, &work, &out))?;
     let wim = best_of(runs, || bench_wim(&images, &work))?;
     let zstd = best_of(runs, || bench_zstd(&images, &work, &out))?;
+    let squashfs = best_of(runs, || bench_squashfs(&images, &work))?;
+    let compacted = bench_compaction(&fleetboot, &main_store, &images, &out, runs)?;
 
     let mut variants = Vec::new();
     if options.variants {
@@ -171,7 +189,8 @@ pub fn run(args: &[&str]) -> Result<()> {
         &images,
         &options,
         &main,
-        [&casync, &wim, &zstd],
+        [&casync, &wim, &zstd, &squashfs],
+        &compacted,
         &variants,
         &stats,
     )? + "\n"
@@ -226,13 +245,7 @@ fn bench_fleetboot(
     }
     let store_bytes = tree_bytes(store)?;
 
-    let (json, _) = timed(fleetboot_cmd(bin, store).args(["image", "diff", "a", "b", "--json"]))?;
-    let diff: serde_json::Value = serde_json::from_str(&json)
-        .with_context(|| format!("fleetboot image diff --json printed no JSON: {json:?}"))?;
-    let fetch = diff
-        .get("fetch_bytes")
-        .and_then(serde_json::Value::as_u64)
-        .with_context(|| format!("no fetch_bytes in fleetboot image diff --json: {json}"))?;
+    let fetch = fetch_bytes(bin, store, "a", "b")?;
 
     remove_if_present(out)?;
     settle()?;
@@ -250,6 +263,123 @@ fn bench_fleetboot(
         import,
         export,
         fetch_a_to_b: Some(fetch),
+        fetch_a_to_c: Some(fetch_bytes(bin, store, "a", "c")?),
+    })
+}
+
+/// What a machine holding `from` fetches to become `to` (`image diff --json`).
+fn fetch_bytes(bin: &Path, store: &Path, from: &str, to: &str) -> Result<u64> {
+    let (json, _) = timed(fleetboot_cmd(bin, store).args(["image", "diff", from, to, "--json"]))?;
+    let diff: serde_json::Value = serde_json::from_str(&json)
+        .with_context(|| format!("fleetboot image diff --json printed no JSON: {json:?}"))?;
+    diff.get("fetch_bytes")
+        .and_then(serde_json::Value::as_u64)
+        .with_context(|| format!("no fetch_bytes in fleetboot image diff --json: {json}"))
+}
+
+/// Compacts `store` (every pack), frees the old packs, and measures the store after it: its
+/// size, the pass's time and peak memory, the delta fetches and exporting B (`runs` times).
+fn bench_compaction(
+    bin: &Path,
+    store: &Path,
+    images: &[OsImage],
+    out: &Path,
+    runs: usize,
+) -> Result<Compacted> {
+    eprintln!("bench: fleetboot store compact --all");
+    settle()?;
+    let rss = store.with_extension("compact-rss");
+    let (_, took) = timed(
+        Command::new("/usr/bin/time")
+            .args(["-f", "%M", "-o"])
+            .arg(&rss)
+            .arg(bin)
+            .arg("--store")
+            .arg(store)
+            .args(["store", "compact", "--all"]),
+    )?;
+    let peak_rss_kib = fs::read_to_string(&rss)?
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .context("GNU time wrote no peak memory")?;
+    timed(fleetboot_cmd(bin, store).args(["store", "gc", "--grace", "0s"]))?;
+    let store_bytes = tree_bytes(store)?;
+    let mut exports = Vec::new();
+    for _ in 0..runs.max(1) {
+        remove_if_present(out)?;
+        settle()?;
+        let (_, export) = timed(
+            fleetboot_cmd(bin, store)
+                .args(["image", "export", "b"])
+                .arg(out),
+        )?;
+        check_identical(&images[1].image, out, "fleetboot after compaction")?;
+        exports.push(export);
+    }
+    remove_if_present(out)?;
+    Ok(Compacted {
+        store_bytes,
+        took,
+        peak_rss_kib,
+        fetch_a_to_b: fetch_bytes(bin, store, "a", "b")?,
+        fetch_a_to_c: fetch_bytes(bin, store, "a", "c")?,
+        exports,
+    })
+}
+
+/// squashfs: one filesystem of the three trees (xz, 1 MiB blocks): file-level dedup and strong
+/// compression, no block-level random access, no deltas.
+fn bench_squashfs(images: &[OsImage], work: &Path) -> Result<Measured> {
+    eprintln!("bench: squashfs");
+    let dir = work.join("squashfs");
+    fresh_dir(&dir)?;
+    let fs_file = dir.join("trees.sqsh");
+    settle()?;
+    let (_, import) = timed(
+        Command::new("mksquashfs")
+            .args(images.iter().map(|i| &i.tree))
+            .arg(&fs_file)
+            .args([
+                "-comp",
+                "xz",
+                "-b",
+                "1M",
+                "-noappend",
+                "-quiet",
+                "-no-progress",
+            ]),
+    )?;
+    let store_bytes = tree_bytes(&dir)?;
+    let out = work.join("out-b-squashfs");
+    if out.exists() {
+        fs::remove_dir_all(&out).with_context(|| format!("cannot remove {}", out.display()))?;
+    }
+    let tree_b = images[1]
+        .tree
+        .file_name()
+        .context("tree B has no name")?
+        .to_string_lossy()
+        .into_owned();
+    settle()?;
+    let (_, export) = timed(
+        Command::new("unsquashfs")
+            .args(["-q", "-n", "-d"])
+            .arg(&out)
+            .arg(&fs_file)
+            .arg(&tree_b),
+    )?;
+    if !out.join(&tree_b).join("usr/sbin/sshd").is_file() {
+        bail!("unsquashfs of B left no usr/sbin/sshd in {}", out.display());
+    }
+    fs::remove_dir_all(&out).with_context(|| format!("cannot remove {}", out.display()))?;
+    Ok(Measured {
+        tool: "squashfs (xz, 1 MiB)".into(),
+        store_bytes,
+        import,
+        export,
+        fetch_a_to_b: None,
+        fetch_a_to_c: None,
     })
 }
 
@@ -294,6 +424,7 @@ fn bench_casync(images: &[OsImage], work: &Path, out: &Path) -> Result<Measured>
         import,
         export,
         fetch_a_to_b: None,
+        fetch_a_to_c: None,
     })
 }
 
@@ -345,6 +476,7 @@ fn bench_wim(images: &[OsImage], work: &Path) -> Result<Measured> {
         import,
         export,
         fetch_a_to_b: None,
+        fetch_a_to_c: None,
     })
 }
 
@@ -387,6 +519,7 @@ fn bench_zstd(images: &[OsImage], work: &Path, out: &Path) -> Result<Measured> {
         import,
         export,
         fetch_a_to_b: None,
+        fetch_a_to_c: None,
     })
 }
 
@@ -395,7 +528,8 @@ fn report(
     images: &[OsImage],
     options: &Options,
     fleetboot: &Measured,
-    [casync, wim, zstd]: [&Measured; 3],
+    [casync, wim, zstd, squashfs]: [&Measured; 4],
+    compacted: &Compacted,
     variants: &[Measured],
     stats: &str,
 ) -> Result<String> {
@@ -459,7 +593,7 @@ fn report(
         secs(fleetboot.import),
         secs(fleetboot.export)
     )?;
-    for anchor in [casync, wim, zstd] {
+    for anchor in [casync, wim, zstd, squashfs] {
         writeln!(
             s,
             "| {} | {} | {} | {} | {:.2} | {:.2} | {:.2} |",
@@ -516,6 +650,8 @@ fn report(
         writeln!(s, "| {target} | {have} | {bound} | {result} |")?;
     }
 
+    compaction_report(&mut s, fleetboot, compacted, [casync, wim, zstd, squashfs])?;
+
     if !variants.is_empty() {
         writeln!(s)?;
         writeln!(s, "### fleetboot variants")?;
@@ -551,6 +687,102 @@ fn report(
     writeln!(s)?;
     writeln!(s, "```json\n{}\n```", stats.trim())?;
     Ok(s)
+}
+
+/// The compaction's section: the store after it against every anchor, the pass itself, the
+/// delta fetches and exports after it, and the compaction issue's targets.
+fn compaction_report(
+    s: &mut String,
+    fleetboot: &Measured,
+    c: &Compacted,
+    [casync, wim, zstd, squashfs]: [&Measured; 4],
+) -> Result<()> {
+    writeln!(s)?;
+    writeln!(s, "### After `fleetboot store compact --all`")?;
+    writeln!(s)?;
+    writeln!(
+        s,
+        "The main store above, compacted (chunks regrouped by the images using them, 16 MiB frames, \
+         zstd 19), then `store gc --grace 0s`. Export B: each of {} runs (not the best).",
+        c.exports.len()
+    )?;
+    writeln!(s)?;
+    writeln!(s, "| store | MB | compacted / it |")?;
+    writeln!(s, "|---|---:|---:|")?;
+    writeln!(s, "| fleetboot, compacted | {} | |", mb(c.store_bytes))?;
+    for other in [fleetboot, squashfs, wim, casync] {
+        writeln!(
+            s,
+            "| {} | {} | {:.2} |",
+            other.tool,
+            mb(other.store_bytes),
+            c.store_bytes as f64 / other.store_bytes as f64
+        )?;
+    }
+    writeln!(s)?;
+    let exports: Vec<String> = c.exports.iter().map(|d| secs(*d)).collect();
+    let slowest = c.exports.iter().max().copied().unwrap_or_default();
+    let before_b = fleetboot.fetch_a_to_b.unwrap_or(0);
+    let before_c = fleetboot.fetch_a_to_c.unwrap_or(0);
+    writeln!(
+        s,
+        "Compaction: {} s, peak memory {:.0} MiB. Fetch A→B: {} MB before, {} MB after; A→C: {} MB \
+         before, {} MB after. Export B after: {} s.",
+        secs(c.took),
+        c.peak_rss_kib as f64 / 1024.0,
+        mb(before_b),
+        mb(c.fetch_a_to_b),
+        mb(before_c),
+        mb(c.fetch_a_to_c),
+        exports.join(", ")
+    )?;
+    writeln!(s)?;
+    let export_bound = zstd.export.mul_f64(1.5);
+    writeln!(s, "| target | fleetboot | bound | result |")?;
+    writeln!(s, "|---|---:|---:|---|")?;
+    let targets = [
+        (
+            "store ≤ 72 MB",
+            c.store_bytes <= 72_000_000,
+            format!("{} MB", mb(c.store_bytes)),
+            "72.0 MB".to_string(),
+        ),
+        (
+            "store ≤ squashfs-xz",
+            c.store_bytes <= squashfs.store_bytes,
+            format!("{} MB", mb(c.store_bytes)),
+            format!("{} MB", mb(squashfs.store_bytes)),
+        ),
+        (
+            "store ≤ 65 MB (moonshot)",
+            c.store_bytes <= 65_000_000,
+            format!("{} MB", mb(c.store_bytes)),
+            "65.0 MB".to_string(),
+        ),
+        (
+            "fetch A→B ≤ 1.1 × before",
+            c.fetch_a_to_b * 10 <= before_b * 11,
+            format!("{} MB", mb(c.fetch_a_to_b)),
+            format!("{} MB", mb(before_b * 11 / 10)),
+        ),
+        (
+            "fetch A→C ≤ 1.1 × before",
+            c.fetch_a_to_c * 10 <= before_c * 11,
+            format!("{} MB", mb(c.fetch_a_to_c)),
+            format!("{} MB", mb(before_c * 11 / 10)),
+        ),
+        (
+            "export B (slowest run) ≤ 1.5 × zstd -d",
+            slowest <= export_bound,
+            format!("{} s", secs(slowest)),
+            format!("{} s", secs(export_bound)),
+        ),
+    ];
+    for (target, met, have, bound) in targets {
+        let result = if met { "PASS" } else { "MISS" };
+        writeln!(s, "| {target} | {have} | {bound} | {result} |")?;
+    }
+    Ok(())
 }
 
 pub(crate) fn mb(bytes: u64) -> String {

@@ -43,6 +43,8 @@ pub const BENCH_PACKAGES: &[(&str, &str)] = &[
     ("wimtools", "wimlib-imagex"),
     ("zstd", "zstd"),
     ("e2fsprogs", "mkfs.ext4"),
+    ("squashfs-tools", "mksquashfs"),
+    ("time", "/usr/bin/time"),
 ];
 
 /// Packages only the serve benchmark needs: the other servers and the load generators. atftpd
