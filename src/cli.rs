@@ -239,6 +239,10 @@ enum StoreCommand {
         #[arg(long, default_value_t = CompactOptions::default().frame_bytes as u64,
               value_parser = clap::value_parser!(u64).range(4096..=(64 << 20)))]
         frame_size: u64,
+        /// Compression threads (each holds a zstd context: about 100 MiB at level 19)
+        #[arg(long, default_value_t = CompactOptions::default().threads as u16,
+              value_parser = clap::value_parser!(u16).range(1..))]
+        threads: u16,
         #[arg(long)]
         json: bool,
     },
@@ -974,12 +978,14 @@ fn store_cmd(store: &Store, command: StoreCommand) -> Result<()> {
             all,
             level,
             frame_size,
+            threads,
             json,
         } => {
             let options = CompactOptions {
                 older_than: if all { None } else { older_than },
                 zstd_level: level,
                 frame_bytes: frame_size as usize,
+                threads: usize::from(threads),
                 ..CompactOptions::default()
             };
             let r = store.compact(&options)?;

@@ -47,7 +47,10 @@ fn warn_missing_loaders(config: &Config) {
             .boot_dir
             .join(crate::http::script::AGENT_KERNEL_ARM64);
         if arm64_agent.exists() {
-            wanted.push(files.arm64.as_str());
+            wanted.extend([
+                files.arm64.as_str(),
+                crate::http::script::AGENT_INITRD_ARM64,
+            ]);
             if files.arm64 == BootFiles::default().arm64 {
                 wanted.push("grubaa64.efi");
             }

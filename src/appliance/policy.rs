@@ -74,6 +74,11 @@ pub fn dhcp_boot(
         Firmware::UefiX64 => DhcpBoot::Tftp(files.uefi.clone()),
         Firmware::UefiArm64 => DhcpBoot::Tftp(files.arm64.clone()),
         Firmware::UefiHttp => DhcpBoot::Http(format!("{http_base}/boot/{}", files.uefi)),
+        // Debian's signed GRUB, which the default ARM64 shim loads, has no HTTP: over UEFI HTTP
+        // boot it could not go on, so only a loader of the operator's own is offered there.
+        Firmware::UefiHttpArm64 if files.arm64 == BootFiles::default().arm64 => {
+            DhcpBoot::AddressOnly
+        }
         Firmware::UefiHttpArm64 => DhcpBoot::Http(format!("{http_base}/boot/{}", files.arm64)),
         Firmware::Ipxe => DhcpBoot::Http(format!("{http_base}/boot/{mac}.ipxe")),
         Firmware::OtherPxe(_) | Firmware::Plain => DhcpBoot::AddressOnly,
@@ -141,7 +146,7 @@ mod tests {
                 Firmware::UefiHttpArm64,
                 true,
                 &UnknownHosts::Ignore,
-                h("http://10.0.0.1:8080/boot/shimaa64.efi"),
+                DhcpBoot::AddressOnly,
             ),
             (
                 Firmware::Ipxe,
@@ -203,6 +208,23 @@ mod tests {
                 base
             ),
             t("snponly.efi")
+        );
+        // An ARM64 loader of the operator's own is offered over UEFI HTTP boot too.
+        let own_arm64 = BootFiles {
+            arm64: "ipxe-arm64.efi".into(),
+            ..BootFiles::default()
+        };
+        assert_eq!(
+            dhcp_boot(
+                Firmware::UefiHttpArm64,
+                mac,
+                true,
+                false,
+                &UnknownHosts::Ignore,
+                &own_arm64,
+                base
+            ),
+            h("http://10.0.0.1:8080/boot/ipxe-arm64.efi")
         );
         // Secure Boot: the shim to UEFI x86-64 PXE; BIOS and iPXE itself as before.
         for (fw, want) in [

@@ -12,7 +12,7 @@
 //! the kernel's lockdown, reusing what it can from the disk, and the disk boots through its own
 //! shim. Each disk must read back as its image, with the host's seed.
 //!
-//! Under TCG on two cores each network boot (install, reboot, disk boot) takes about a minute.
+//! Under TCG (one vCPU, on a 2-core machine) each network boot (install, reboot, disk boot) takes about a minute.
 
 use crate::e2e;
 use crate::initramfs::Arch;

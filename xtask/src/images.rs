@@ -164,8 +164,14 @@ fn busybox(arch: Arch) -> Result<PathBuf> {
         return Ok(PathBuf::from("/bin/busybox"));
     }
     let work = root().join("target/busybox-arm64");
-    let bin = work.join("root/bin/busybox");
-    if !bin.is_file() {
+    // Debian 12 ships it in /bin, later releases in /usr/bin.
+    let unpacked = || {
+        ["root/bin/busybox", "root/usr/bin/busybox"]
+            .map(|p| work.join(p))
+            .into_iter()
+            .find(|p| p.is_file())
+    };
+    if unpacked().is_none() {
         let debs = work.join("debs");
         fs::create_dir_all(&debs)?;
         let download = || {
@@ -190,5 +196,5 @@ fn busybox(arch: Arch) -> Result<PathBuf> {
             )?;
         }
     }
-    Ok(bin)
+    unpacked().context("busybox-static:arm64 has no busybox in bin/ or usr/bin/")
 }

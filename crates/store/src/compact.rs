@@ -97,13 +97,17 @@ struct Loc {
 
 /// Decompressed old frames kept for the chunks that follow (bounded in bytes).
 const FRAME_CACHE_BYTES: usize = 128 << 20;
+/// The compaction's own lock (one pass at a time) and staging folder, in the store's local folder.
+pub(crate) const COMPACT_LOCK: &str = "compact.lock";
+const STAGING: &str = "tmp/compact";
 
 impl Store {
     /// Rewrites the packs `options` selects: regrouped, in bigger frames, compressed harder.
     pub fn compact(&self, options: &CompactOptions) -> Result<CompactReport, StoreError> {
+        // Never into a folder that is not a store (nor make one out of an empty folder).
+        self.check_exists()?;
         // One compaction at a time (its staging folder is its own); writers are not held up.
-        let own_lock = self.root().join("compact.lock");
-        fs::create_dir_all(self.root()).at(self.root())?;
+        let own_lock = self.root().join(COMPACT_LOCK);
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -111,21 +115,30 @@ impl Store {
             .open(&own_lock)
             .at(&own_lock)?;
         lock.lock().at(&own_lock)?;
-        let staging = self.root().join("tmp/compact");
+        let staging = self.root().join(STAGING);
         if staging.exists() {
             fs::remove_dir_all(&staging).at(&staging)?;
         }
         fs::create_dir_all(&staging).at(&staging)?;
+        let result = self.compact_staged(options, &staging);
+        // Staged packs are either published now or of no use (on success and on failure).
+        let _ = fs::remove_dir_all(&staging);
+        result
+    }
 
+    fn compact_staged(
+        &self,
+        options: &CompactOptions,
+        staging: &Path,
+    ) -> Result<CompactReport, StoreError> {
         let started = Instant::now();
         let mut report = CompactReport::default();
         let (cold, groups) = self.plan_compaction(options, &mut report)?;
         let (writers, moved) = if groups.is_empty() {
             (Vec::new(), HashMap::new())
         } else {
-            self.write_compacted(&groups, &staging, options, &mut report)?
+            self.write_compacted(&groups, staging, options, &mut report)?
         };
-        let cold_set: HashSet<PackId> = cold.iter().map(|c| c.0).collect();
         report.write_secs = started.elapsed().as_secs_f64();
         let old_bytes: u64 = cold.iter().map(|c| c.1).sum();
         let new_bytes: u64 = writers.iter().map(PackWriter::len).sum();
@@ -133,24 +146,38 @@ impl Store {
             // Nothing to gain (incompressible data, already compacted): the store stays as is.
             report.packs_kept += cold.len();
             report.no_gain = !writers.is_empty();
-            drop(writers);
-            let _ = fs::remove_dir_all(&staging);
             return Ok(report);
         }
 
         let started = Instant::now();
+        // Publishing: the new packs (an object store uploads them now, under the lock: the
+        // alternative, visible packs no manifest names yet, is what gc retires), then the
+        // manifests, then the old packs.
         let _lock = self.lock_for_write()?;
         for w in writers {
             report.bytes_after += w.len();
             w.finish(self)?;
             report.packs_written += 1;
         }
+        // Only the cold packs still in `packs/`: gc may have rewritten or retired some while
+        // the new packs were written (their manifests name gc's packs now, left as they are).
+        let present: HashSet<PackId> = self.packs()?.into_iter().map(|p| p.0).collect();
+        let cold: Vec<(PackId, u64)> = cold
+            .into_iter()
+            .filter(|c| present.contains(&c.0))
+            .collect();
+        let cold_set: HashSet<PackId> = cold.iter().map(|c| c.0).collect();
         // The manifests as they are now: images may have come or gone while the packs were
         // written (an import reusing chunks of a cold pack is repointed like the rest).
         let b = self.backend();
         let mut still_named: HashSet<PackId> = HashSet::new();
-        for (v, mut m) in self.all_manifests()? {
+        for (v, mut m) in self.present_manifests()? {
             if repoint(&mut m, &cold_set, &moved) {
+                // Removed since (by `image rm` on another appliance sharing an object store):
+                // not brought back.
+                if b.get(&v.key).at(&v.path)?.is_none() {
+                    continue;
+                }
                 b.put(&v.key, &m.encode()).at(&v.path)?;
                 report.manifests_rewritten += 1;
             }
@@ -162,13 +189,32 @@ impl Store {
                 continue;
             }
             let (from, to) = (Store::pack_key(pack), Store::retired_key(pack));
-            b.rename(&from, &to).at(&b.locate(&from))?;
+            match b.rename(&from, &to) {
+                Ok(()) => {}
+                // Retired since the listing (by a gc elsewhere): nothing left to do.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e).at(&b.locate(&from)),
+            }
             report.packs_compacted += 1;
             report.bytes_before += len;
         }
         report.publish_secs = started.elapsed().as_secs_f64();
-        let _ = fs::remove_dir_all(&staging);
         Ok(report)
+    }
+
+    /// Every image version with its manifest, skipping those removed between the listing and
+    /// the reading (an `image rm` beside the pass).
+    fn present_manifests(&self) -> Result<Vec<(super::VersionPath, Manifest)>, StoreError> {
+        let mut out = Vec::new();
+        for v in self.versions()? {
+            match self.load_manifest(&v) {
+                Ok(m) => out.push((v, m)),
+                Err(StoreError::Io { error, .. })
+                    if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
 
     /// Picks the cold packs and orders their live chunks: grouped by the set of images using
@@ -191,7 +237,7 @@ impl Store {
             }
         }
         let cold_set: HashSet<PackId> = cold.iter().map(|c| c.0).collect();
-        let manifests = self.all_manifests()?;
+        let manifests = self.present_manifests()?;
         // chunk -> (where it is, the images using it)
         let mut users: HashMap<ChunkId, (Loc, Vec<u32>)> = HashMap::new();
         for (i, (_, m)) in manifests.iter().enumerate() {
@@ -409,7 +455,8 @@ impl FrameCache {
         loc: &Loc,
     ) -> Result<&[u8], StoreError> {
         let key = (loc.pack, loc.frame_offset);
-        match self.frames.iter().position(|(k, _)| *k == key) {
+        // The frame just read is the likeliest: search from the newest.
+        match self.frames.iter().rposition(|(k, _)| *k == key) {
             Some(i) => {
                 let hit = self.frames.remove(i).expect("the position was just found");
                 self.frames.push_back(hit);

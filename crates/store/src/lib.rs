@@ -15,6 +15,7 @@
 //! ```text
 //! lock                            writers (import, rm, gc) hold an exclusive lock on it
 //! tmp/                            files being written; published only when complete
+//! compact.lock, tmp/compact/      `store compact`'s own lock and its staged packs
 //! ```
 //! Invariants: a pack or manifest is visible only when complete (temp + fsync + rename, or one
 //! object PUT); packs are never modified, only created and (by gc, once nothing refers to them
@@ -555,7 +556,16 @@ fn is_empty_dir(dir: &Path) -> Result<bool, StoreError> {
         let name = entry.at(dir)?.file_name();
         if !matches!(
             name.to_str(),
-            Some("lock" | "packs" | "manifests" | "versions" | "claims" | "tmp" | "retired")
+            Some(
+                "lock"
+                    | "packs"
+                    | "manifests"
+                    | "versions"
+                    | "claims"
+                    | "tmp"
+                    | "retired"
+                    | compact::COMPACT_LOCK
+            )
         ) {
             return Ok(false);
         }
