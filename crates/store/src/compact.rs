@@ -22,6 +22,7 @@
 //! rewritten they name only the old packs; after, only packs that are visible. Staged packs of an
 //! interrupted run are removed by the next one; published but unnamed ones by gc.
 
+use super::import::Loc;
 use super::pack::{PackWriter, PACK_HEADER_BYTES};
 use super::{IoContext, Store, StoreError};
 use fleetboot_image::manifest::FLAG_ZSTD;
@@ -83,17 +84,6 @@ pub struct CompactReport {
     pub publish_secs: f64,
 }
 
-/// Where a chunk's bytes are now (old) or will be (new).
-#[derive(Clone, Copy, Debug)]
-struct Loc {
-    pack: PackId,
-    flags: u32,
-    frame_offset: u64,
-    frame_stored: u32,
-    frame_raw: u32,
-    chunk_offset: u32,
-    size: u32,
-}
 
 /// Decompressed old frames kept for the chunks that follow (bounded in bytes).
 const FRAME_CACHE_BYTES: usize = 128 << 20;

@@ -78,16 +78,16 @@ pub struct ImportReport {
     pub elapsed: Duration,
 }
 
-/// Where a chunk's bytes lie in the store.
+/// Where a chunk's bytes lie in the store (also what `store compact` moves).
 #[derive(Clone, Copy, Debug)]
-struct Loc {
-    pack: PackId,
-    flags: u32,
-    frame_offset: u64,
-    frame_stored: u32,
-    frame_raw: u32,
-    chunk_offset: u32,
-    size: u32,
+pub(crate) struct Loc {
+    pub(crate) pack: PackId,
+    pub(crate) flags: u32,
+    pub(crate) frame_offset: u64,
+    pub(crate) frame_stored: u32,
+    pub(crate) frame_raw: u32,
+    pub(crate) chunk_offset: u32,
+    pub(crate) size: u32,
 }
 
 /// An offset-table row of the image being imported.
