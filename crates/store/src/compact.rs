@@ -84,7 +84,6 @@ pub struct CompactReport {
     pub publish_secs: f64,
 }
 
-
 /// Decompressed old frames kept for the chunks that follow (bounded in bytes).
 const FRAME_CACHE_BYTES: usize = 128 << 20;
 /// The compaction's own lock (one pass at a time) and staging folder, in the store's local folder.
