@@ -235,20 +235,9 @@ impl Store {
                 if !cold_set.contains(&pack) {
                     continue;
                 }
-                let (_, images) = users.entry(e.id).or_insert_with(|| {
-                    (
-                        Loc {
-                            pack,
-                            flags: e.flags,
-                            frame_offset: e.frame_offset,
-                            frame_stored: e.frame_stored,
-                            frame_raw: e.frame_raw,
-                            chunk_offset: e.chunk_offset,
-                            size: e.size,
-                        },
-                        Vec::new(),
-                    )
-                });
+                let (_, images) = users
+                    .entry(e.id)
+                    .or_insert_with(|| (Loc::of(m, e), Vec::new()));
                 if images.last() != Some(&(i as u32)) {
                     images.push(i as u32);
                 }

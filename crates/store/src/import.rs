@@ -90,6 +90,21 @@ pub(crate) struct Loc {
     pub(crate) size: u32,
 }
 
+impl Loc {
+    /// Where `m`'s entry `e` says its chunk lies.
+    pub(crate) fn of(m: &Manifest, e: &Entry) -> Loc {
+        Loc {
+            pack: m.packs[e.pack as usize],
+            flags: e.flags,
+            frame_offset: e.frame_offset,
+            frame_stored: e.frame_stored,
+            frame_raw: e.frame_raw,
+            chunk_offset: e.chunk_offset,
+            size: e.size,
+        }
+    }
+}
+
 /// An offset-table row of the image being imported.
 enum Row {
     Stored(ChunkId, Loc),
@@ -298,15 +313,7 @@ fn load_index(store: &Store) -> Result<HashMap<ChunkId, Loc>, StoreError> {
     let mut index = HashMap::new();
     for (_, m) in store.all_manifests()? {
         for e in &m.entries {
-            index.entry(e.id).or_insert(Loc {
-                pack: m.packs[e.pack as usize],
-                flags: e.flags,
-                frame_offset: e.frame_offset,
-                frame_stored: e.frame_stored,
-                frame_raw: e.frame_raw,
-                chunk_offset: e.chunk_offset,
-                size: e.size,
-            });
+            index.entry(e.id).or_insert(Loc::of(&m, e));
         }
     }
     Ok(index)
