@@ -302,7 +302,7 @@ impl Store {
         std::thread::scope(|s| {
             let (work_tx, work_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(threads);
             let work_rx = Arc::new(Mutex::new(work_rx));
-            let (done_tx, done_rx) = mpsc::sync_channel::<Compressed>(threads);
+            let (done_tx, done_rx) = mpsc::sync_channel::<Result<Compressed, String>>(threads);
             for _ in 0..threads {
                 let work_rx = work_rx.clone();
                 let done_tx = done_tx.clone();
@@ -310,17 +310,26 @@ impl Store {
                     let job = work_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                     let Ok((seq, raw)) = job else { return };
                     let raw_len = raw.len() as u32;
-                    let (bytes, flags) = match zstd::bulk::compress(&raw, level) {
-                        Ok(z) if z.len() < raw.len() => (z, FLAG_ZSTD),
-                        _ => (raw, 0),
+                    // A panic here would otherwise end the process at the scope's end; it
+                    // becomes the pass's error instead, and the writer stops everything.
+                    let compressed = std::panic::catch_unwind(|| zstd::bulk::compress(&raw, level));
+                    let done = match compressed {
+                        Ok(z) => {
+                            let (bytes, flags) = match z {
+                                Ok(z) if z.len() < raw.len() => (z, FLAG_ZSTD),
+                                _ => (raw, 0),
+                            };
+                            Ok(Compressed {
+                                seq,
+                                bytes,
+                                raw_len,
+                                flags,
+                            })
+                        }
+                        Err(_) => Err(format!("a compression worker failed on frame {seq}")),
                     };
-                    let done = Compressed {
-                        seq,
-                        bytes,
-                        raw_len,
-                        flags,
-                    };
-                    if done_tx.send(done).is_err() {
+                    let failed = done.is_err();
+                    if done_tx.send(done).is_err() || failed {
                         return;
                     }
                 });
@@ -357,6 +366,10 @@ impl Store {
                 let mut waiting: BTreeMap<usize, Compressed> = BTreeMap::new();
                 let mut next = 0usize;
                 for c in done_rx.iter() {
+                    let c = c.map_err(|what| StoreError::BadInput {
+                        path: self.root().to_path_buf(),
+                        what,
+                    })?;
                     waiting.insert(c.seq, c);
                     while let Some(c) = waiting.remove(&next) {
                         let full = writers.last().is_none_or(|w| {
