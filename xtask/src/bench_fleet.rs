@@ -99,6 +99,8 @@ struct FleetRun {
     fetched: u64,
     cpu: Duration,
     peak_rss: u64,
+    /// The agents' own CPU time, all together.
+    agents_cpu: Duration,
     /// The share of this machine's CPU time that was busy during the run (agents, server and
     /// kernel together): near 1, the simulated machines were bound by the cores they share.
     machine_busy: f64,
@@ -276,6 +278,7 @@ fn fleet(
     settle()?;
     let cpu_before = measured.cpu_with_children()?;
     let machine_before = machine_cpu()?;
+    let agents_cpu_before = fleetboot_lab::waited_children_cpu()?;
 
     let out_dir = work.join("disks");
     fs::create_dir_all(&out_dir)?;
@@ -311,6 +314,7 @@ fn fleet(
         }
     }
     let took = started.elapsed();
+    let agents_cpu = fleetboot_lab::waited_children_cpu()?.saturating_sub(agents_cpu_before);
     let cpu = measured.cpu_with_children()?.saturating_sub(cpu_before);
     let machine_busy = machine_cpu()?.busy_since(&machine_before);
     let peak_rss = peak_rss(measured)?;
@@ -344,16 +348,19 @@ fn fleet(
         fetched,
         cpu,
         peak_rss,
+        agents_cpu,
         machine_busy,
         fetch,
     };
     eprintln!(
         "bench: {n} agents from {server}: {:.1} s, link {:.2}, CPU {:.1} s, peak {} MB, \
-         machine busy {:.2}",
+         agents' CPU {:.1} s (demand {:.2}), machine busy {:.2}",
         took.as_secs_f64(),
         utilisation(&run, options),
         cpu.as_secs_f64(),
         peak_rss / 1_000_000,
+        agents_cpu.as_secs_f64(),
+        cpu_demand(&run, options),
         machine_busy
     );
     eprintln!(
@@ -503,6 +510,15 @@ fn utilisation(run: &FleetRun, options: &Options) -> f64 {
 }
 
 /// `bytes` in `took` as a share of the link rate.
+/// The agents' CPU time ÷ what this machine's cores give in the time the link needs for their
+/// data: above 1, no server can bring the agents to the link rate here, since the simulated
+/// machines share these cores (a rack's machines each have their own).
+fn cpu_demand(run: &FleetRun, options: &Options) -> f64 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let link_seconds = run.fetched as f64 * 8.0 / (options.rate_mbit as f64 * 1e6);
+    run.agents_cpu.as_secs_f64() / (cores * link_seconds).max(f64::MIN_POSITIVE)
+}
+
 fn link_share(bytes: u64, took: Duration, options: &Options) -> f64 {
     let link_bytes_per_s = options.rate_mbit as f64 * 1e6 / 8.0;
     bytes as f64 / (link_bytes_per_s * took.as_secs_f64())
@@ -519,19 +535,22 @@ fn report(runs: &[FleetRun], options: &Options) -> String {
          workers) serving the store folder through `store_url`. Every agent verified its file; \
          the first and last were compared byte for byte with B. Machine CPU busy: the share of \
          this machine's CPU time (all {} cores) not idle during the run: agents, server and \
-         kernel together. The agents' sparse files are on this machine's disk.\n",
+         kernel together. The agents' sparse files are on this machine's disk. Agents' CPU: \
+         their user and system time, all together; CPU demand: that ÷ (the cores × the time \
+         the link needs for their data). Above 1, the agents cannot reach the link rate on this \
+         machine whichever server they fetch from.\n",
         options.rate_mbit,
         std::thread::available_parallelism().map_or(1, |n| n.get()),
     );
     let _ = writeln!(
         s,
-        "| agents | server | first in its pair | all done (s) | data fetched (GB) | link utilisation | server CPU (s) | server peak memory (MB) | machine CPU busy |"
+        "| agents | server | first in its pair | all done (s) | data fetched (GB) | link utilisation | server CPU (s) | server peak memory (MB) | agents' CPU (s) | CPU demand | machine CPU busy |"
     );
-    let _ = writeln!(s, "|---:|---|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in runs {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.1} | {} | {:.2} |",
+            "| {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.1} | {} | {:.1} | {:.2} | {:.2} |",
             r.agents,
             r.server,
             if r.first { "yes" } else { "" },
@@ -540,6 +559,8 @@ fn report(runs: &[FleetRun], options: &Options) -> String {
             utilisation(r, options),
             r.cpu.as_secs_f64(),
             r.peak_rss / 1_000_000,
+            r.agents_cpu.as_secs_f64(),
+            cpu_demand(r, options),
             r.machine_busy
         );
     }

@@ -523,6 +523,19 @@ fn cpu_of(pid: u32) -> Result<Duration> {
     }
 }
 
+/// The CPU time (user and system) of this process's children that were waited for, and of
+/// theirs (`cutime` and `cstime`): what a set of finished commands used.
+pub fn waited_children_cpu() -> Result<Duration> {
+    let fields = stat_fields(std::process::id())?;
+    let ticks = |i: usize| fields.get(i).and_then(|t| t.parse::<u64>().ok());
+    match (ticks(13), ticks(14)) {
+        (Some(user), Some(system)) => Ok(Duration::from_millis((user + system) * 10)),
+        _ => Err(LabError::Daemon(format!(
+            "cannot read the children's CPU times of this process: {fields:?}"
+        ))),
+    }
+}
+
 /// The processes whose parent is `pid`.
 pub fn children_of(pid: u32) -> Vec<u32> {
     let Ok(procs) = std::fs::read_dir("/proc") else {
