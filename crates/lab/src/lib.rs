@@ -513,9 +513,16 @@ fn stat_fields(pid: u32) -> Result<Vec<String>> {
 
 /// CPU time process `pid` (all its threads) has used so far (clock ticks: 100 a second).
 fn cpu_of(pid: u32) -> Result<Duration> {
+    // utime and stime: the 14th and 15th fields of /proc/PID/stat.
+    cpu_fields(pid, 11)
+}
+
+/// User plus system time from two neighbouring fields of `/proc/PID/stat` (counted after the
+/// command's name), in clock ticks of 10 ms.
+fn cpu_fields(pid: u32, user: usize) -> Result<Duration> {
     let fields = stat_fields(pid)?;
     let ticks = |i: usize| fields.get(i).and_then(|t| t.parse::<u64>().ok());
-    match (ticks(11), ticks(12)) {
+    match (ticks(user), ticks(user + 1)) {
         (Some(user), Some(system)) => Ok(Duration::from_millis((user + system) * 10)),
         _ => Err(LabError::Daemon(format!(
             "cannot read the CPU times of process {pid}: {fields:?}"
@@ -526,14 +533,8 @@ fn cpu_of(pid: u32) -> Result<Duration> {
 /// The CPU time (user and system) of this process's children that were waited for, and of
 /// theirs (`cutime` and `cstime`): what a set of finished commands used.
 pub fn waited_children_cpu() -> Result<Duration> {
-    let fields = stat_fields(std::process::id())?;
-    let ticks = |i: usize| fields.get(i).and_then(|t| t.parse::<u64>().ok());
-    match (ticks(13), ticks(14)) {
-        (Some(user), Some(system)) => Ok(Duration::from_millis((user + system) * 10)),
-        _ => Err(LabError::Daemon(format!(
-            "cannot read the children's CPU times of this process: {fields:?}"
-        ))),
-    }
+    // cutime and cstime: the 16th and 17th fields of /proc/PID/stat.
+    cpu_fields(std::process::id(), 13)
 }
 
 /// The processes whose parent is `pid`.
