@@ -509,19 +509,27 @@ fn utilisation(run: &FleetRun, options: &Options) -> f64 {
     link_share(run.fetched, run.took, options)
 }
 
-/// `bytes` in `took` as a share of the link rate.
 /// The agents' CPU time ÷ what this machine's cores give in the time the link needs for their
 /// data: above 1, no server can bring the agents to the link rate here, since the simulated
 /// machines share these cores (a rack's machines each have their own).
 fn cpu_demand(run: &FleetRun, options: &Options) -> f64 {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    let link_seconds = run.fetched as f64 * 8.0 / (options.rate_mbit as f64 * 1e6);
-    run.agents_cpu.as_secs_f64() / (cores * link_seconds).max(f64::MIN_POSITIVE)
+    let core_seconds = cores() as f64 * link_seconds(run.fetched, options);
+    run.agents_cpu.as_secs_f64() / core_seconds.max(f64::MIN_POSITIVE)
 }
 
+/// `bytes` in `took` as a share of the link rate.
 fn link_share(bytes: u64, took: Duration, options: &Options) -> f64 {
-    let link_bytes_per_s = options.rate_mbit as f64 * 1e6 / 8.0;
-    bytes as f64 / (link_bytes_per_s * took.as_secs_f64())
+    link_seconds(bytes, options) / took.as_secs_f64()
+}
+
+/// The time `bytes` take at the link rate.
+fn link_seconds(bytes: u64, options: &Options) -> f64 {
+    bytes as f64 * 8.0 / (options.rate_mbit as f64 * 1e6)
+}
+
+/// This machine's cores, which the agents, the server and the kernel share.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn report(runs: &[FleetRun], options: &Options) -> String {
@@ -540,7 +548,7 @@ fn report(runs: &[FleetRun], options: &Options) -> String {
          the link needs for their data). Above 1, the agents cannot reach the link rate on this \
          machine whichever server they fetch from.\n",
         options.rate_mbit,
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cores(),
     );
     let _ = writeln!(
         s,

@@ -312,22 +312,18 @@ impl Store {
                     let raw_len = raw.len() as u32;
                     // A panic here would otherwise end the process at the scope's end; it
                     // becomes the pass's error instead, and the writer stops everything.
-                    let compressed = std::panic::catch_unwind(|| zstd::bulk::compress(&raw, level));
-                    let done = match compressed {
-                        Ok(z) => {
-                            let (bytes, flags) = match z {
-                                Ok(z) if z.len() < raw.len() => (z, FLAG_ZSTD),
-                                _ => (raw, 0),
-                            };
-                            Ok(Compressed {
-                                seq,
-                                bytes,
-                                raw_len,
-                                flags,
-                            })
-                        }
+                    let done = match std::panic::catch_unwind(|| zstd::bulk::compress(&raw, level))
+                    {
+                        Ok(Ok(z)) if z.len() < raw.len() => Ok((z, FLAG_ZSTD)),
+                        Ok(_) => Ok((raw, 0)),
                         Err(_) => Err(format!("a compression worker failed on frame {seq}")),
-                    };
+                    }
+                    .map(|(bytes, flags)| Compressed {
+                        seq,
+                        bytes,
+                        raw_len,
+                        flags,
+                    });
                     let failed = done.is_err();
                     if done_tx.send(done).is_err() || failed {
                         return;
