@@ -6,6 +6,7 @@
 //!   manifest names, verify every chunk against its id, then write it. `fleetboot image export`
 //!   and the agent both run this one code path, with different frame sources and targets.
 //!
+//! - [`id_table`]: a pack's id table, which manifests of format 2 name chunks by.
 //! - [`api`]: the agent API's JSON types.
 //! - [`hints`]: choosing a disk by what it is (root device hints) and the comparisons they use.
 //!
@@ -15,6 +16,7 @@
 pub mod api;
 pub mod hints;
 pub mod id;
+pub mod id_table;
 pub mod manifest;
 pub mod restore;
 

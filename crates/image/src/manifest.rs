@@ -1,4 +1,4 @@
-//! An image's descriptive data (its manifest) and its binary encoding, format version 1.
+//! An image's descriptive data (its manifest) and its binary encoding, format versions 1 and 2.
 //!
 //! A manifest holds everything needed to recreate the image from pack files by range reads, with
 //! no other lookup: the metadata, the pack list, the offset table (one [`Entry`] per distinct chunk
@@ -7,14 +7,23 @@
 //!
 //! Decoding checks everything it can before anything trusts the data: magic, version, the body's
 //! BLAKE3, every length, every index, and that the map covers the image exactly once.
+//!
+//! Format 1 carries every chunk's id. Format 2 (what `store compact` writes) names a chunk by its
+//! row in its pack's id table ([`crate::id_table`]), kept once per store, and keeps each table's
+//! BLAKE3: so it is read with [`Manifest::decode_with`], given a way to fetch tables. An agent only
+//! ever sees format 1: the appliance expands format 2 before serving it.
 
 use crate::id::{ChunkId, PackId};
+use crate::id_table::{IdTable, TableIndex};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
 /// First bytes of every manifest file.
 pub const MAGIC: [u8; 8] = *b"FBMANIFS";
-/// The manifest format version this code writes and reads.
+/// The manifest format version [`Manifest::encode`] writes: every id in the manifest.
 pub const FORMAT_VERSION: u32 = 1;
+/// The format version [`Manifest::encode_with_tables`] writes: ids by row of their pack's id table.
+pub const FORMAT_VERSION_TABLES: u32 = 2;
 /// Size of the fixed header before the compressed body.
 pub const HEADER_BYTES: usize = 64;
 /// Entry flag: the frame holding the chunk is one zstd frame (else stored raw).
@@ -111,10 +120,10 @@ pub struct Manifest {
 pub enum ManifestError {
     #[error("not a fleetboot manifest (bad magic)")]
     NotAManifest,
-    #[error(
-        "manifest format version {0} is not supported (this build reads version {FORMAT_VERSION})"
-    )]
+    #[error("manifest format version {0} is not supported (this build reads versions 1 and 2)")]
     UnsupportedVersion(u32),
+    #[error("the id table of pack {pack} is not usable: {why}")]
+    IdTable { pack: PackId, why: String },
     #[error("manifest is truncated")]
     Truncated,
     #[error("manifest checksum mismatch: the file is damaged")]
@@ -194,26 +203,103 @@ impl Manifest {
             body.extend_from_slice(&e.id.0);
         }
         put_deltas_u32(&mut body, es.iter().map(|e| e.pack));
-        put_deltas_u32(&mut body, es.iter().map(|e| e.flags));
-        put_deltas_u64(&mut body, es.iter().map(|e| e.frame_offset));
-        put_deltas_u32(&mut body, es.iter().map(|e| e.frame_stored));
-        put_deltas_u32(&mut body, es.iter().map(|e| e.frame_raw));
-        put_deltas_u32(&mut body, es.iter().map(|e| e.chunk_offset));
-        put_deltas_u32(&mut body, es.iter().map(|e| e.size));
-        let xs = &self.extents;
-        body.extend_from_slice(&(xs.len() as u64).to_le_bytes());
-        put_deltas_u32(&mut body, xs.iter().map(|x| x.entry.unwrap_or(ZERO_RUN)));
-        put_deltas_u64(&mut body, xs.iter().map(|x| x.len));
+        self.put_entry_columns(&mut body);
+        self.put_extents(&mut body);
         Self::container(&body)
     }
 
-    /// A manifest file holding `body` (compressed, its length and checksum in the header). Also
-    /// used by the fuzz target to reach the body decoder with any body.
+    /// Encodes the manifest in format 2 where it can: the entries of each pack `tables` indexes
+    /// (every one of them found in it) are named by their row in that pack's id table; the others
+    /// carry their ids. With no table to use, it is format 1 ([`Manifest::encode`]).
+    pub fn encode_with_tables(&self, tables: &HashMap<PackId, TableIndex>) -> Vec<u8> {
+        let es = &self.entries;
+        // A pack's table is used only if it holds every chunk the image takes from that pack.
+        let usable: Vec<Option<&TableIndex>> = (0..self.packs.len())
+            .map(|p| {
+                let t = tables.get(&self.packs[p])?;
+                es.iter()
+                    .filter(|e| e.pack as usize == p)
+                    .all(|e| t.rows.contains_key(&e.id))
+                    .then_some(t)
+            })
+            .collect();
+        if usable.iter().all(Option::is_none) {
+            return self.encode();
+        }
+        let meta = serde_json::to_vec(&self.meta).expect("metadata serializes");
+        let mut body = Vec::with_capacity(
+            16 + meta.len() + self.packs.len() * 48 + es.len() * 36 + self.extents.len() * 12,
+        );
+        body.extend_from_slice(&len_u32(meta.len()).to_le_bytes());
+        body.extend_from_slice(&meta);
+        body.extend_from_slice(&len_u32(self.packs.len()).to_le_bytes());
+        for p in &self.packs {
+            body.extend_from_slice(&p.0);
+        }
+        for t in &usable {
+            body.extend_from_slice(&t.map_or([0; 32], |t| t.digest));
+        }
+        let mut inline: Vec<&ChunkId> = Vec::new();
+        let rows: Vec<u32> = es
+            .iter()
+            .map(|e| match usable[e.pack as usize] {
+                Some(t) => t.rows[&e.id],
+                None => {
+                    inline.push(&e.id);
+                    len_u32(inline.len() - 1)
+                }
+            })
+            .collect();
+        body.extend_from_slice(&len_u32(es.len()).to_le_bytes());
+        put_deltas_u32(&mut body, es.iter().map(|e| e.pack));
+        put_deltas_u32(&mut body, rows.into_iter());
+        self.put_entry_columns(&mut body);
+        body.extend_from_slice(&len_u32(inline.len()).to_le_bytes());
+        for id in inline {
+            body.extend_from_slice(&id.0);
+        }
+        self.put_extents(&mut body);
+        Self::container_of(&body, FORMAT_VERSION_TABLES)
+    }
+
+    /// The entries' columns after the pack (and, in format 2, the row): the same in both formats.
+    fn put_entry_columns(&self, body: &mut Vec<u8>) {
+        let es = &self.entries;
+        put_deltas_u32(body, es.iter().map(|e| e.flags));
+        put_deltas_u64(body, es.iter().map(|e| e.frame_offset));
+        put_deltas_u32(body, es.iter().map(|e| e.frame_stored));
+        put_deltas_u32(body, es.iter().map(|e| e.frame_raw));
+        put_deltas_u32(body, es.iter().map(|e| e.chunk_offset));
+        put_deltas_u32(body, es.iter().map(|e| e.size));
+    }
+
+    /// The map: the same in both formats.
+    fn put_extents(&self, body: &mut Vec<u8>) {
+        let xs = &self.extents;
+        body.extend_from_slice(&(xs.len() as u64).to_le_bytes());
+        put_deltas_u32(body, xs.iter().map(|x| x.entry.unwrap_or(ZERO_RUN)));
+        put_deltas_u64(body, xs.iter().map(|x| x.len));
+    }
+
+    /// The format version of manifest file bytes, if they start like one.
+    pub fn format_of(bytes: &[u8]) -> Option<u32> {
+        if bytes.get(..MAGIC.len())? != MAGIC {
+            return None;
+        }
+        Some(u32::from_le_bytes(bytes.get(8..12)?.try_into().ok()?))
+    }
+
+    /// A format 1 manifest file holding `body` (compressed, its length and checksum in the
+    /// header). Also used by the fuzz target to reach the body decoder with any body.
     pub fn container(body: &[u8]) -> Vec<u8> {
+        Self::container_of(body, FORMAT_VERSION)
+    }
+
+    fn container_of(body: &[u8], version: u32) -> Vec<u8> {
         let stored = zstd::bulk::compress(body, 3).expect("in-memory zstd compression");
         let mut out = Vec::with_capacity(HEADER_BYTES + stored.len());
         out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&(stored.len() as u64).to_le_bytes());
         out.extend_from_slice(&(body.len() as u64).to_le_bytes());
@@ -222,8 +308,24 @@ impl Manifest {
         out
     }
 
-    /// Decodes and validates a manifest.
+    /// Decodes and validates a manifest of format 1 (or of format 2 that uses no id table):
+    /// what an agent reads.
     pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        Self::decode_with(bytes, &mut |_| {
+            Err(
+                "a manifest of format 2 is read with its store's id tables: fetch it \
+                 through the appliance"
+                    .into(),
+            )
+        })
+    }
+
+    /// Decodes and validates a manifest of either format; `table` gives the file bytes of a
+    /// pack's id table (each is checked against the BLAKE3 the manifest keeps for it).
+    pub fn decode_with(
+        bytes: &[u8],
+        table: &mut dyn FnMut(&PackId) -> Result<Vec<u8>, String>,
+    ) -> Result<Manifest, ManifestError> {
         if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
             return Err(ManifestError::NotAManifest);
         }
@@ -232,7 +334,7 @@ impl Manifest {
         }
         let mut h = Reader::new(&bytes[8..HEADER_BYTES]);
         let version = h.u32()?;
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != FORMAT_VERSION_TABLES {
             return Err(ManifestError::UnsupportedVersion(version));
         }
         let _flags = h.u32()?;
@@ -259,7 +361,7 @@ impl Manifest {
         if body.len() as u64 != raw_len {
             return Err(corrupt("body length differs from the header"));
         }
-        Self::decode_body(&body)
+        Self::decode_body(&body, version, table)
     }
 
     /// The body of a manifest file whose container is intact (for the fuzz target's seeds).
@@ -272,7 +374,12 @@ impl Manifest {
         .ok()
     }
 
-    fn decode_body(body: &[u8]) -> Result<Manifest, ManifestError> {
+    fn decode_body(
+        body: &[u8],
+        version: u32,
+        table: &mut dyn FnMut(&PackId) -> Result<Vec<u8>, String>,
+    ) -> Result<Manifest, ManifestError> {
+        let tables_used = version == FORMAT_VERSION_TABLES;
         let mut r = Reader::new(body);
         let meta_len = r.u32()? as usize;
         let meta: Metadata = serde_json::from_slice(r.take(meta_len)?)
@@ -285,25 +392,75 @@ impl Manifest {
             id.copy_from_slice(r.take(16)?);
             packs.push(PackId(id));
         }
+        // Format 2: each pack's id table digest (zero: that pack's ids are in the manifest).
+        let digests = if tables_used {
+            r.take(pack_count * 32)?
+        } else {
+            &[][..]
+        };
 
         let entry_count = r.u32()? as usize;
-        if entry_count > r.remaining() / ENTRY_BYTES {
+        let row_bytes = if tables_used {
+            ENTRY_BYTES - 28
+        } else {
+            ENTRY_BYTES
+        };
+        if entry_count > r.remaining() / row_bytes {
             return Err(ManifestError::Truncated);
         }
-        let ids = r.take(entry_count * 32)?;
+        let v1_ids = if tables_used {
+            &[][..]
+        } else {
+            r.take(entry_count * 32)?
+        };
         let pack = r.deltas_u32(entry_count)?;
+        let row = if tables_used {
+            r.deltas_u32(entry_count)?
+        } else {
+            Vec::new()
+        };
         let flags = r.deltas_u32(entry_count)?;
         let frame_offset = r.deltas_u64(entry_count)?;
         let frame_stored = r.deltas_u32(entry_count)?;
         let frame_raw = r.deltas_u32(entry_count)?;
         let chunk_offset = r.deltas_u32(entry_count)?;
         let size = r.deltas_u32(entry_count)?;
+        let inline = if tables_used {
+            let n = r.u32()? as usize;
+            if n > r.remaining() / 32 {
+                return Err(ManifestError::Truncated);
+            }
+            r.take(n * 32)?
+        } else {
+            v1_ids
+        };
+        // Format 2's tables, fetched and checked on first use.
+        let mut loaded: HashMap<u32, Vec<ChunkId>> = HashMap::new();
         let mut entries = Vec::with_capacity(entry_count);
         for i in 0..entry_count {
-            let mut id = [0u8; 32];
-            id.copy_from_slice(&ids[i * 32..i * 32 + 32]);
+            if pack[i] as usize >= packs.len() {
+                return Err(corrupt(format!(
+                    "entry {i} names pack {} of {}",
+                    pack[i],
+                    packs.len()
+                )));
+            }
+            let p = pack[i] as usize;
+            let id = if !tables_used {
+                chunk_id_at(inline, i)
+            } else if digests[p * 32..p * 32 + 32] == [0; 32] {
+                chunk_id_at(inline, row[i] as usize)
+            } else {
+                if !loaded.contains_key(&pack[i]) {
+                    let digest = &digests[p * 32..p * 32 + 32];
+                    let ids = load_table(&packs[p], digest, table)?;
+                    loaded.insert(pack[i], ids);
+                }
+                loaded[&pack[i]].get(row[i] as usize).copied()
+            }
+            .ok_or_else(|| corrupt(format!("entry {i} names a row past its id list")))?;
             let e = Entry {
-                id: ChunkId(id),
+                id,
                 pack: pack[i],
                 flags: flags[i],
                 frame_offset: frame_offset[i],
@@ -312,13 +469,6 @@ impl Manifest {
                 chunk_offset: chunk_offset[i],
                 size: size[i],
             };
-            if e.pack as usize >= packs.len() {
-                return Err(corrupt(format!(
-                    "entry {i} names pack {} of {}",
-                    e.pack,
-                    packs.len()
-                )));
-            }
             if e.size == 0 || u64::from(e.chunk_offset) + u64::from(e.size) > u64::from(e.frame_raw)
             {
                 return Err(corrupt(format!("entry {i} lies outside its frame")));
@@ -396,6 +546,32 @@ impl Manifest {
             extents,
         })
     }
+}
+
+/// The `i`th 32-byte id of a column of ids, if there is one.
+fn chunk_id_at(ids: &[u8], i: usize) -> Option<ChunkId> {
+    let bytes = ids.get(i.checked_mul(32)?..i.checked_mul(32)? + 32)?;
+    let mut id = [0u8; 32];
+    id.copy_from_slice(bytes);
+    Some(ChunkId(id))
+}
+
+/// Fetches a pack's id table and checks it is the one the manifest names.
+fn load_table(
+    pack: &PackId,
+    digest: &[u8],
+    table: &mut dyn FnMut(&PackId) -> Result<Vec<u8>, String>,
+) -> Result<Vec<ChunkId>, ManifestError> {
+    let unusable = |why: String| ManifestError::IdTable { pack: *pack, why };
+    let bytes = table(pack).map_err(unusable)?;
+    if blake3::hash(&bytes).as_bytes() != digest {
+        return Err(unusable(
+            "it is not the table this manifest was written with (checksum mismatch)".into(),
+        ));
+    }
+    IdTable::decode(&bytes, pack)
+        .map(|t| t.ids)
+        .map_err(|e| unusable(e.to_string()))
 }
 
 /// Appends a column of u32s as wrapping deltas from the previous value (the first from 0).
@@ -531,6 +707,58 @@ mod tests {
         assert_eq!(back.data_bytes(), 3 * 4096);
     }
 
+    /// Format 2: ids by row of an id table, each table checked against the manifest's digest;
+    /// a pack without a table keeps its ids inline.
+    #[test]
+    fn format_2_names_ids_by_table_row() {
+        let mut m = sample();
+        // A second pack, without a table: its chunk stays inline.
+        m.packs.push(PackId([8; 16]));
+        m.entries[1].pack = 1;
+        let table = IdTable {
+            pack: m.packs[0],
+            // Rows in another order than the entries, and a chunk no entry uses.
+            ids: vec![ChunkId::of(b"other"), m.entries[0].id],
+        };
+        let table_bytes = table.encode();
+        let tables = HashMap::from([(
+            m.packs[0],
+            TableIndex::of_bytes(&table_bytes, &m.packs[0]).unwrap(),
+        )]);
+        let bytes = m.encode_with_tables(&tables);
+        assert_eq!(Manifest::format_of(&bytes), Some(FORMAT_VERSION_TABLES));
+        let mut asked = Vec::new();
+        let back = Manifest::decode_with(&bytes, &mut |p| {
+            asked.push(*p);
+            Ok(table_bytes.clone())
+        })
+        .unwrap();
+        assert_eq!(back, m);
+        assert_eq!(
+            asked,
+            vec![m.packs[0]],
+            "only the table in use is fetched, once"
+        );
+        // An agent's decode refuses it, saying what to do.
+        let err = Manifest::decode(&bytes).unwrap_err().to_string();
+        assert!(err.contains("through the appliance"), "{err}");
+        // Another table under the same name is refused by its digest.
+        let forged = IdTable {
+            pack: m.packs[0],
+            ids: vec![ChunkId::of(b"other"), ChunkId::of(b"forged")],
+        };
+        let err = Manifest::decode_with(&bytes, &mut |_| Ok(forged.encode())).unwrap_err();
+        assert!(matches!(err, ManifestError::IdTable { .. }), "{err}");
+        // A table that lacks a chunk of the image is not used: the ids stay inline (format 1).
+        let partial = HashMap::from([(
+            m.packs[0],
+            TableIndex::of_bytes(&forged.encode(), &m.packs[0]).unwrap(),
+        )]);
+        let bytes = m.encode_with_tables(&partial);
+        assert_eq!(Manifest::format_of(&bytes), Some(FORMAT_VERSION));
+        assert_eq!(Manifest::decode(&bytes).unwrap(), m);
+    }
+
     #[test]
     fn rejects_foreign_truncated_and_damaged_bytes() {
         let bytes = sample().encode();
@@ -554,10 +782,10 @@ mod tests {
             Err(ManifestError::Checksum)
         ));
         let mut newer = bytes;
-        newer[8] = 2;
+        newer[8] = 3;
         assert!(matches!(
             Manifest::decode(&newer),
-            Err(ManifestError::UnsupportedVersion(2))
+            Err(ManifestError::UnsupportedVersion(3))
         ));
     }
 
