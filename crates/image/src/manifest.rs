@@ -451,12 +451,13 @@ impl Manifest {
             } else if digests[p * 32..p * 32 + 32] == [0; 32] {
                 chunk_id_at(inline, row[i] as usize)
             } else {
-                if !loaded.contains_key(&pack[i]) {
-                    let digest = &digests[p * 32..p * 32 + 32];
-                    let ids = load_table(&packs[p], digest, table)?;
-                    loaded.insert(pack[i], ids);
-                }
-                loaded[&pack[i]].get(row[i] as usize).copied()
+                let ids = match loaded.entry(pack[i]) {
+                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(load_table(&packs[p], &digests[p * 32..p * 32 + 32], table)?)
+                    }
+                };
+                ids.get(row[i] as usize).copied()
             }
             .ok_or_else(|| corrupt(format!("entry {i} names a row past its id list")))?;
             let e = Entry {
