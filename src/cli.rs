@@ -958,6 +958,12 @@ fn store_cmd(store: &Store, command: StoreCommand) -> Result<()> {
                 human(r.bytes_freed),
                 r.retired_deleted,
             );
+            if r.id_tables_deleted > 0 {
+                println!(
+                    "deleted {} id table(s) whose pack was gone",
+                    r.id_tables_deleted
+                );
+            }
             if r.packs_restored > 0 {
                 println!(
                     "put back {} retired pack(s) that an import elsewhere reused",
@@ -1031,11 +1037,12 @@ fn store_cmd(store: &Store, command: StoreCommand) -> Result<()> {
                 human(s.unique_bytes)
             );
             println!(
-                "stored bytes    {} ({} in {} packs, {} manifests)",
+                "stored bytes    {} ({} in {} packs, {} manifests, {} id tables)",
                 human(s.stored_bytes),
                 human(s.pack_bytes),
                 s.pack_files,
-                human(s.manifest_bytes)
+                human(s.manifest_bytes),
+                human(s.id_table_bytes)
             );
             if s.retired_packs > 0 {
                 println!(

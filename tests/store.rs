@@ -744,6 +744,7 @@ fn compact_shrinks_the_store_and_keeps_every_image_and_delta() {
     let (_, in_flight) = store.manifest(&"os@3".parse().unwrap()).unwrap();
 
     let packs = stats["pack_files"].as_u64().unwrap();
+    let manifests_before = stats["manifest_bytes"].as_u64().unwrap();
     let report = env.json(&["store", "compact", "--all", "--json"]);
     assert_eq!(report["packs_compacted"], packs, "{report}");
     assert_eq!(report["manifests_rewritten"], 3, "{report}");
@@ -752,6 +753,29 @@ fn compact_shrinks_the_store_and_keeps_every_image_and_delta() {
     assert!(
         after < before,
         "compaction did not shrink: {before} -> {after}"
+    );
+    // The manifests are format 2: each id once per store, in the new packs' id tables.
+    for n in 1..=3 {
+        let file = fs::read(env.store().join(format!("manifests/os/{n}.manifest"))).unwrap();
+        assert_eq!(
+            fleetboot_image::Manifest::format_of(&file),
+            Some(2),
+            "os@{n}"
+        );
+    }
+    assert_eq!(stats["id_table_files"], report["packs_written"], "{stats}");
+    let (manifests, tables) = (
+        stats["manifest_bytes"].as_u64().unwrap(),
+        stats["id_table_bytes"].as_u64().unwrap(),
+    );
+    assert!(
+        (manifests + tables) * 2 < manifests_before,
+        "manifests {manifests_before} -> {manifests} + id tables {tables}"
+    );
+    assert_eq!(
+        stats["stored_bytes"].as_u64().unwrap(),
+        after + manifests + tables,
+        "{stats}"
     );
     assert_eq!(stats["retired_bytes"].as_u64().unwrap(), before, "{stats}");
     for (image, data) in [("os@1", &a), ("os@2", &b), ("os@3", &c)] {
@@ -776,6 +800,30 @@ fn compact_shrinks_the_store_and_keeps_every_image_and_delta() {
     .expect("an install that began before compaction finishes");
     out.0.resize(c.len(), 0);
     assert_eq!(out.0, c);
+    // A damaged id table: its images are unreadable, loudly; gc refuses to run; put back, whole.
+    let table = fs::read_dir(env.store().join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "ids"))
+        .expect("an id table");
+    let good = fs::read(&table).unwrap();
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    fs::write(&table, &bad).unwrap();
+    let out = env.run(&["store", "verify"]);
+    assert!(!out.status.success());
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("id table"), "{said}");
+    assert!(env
+        .fails(&["store", "gc", "--grace", "0s"])
+        .contains("id table"));
+    fs::remove_file(&table).unwrap();
+    assert!(env
+        .fails(&["image", "export", "os@2", env.path("y").to_str().unwrap()])
+        .contains("missing"));
+    fs::write(&table, &good).unwrap();
     // gc past the grace period frees the old packs; the images stay.
     env.ok(&["store", "gc", "--grace", "0s"]);
     assert_eq!(retired_dir_bytes(&env), 0);
@@ -784,6 +832,55 @@ fn compact_shrinks_the_store_and_keeps_every_image_and_delta() {
     let report = env.json(&["store", "compact", "--older-than", "1d", "--json"]);
     assert_eq!(report["packs_compacted"], 0, "{report}");
     assert_eq!(report["packs_kept"], 1, "{report}");
+}
+
+/// gc rewriting a mostly unused compacted pack gives the new pack an id table too (its images
+/// stay format 2), and retires and deletes the old pack's table with it.
+#[test]
+fn gc_keeps_id_tables_with_their_packs() {
+    let env = Env::new();
+    let big = synthetic_image(61, 3000, 0);
+    let small = synthetic_image(62, 600, 0);
+    env.import("big", &env.write("big.img", &big));
+    env.import("small", &env.write("small.img", &small));
+    env.ok(&["store", "compact", "--all"]);
+    let tables = |dir: &str| -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(env.store().join(dir))
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+                    .filter(|n| n.ends_with(".ids"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let compacted = tables("packs");
+    assert_eq!(compacted.len(), 1, "one compacted pack, one table");
+    // Most of the pack is `big`'s: without it, gc rewrites the pack.
+    env.ok(&["image", "rm", "big"]);
+    let report = env.ok(&["store", "gc"]);
+    assert!(report.contains("rewrote 1 pack(s)"), "{report}");
+    let now = tables("packs");
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now, compacted, "the new pack has its own table");
+    assert_eq!(
+        tables("retired"),
+        compacted,
+        "the old table is retired with its pack"
+    );
+    let file = fs::read(env.store().join("manifests/small/1.manifest")).unwrap();
+    assert_eq!(fleetboot_image::Manifest::format_of(&file), Some(2));
+    assert_eq!(env.export("small"), small);
+    env.ok(&["store", "verify"]);
+    // Past the grace period the old pack and its table go; a table left alone by a crash too.
+    let orphan = env.store().join(format!("packs/{}.ids", "ab".repeat(16)));
+    fs::write(&orphan, b"left by a crash").unwrap();
+    env.ok(&["store", "gc", "--grace", "0s"]);
+    assert!(tables("retired").is_empty());
+    assert!(!orphan.exists());
+    assert_eq!(tables("packs"), now);
+    assert_eq!(env.export("small"), small);
 }
 
 /// Compaction holds the writers' lock only to publish: imports and `rm` run beside it, and

@@ -57,6 +57,7 @@ struct Cached {
     size: u64,
     packs: Arc<Vec<PackId>>,
     manifest_hash: Arc<str>,
+    manifest_expanded: bool,
 }
 
 /// Entries kept; past it the cache starts over.
@@ -69,8 +70,10 @@ pub struct Resolved {
     pub size: u64,
     pub version: VersionPath,
     pub packs: Arc<Vec<PackId>>,
-    /// BLAKE3 (hex) of the manifest file.
+    /// BLAKE3 (hex) of the manifest as agents are served it.
     pub manifest_hash: Arc<str>,
+    /// The manifest is stored in format 2: agents fetch it from an appliance, which expands it.
+    pub manifest_expanded: bool,
 }
 
 impl ImageCatalog {
@@ -91,6 +94,7 @@ impl ImageCatalog {
                 version: version.clone(),
                 packs: c.packs.clone(),
                 manifest_hash: c.manifest_hash.clone(),
+                manifest_expanded: c.manifest_expanded,
             })
         };
         if let Some(r) = cached(&version) {
@@ -101,8 +105,10 @@ impl ImageCatalog {
         if let Some(r) = cached(&version) {
             return Ok(r);
         }
-        let (m, manifest_hash) = store.load_manifest_hashed(&version)?;
-        let manifest_hash: Arc<str> = manifest_hash.into();
+        let served = store.served_manifest(&version)?;
+        let m = served.manifest;
+        let manifest_hash: Arc<str> = blake3::hash(&served.bytes).to_hex().to_string().into();
+        let expanded = served.expanded;
         let id = ImageId {
             name: m.meta.name.clone(),
             version: version.version,
@@ -122,6 +128,7 @@ impl ImageCatalog {
                 size: m.meta.size,
                 packs: packs.clone(),
                 manifest_hash: manifest_hash.clone(),
+                manifest_expanded: expanded,
             },
         );
         Ok(Resolved {
@@ -130,6 +137,7 @@ impl ImageCatalog {
             version,
             packs,
             manifest_hash,
+            manifest_expanded: expanded,
         })
     }
 

@@ -63,13 +63,15 @@ fn store_base(st: &AppState) -> String {
         .unwrap_or_else(|| format!("{}/store", st.base_url))
 }
 
-fn manifest_url(st: &AppState, id: &ImageId) -> String {
-    format!(
-        "{}/manifests/{}/{}.manifest",
-        store_base(st),
-        id.name,
-        id.version
-    )
+/// Where agents fetch a manifest: beside the packs, unless it is stored in format 2 — only an
+/// appliance expands that (a mirror of the store's files could not), so this one serves it.
+fn manifest_url(st: &AppState, id: &ImageId, expanded: bool) -> String {
+    let base = if expanded {
+        format!("{}/store", st.base_url)
+    } else {
+        store_base(st)
+    };
+    format!("{base}/manifests/{}/{}.manifest", id.name, id.version)
 }
 
 pub async fn assignment(
@@ -97,26 +99,36 @@ pub async fn assignment(
         let hint = record
             .hint
             .as_ref()
-            .filter(|h| st.images.find(&st.store, h).is_some());
+            .and_then(|h| Some((h, st.images.find(&st.store, h)?)));
+        // Either manifest in format 2: both come from this appliance (the agent fetches them
+        // alike, with its token), the packs still from where `store_access` says.
+        let expanded =
+            resolved.manifest_expanded || hint.as_ref().is_some_and(|h| h.1.manifest_expanded);
+        let hint = hint.map(|h| h.0);
         let direct = match config.store_access {
             StoreAccess::Direct => Some(presigned(
                 &st,
-                &image,
+                (!expanded).then_some((&image, hint)),
                 &resolved.packs,
-                hint,
                 config.install_token_ttl,
             )?),
             _ => None,
         };
-        let hint = hint.map(|h| manifest_url(&st, h));
-        let direct_access = direct.is_some();
-        let (manifest_url, installed_manifest_url, pack_urls) = match direct {
-            Some(d) => (d.manifest, d.hint, d.packs),
-            None => (manifest_url(&st, &image), hint, Default::default()),
+        let (manifest_url, installed_manifest_url, pack_urls, presigned_manifests) = match direct {
+            Some(Presigned {
+                manifests: Some((manifest, hint)),
+                packs,
+            }) => (manifest, hint, packs, true),
+            direct => (
+                manifest_url(&st, &image, expanded),
+                hint.map(|h| manifest_url(&st, h, expanded)),
+                direct.map(|d| d.packs).unwrap_or_default(),
+                false,
+            ),
         };
         Ok(Json(Assignment {
             mac: mac.to_string(),
-            presigned: direct_access,
+            presigned: presigned_manifests,
             pack_urls,
             manifest_hash: Some(resolved.manifest_hash.to_string()),
             manifest_url,
@@ -139,18 +151,17 @@ pub async fn assignment(
     .await
 }
 
-/// An install's objects as presigned URLs of the object store (`store_access: direct`).
+/// An install's objects as presigned URLs of the object store (`store_access: direct`): its
+/// packs, and its manifest and the installed image's (if any) unless they are format 2.
 struct Presigned {
-    manifest: String,
-    hint: Option<String>,
+    manifests: Option<(String, Option<String>)>,
     packs: std::collections::BTreeMap<String, String>,
 }
 
 fn presigned(
     st: &AppState,
-    image: &ImageId,
+    manifests: Option<(&ImageId, Option<&ImageId>)>,
     packs: &[fleetboot_image::PackId],
-    hint: Option<&ImageId>,
     ttl: std::time::Duration,
 ) -> Result<Presigned, AppError> {
     let failed = |e: String| {
@@ -169,15 +180,21 @@ fn presigned(
     for id in packs {
         urls.insert(id.to_string(), sign(crate::store::Store::pack_key(id))?);
     }
+    let manifests = match manifests {
+        Some((image, hint)) => Some((
+            sign(crate::store::Store::manifest_key(
+                &image.name,
+                image.version,
+            ))?,
+            match hint {
+                Some(h) => Some(sign(crate::store::Store::manifest_key(&h.name, h.version))?),
+                None => None,
+            },
+        )),
+        None => None,
+    };
     Ok(Presigned {
-        manifest: sign(crate::store::Store::manifest_key(
-            &image.name,
-            image.version,
-        ))?,
-        hint: match hint {
-            Some(h) => Some(sign(crate::store::Store::manifest_key(&h.name, h.version))?),
-            None => None,
-        },
+        manifests,
         packs: urls,
     })
 }

@@ -171,33 +171,62 @@ async fn manifest(
     let (Ok(()), Some(version)) = (validate_name(&name), version) else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    if !st.store.is_local() {
-        let key = Store::manifest_key(&name, version);
-        let st = st.clone();
-        return match tokio::task::spawn_blocking(move || {
-            let bytes = st.store.backend().get(&key)?;
-            // Agents fetch frames by what this manifest says, even after gc rewrites it.
-            if let Some(m) = bytes
+    // Format 1 as it is (a local file with ranges and validators), format 2 expanded: agents
+    // read no id tables.
+    if st.store.is_local() {
+        let path = st.store.manifest_path(&name, version);
+        if !stored_in_format_2(&path).await {
+            return match ServeFile::new(path).oneshot(req).await {
+                Ok(resp) => resp.map(Body::new),
+                Err(never) => match never {},
+            };
+        }
+    }
+    let key = Store::manifest_key(&name, version);
+    let learn = !st.store.is_local();
+    let st = st.clone();
+    match tokio::task::spawn_blocking(move || {
+        let bytes = st.store.served_manifest_bytes(&key)?;
+        // Agents fetch frames from an object store by what this manifest says, even after gc
+        // rewrites it.
+        if let (true, Some(m)) = (
+            learn,
+            bytes
                 .as_deref()
-                .and_then(|b| fleetboot_image::Manifest::decode(b).ok())
-            {
-                st.frames.learn(&m);
-            }
-            Ok::<_, std::io::Error>(bytes)
-        })
-        .await
-        {
-            Ok(Ok(Some(bytes))) => bytes.into_response(),
-            Ok(Ok(None)) => StatusCode::NOT_FOUND.into_response(),
-            Ok(Err(e)) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
-            Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-        };
+                .and_then(|b| fleetboot_image::Manifest::decode(b).ok()),
+        ) {
+            st.frames.learn(&m);
+        }
+        Ok::<_, crate::store::StoreError>(bytes)
+    })
+    .await
+    {
+        Ok(Ok(Some(bytes))) => bytes.into_response(),
+        Ok(Ok(None)) => StatusCode::NOT_FOUND.into_response(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "serving a manifest");
+            let status = if learn {
+                StatusCode::BAD_GATEWAY
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            (status, e.to_string()).into_response()
+        }
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
-    let path = st.store.manifest_path(&name, version);
-    match ServeFile::new(path).oneshot(req).await {
-        Ok(resp) => resp.map(Body::new),
-        Err(never) => match never {},
-    }
+}
+
+/// Whether the manifest file at `path` is format 2 (false if it cannot be read: ServeFile then
+/// answers as it does for any missing file).
+async fn stored_in_format_2(path: &std::path::Path) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 12];
+    let Ok(mut f) = tokio::fs::File::open(path).await else {
+        return false;
+    };
+    f.read_exact(&mut head).await.is_ok()
+        && fleetboot_image::Manifest::format_of(&head)
+            == Some(fleetboot_image::manifest::FORMAT_VERSION_TABLES)
 }
 
 /// Serves the router on `listener` until `shutdown` completes, with each request's peer address

@@ -22,6 +22,7 @@
 //! rewritten they name only the old packs; after, only packs that are visible. Staged packs of an
 //! interrupted run are removed by the next one; published but unnamed ones by gc.
 
+use super::id_tables::TableCache;
 use super::import::Loc;
 use super::pack::{PackWriter, PACK_HEADER_BYTES};
 use super::{IoContext, Store, StoreError};
@@ -130,7 +131,7 @@ impl Store {
         };
         report.write_secs = started.elapsed().as_secs_f64();
         let old_bytes: u64 = cold.iter().map(|c| c.1).sum();
-        let new_bytes: u64 = writers.iter().map(PackWriter::len).sum();
+        let new_bytes: u64 = writers.iter().map(|w| w.0.len()).sum();
         if writers.is_empty() || new_bytes >= old_bytes {
             // Nothing to gain (incompressible data, already compacted): the store stays as is.
             report.packs_kept += cold.len();
@@ -143,9 +144,11 @@ impl Store {
         // alternative, visible packs no manifest names yet, is what gc retires), then the
         // manifests, then the old packs.
         let _lock = self.lock_for_write()?;
-        for w in writers {
+        for (w, ids) in writers {
             report.bytes_after += w.len();
-            w.finish(self)?;
+            let pack = w.finish(self)?;
+            // Its id table, before any manifest names the pack by it.
+            self.put_id_table(pack, ids)?;
             report.packs_written += 1;
         }
         // Only the cold packs still in `packs/`: gc may have rewritten or retired some while
@@ -160,6 +163,7 @@ impl Store {
         // written (an import reusing chunks of a cold pack is repointed like the rest).
         let b = self.backend();
         let mut still_named: HashSet<PackId> = HashSet::new();
+        let mut tables = TableCache::new();
         for (v, mut m) in self.present_manifests()? {
             if repoint(&mut m, &cold_set, &moved) {
                 // Removed since (by `image rm` on another appliance sharing an object store):
@@ -167,7 +171,9 @@ impl Store {
                 if b.get(&v.key).at(&v.path)?.is_none() {
                     continue;
                 }
-                b.put(&v.key, &m.encode()).at(&v.path)?;
+                // Format 2 where the packs have id tables (the new ones all do).
+                b.put(&v.key, &self.encode_manifest(&m, &mut tables)?)
+                    .at(&v.path)?;
                 report.manifests_rewritten += 1;
             }
             still_named.extend(m.packs.iter().copied());
@@ -177,12 +183,11 @@ impl Store {
                 report.packs_kept += 1;
                 continue;
             }
-            let (from, to) = (Store::pack_key(pack), Store::retired_key(pack));
-            match b.rename(&from, &to) {
+            match self.retire_pack(pack) {
                 Ok(()) => {}
                 // Retired since the listing (by a gc elsewhere): nothing left to do.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e).at(&b.locate(&from)),
+                Err(e) => return Err(e).at(&b.locate(&Store::pack_key(pack))),
             }
             report.packs_compacted += 1;
             report.bytes_before += len;
@@ -263,7 +268,8 @@ impl Store {
     }
 
     /// Copies the planned chunks (verified) into new frames, compressed by worker threads, and
-    /// appends them to new packs in `staging`. Returns the packs and every chunk's new place.
+    /// appends them to new packs in `staging`. Returns the packs (each with the ids of its chunks,
+    /// in its order: its id table) and every chunk's new place.
     #[allow(clippy::type_complexity)]
     fn write_compacted(
         &self,
@@ -271,7 +277,7 @@ impl Store {
         staging: &Path,
         options: &CompactOptions,
         report: &mut CompactReport,
-    ) -> Result<(Vec<PackWriter>, HashMap<ChunkId, Loc>), StoreError> {
+    ) -> Result<(Vec<(PackWriter, Vec<ChunkId>)>, HashMap<ChunkId, Loc>), StoreError> {
         // Frames: runs of a group up to `frame_bytes`; a group's end ends its last frame.
         let mut frames: Vec<&[(ChunkId, Loc)]> = Vec::new();
         for group in groups {
@@ -357,7 +363,7 @@ impl Store {
             // This thread: appends the frames in order and records where each chunk went.
             // `move`: a write error drops the receiver, which stops the workers, then the reader.
             let written = (move || {
-                let mut writers: Vec<PackWriter> = Vec::new();
+                let mut writers: Vec<(PackWriter, Vec<ChunkId>)> = Vec::new();
                 let mut moved: HashMap<ChunkId, Loc> = HashMap::new();
                 let mut waiting: BTreeMap<usize, Compressed> = BTreeMap::new();
                 let mut next = 0usize;
@@ -368,14 +374,14 @@ impl Store {
                     })?;
                     waiting.insert(c.seq, c);
                     while let Some(c) = waiting.remove(&next) {
-                        let full = writers.last().is_none_or(|w| {
+                        let full = writers.last().is_none_or(|(w, _)| {
                             w.len() + c.bytes.len() as u64 > options.pack_bytes_max
                                 && w.len() > PACK_HEADER_BYTES
                         });
                         if full {
-                            writers.push(PackWriter::create_in(self, staging)?);
+                            writers.push((PackWriter::create_in(self, staging)?, Vec::new()));
                         }
-                        let w = writers.last_mut().expect("a pack was just ensured");
+                        let (w, ids) = writers.last_mut().expect("a pack was just ensured");
                         let offset = w.append(&c.bytes).at(staging)?;
                         let mut chunk_offset = 0u32;
                         for (id, old) in frames[next] {
@@ -389,6 +395,7 @@ impl Store {
                                 size: old.size,
                             };
                             moved.insert(*id, new);
+                            ids.push(*id);
                             chunk_offset += old.size;
                         }
                         next += 1;

@@ -16,9 +16,10 @@
 //! elsewhere may reuse a pack while gc retires it; the check before deleting (and readers falling
 //! back to `retired/`) keep that image whole, provided the import finishes within the grace period.
 
+use super::id_tables::TableCache;
 use super::pack::{PackWriter, PACK_HEADER_BYTES};
 use super::{IoContext, Store, StoreError};
-use fleetboot_image::PackId;
+use fleetboot_image::{ChunkId, PackId};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime};
@@ -40,6 +41,8 @@ pub struct GcReport {
     pub retired_deleted: usize,
     /// Bytes freed now: retired packs deleted.
     pub bytes_freed: u64,
+    /// Id tables left without their pack (by a crash), deleted after the grace period.
+    pub id_tables_deleted: usize,
     /// Retired packs still in their grace period, and their bytes.
     pub retired_waiting: usize,
     pub bytes_waiting: u64,
@@ -81,13 +84,13 @@ impl Store {
             if live.contains_key(&id) {
                 // An importer elsewhere (object stores have no store-wide lock) reused data of
                 // this pack while gc retired it: its manifest names it, so it goes back.
-                b.rename(&key, &Store::pack_key(&id)).at(&b.locate(&key))?;
+                self.restore_pack(&id).at(&b.locate(&key))?;
                 report.packs_restored += 1;
                 continue;
             }
             let age = now.duration_since(retired_at).unwrap_or_default();
             if age >= grace {
-                b.delete(&key).at(&b.locate(&key))?;
+                self.delete_retired_pack(&id).at(&b.locate(&key))?;
                 report.retired_deleted += 1;
                 report.bytes_freed += len;
             } else {
@@ -96,11 +99,12 @@ impl Store {
             }
         }
         let retire = |pack: &PackId, len: u64, report: &mut GcReport| {
-            let (from, to) = (Store::pack_key(pack), Store::retired_key(pack));
-            b.rename(&from, &to).at(&b.locate(&from))?;
+            self.retire_pack(pack)
+                .at(&b.locate(&Store::pack_key(pack)))?;
             report.bytes_retired += len;
             if grace.is_zero() {
-                b.delete(&to).at(&b.locate(&to))?;
+                self.delete_retired_pack(pack)
+                    .at(&b.locate(&Store::retired_key(pack)))?;
                 report.retired_deleted += 1;
                 report.bytes_freed += len;
             } else {
@@ -110,6 +114,7 @@ impl Store {
             Ok::<(), StoreError>(())
         };
         let source = self.frames();
+        let mut tables = TableCache::new();
         for (pack, len) in self.packs()? {
             let Some(frames) = live.get(&pack) else {
                 retire(&pack, len, &mut report)?;
@@ -130,6 +135,22 @@ impl Store {
                 moved.insert(offset, new.append(&buf).at(self.root())?);
             }
             let new_id = new.finish(self)?;
+            // A pack with an id table (compacted) gets one again, so its manifests stay format 2.
+            if self.read_id_table(&pack).at(&at)?.is_some() {
+                let mut rows: Vec<(u64, u32, ChunkId)> = manifests
+                    .iter()
+                    .flat_map(|(_, m)| {
+                        let index = m.packs.iter().position(|p| *p == pack);
+                        m.entries
+                            .iter()
+                            .filter(move |e| Some(e.pack as usize) == index)
+                            .map(|e| (moved[&e.frame_offset], e.chunk_offset, e.id))
+                    })
+                    .collect();
+                rows.sort();
+                rows.dedup_by_key(|r| r.2);
+                self.put_id_table(new_id, rows.into_iter().map(|r| r.2).collect())?;
+            }
             // Point every manifest that used the old pack at the new one (in memory too: a
             // later rewrite of another pack it names starts from this).
             for (v, m) in manifests.iter_mut() {
@@ -145,12 +166,14 @@ impl Store {
                 for e in m.entries.iter_mut().filter(|e| e.pack as usize == index) {
                     e.frame_offset = moved[&e.frame_offset];
                 }
-                b.put(&v.key, &m.encode()).at(&v.path)?;
+                b.put(&v.key, &self.encode_manifest(m, &mut tables)?)
+                    .at(&v.path)?;
                 report.manifests_rewritten += 1;
             }
             retire(&pack, len, &mut report)?;
             report.packs_rewritten += 1;
         }
+        report.id_tables_deleted = self.delete_orphan_id_tables(grace)?;
         Ok(report)
     }
 }

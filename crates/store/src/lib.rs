@@ -27,6 +27,7 @@ mod chunker;
 mod compact;
 mod fsutil;
 mod gc;
+mod id_tables;
 pub mod import;
 mod name;
 mod pack;
@@ -115,6 +116,16 @@ pub struct Store {
 /// An exclusive writer's lock on the store; released on drop (or when the process dies).
 pub struct WriteLock {
     _file: File,
+}
+
+/// A manifest as agents are served it ([`Store::served_manifest`]).
+pub struct ServedManifest {
+    pub manifest: Manifest,
+    /// Format 1 bytes: the file, or the expansion of a format 2 file.
+    pub bytes: Vec<u8>,
+    /// The file is format 2: only an appliance (which reads the id tables) can serve it, not a
+    /// mirror of the store's files nor a presigned URL of the object.
+    pub expanded: bool,
 }
 
 /// One stored image version, as a listing found it.
@@ -360,23 +371,59 @@ impl Store {
 
     /// Reads and validates the manifest of a listed version (`NotFound` if it was removed since).
     pub fn load_manifest(&self, v: &VersionPath) -> Result<Manifest, StoreError> {
-        Ok(self.load_manifest_hashed(v)?.0)
+        let bytes = self.manifest_file(v)?;
+        self.decode_manifest(&bytes)
+            .map_err(|error| StoreError::Manifest {
+                path: v.path.clone(),
+                error,
+            })
     }
 
-    /// [`Store::load_manifest`], with the BLAKE3 (hex) of the manifest file's bytes: what an
-    /// agent checks the manifest it fetches against, wherever it fetches it from.
-    pub fn load_manifest_hashed(&self, v: &VersionPath) -> Result<(Manifest, String), StoreError> {
-        let bytes = self
-            .backend
+    /// A listed version's manifest, and its bytes as agents are served them: the file itself in
+    /// format 1, or a format 2 file expanded to format 1 (agents read no id tables). The
+    /// expansion is deterministic, so every appliance serves the same bytes for the same file;
+    /// their BLAKE3 is what an agent checks the manifest it fetches against.
+    pub fn served_manifest(&self, v: &VersionPath) -> Result<ServedManifest, StoreError> {
+        let bytes = self.manifest_file(v)?;
+        let manifest = self
+            .decode_manifest(&bytes)
+            .map_err(|error| StoreError::Manifest {
+                path: v.path.clone(),
+                error,
+            })?;
+        let expanded =
+            Manifest::format_of(&bytes) != Some(fleetboot_image::manifest::FORMAT_VERSION);
+        let bytes = if expanded { manifest.encode() } else { bytes };
+        Ok(ServedManifest {
+            manifest,
+            bytes,
+            expanded,
+        })
+    }
+
+    /// The bytes agents are served for the manifest at `key` ([`Store::served_manifest`]);
+    /// `None` if there is none. A format 1 file is not decoded here.
+    pub fn served_manifest_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let at = self.backend.locate(key);
+        let Some(bytes) = self.backend.get(key).at(&at)? else {
+            return Ok(None);
+        };
+        if Manifest::format_of(&bytes) == Some(fleetboot_image::manifest::FORMAT_VERSION) {
+            return Ok(Some(bytes));
+        }
+        let manifest = self
+            .decode_manifest(&bytes)
+            .map_err(|error| StoreError::Manifest { path: at, error })?;
+        Ok(Some(manifest.encode()))
+    }
+
+    /// The file bytes of a listed version's manifest.
+    fn manifest_file(&self, v: &VersionPath) -> Result<Vec<u8>, StoreError> {
+        self.backend
             .get(&v.key)
             .at(&v.path)?
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
-            .at(&v.path)?;
-        let manifest = Manifest::decode(&bytes).map_err(|error| StoreError::Manifest {
-            path: v.path.clone(),
-            error,
-        })?;
-        Ok((manifest, blake3::hash(&bytes).to_hex().to_string()))
+            .at(&v.path)
     }
 
     /// The manifest of the image `r` names.

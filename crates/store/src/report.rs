@@ -36,7 +36,10 @@ pub struct StoreStats {
     pub pack_files: usize,
     pub pack_bytes: u64,
     pub manifest_bytes: u64,
-    /// pack_bytes + manifest_bytes.
+    /// Id tables of compacted packs (`packs/<id>.ids`), which format 2 manifests name ids by.
+    pub id_table_files: usize,
+    pub id_table_bytes: u64,
+    /// pack_bytes + manifest_bytes + id_table_bytes.
     pub stored_bytes: u64,
     /// Packs gc retired that wait out their grace period (not counted in stored_bytes).
     pub retired_packs: usize,
@@ -138,7 +141,8 @@ impl Store {
         }
         let pack_bytes: u64 = packs.iter().map(|(_, n)| n).sum();
         let retired = self.retired_packs()?;
-        let stored_bytes = pack_bytes + manifest_bytes;
+        let (id_table_files, id_table_bytes) = self.id_table_bytes()?;
+        let stored_bytes = pack_bytes + manifest_bytes + id_table_bytes;
         let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         let names: HashSet<&str> = all.iter().map(|(v, _)| v.name.as_str()).collect();
         Ok(StoreStats {
@@ -151,6 +155,8 @@ impl Store {
             pack_files: packs.len(),
             pack_bytes,
             manifest_bytes,
+            id_table_files,
+            id_table_bytes,
             stored_bytes,
             retired_packs: retired.len(),
             retired_bytes: retired.iter().map(|(_, n, _)| n).sum(),

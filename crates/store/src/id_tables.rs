@@ -1,0 +1,176 @@
+//! Id tables in the store: `packs/<id>.ids` beside the pack they describe, and what keeps them
+//! in step with their packs.
+//!
+//! A table is written by `store compact` (and by gc for a pack it rewrites from one that had a
+//! table) after its pack is visible and before any manifest names it; it then lives and dies with
+//! its pack: retired to `retired/<id>.ids` with it, put back with it, deleted with it. Readers
+//! look in `retired/` when `packs/` has it no more, as they do for packs. Manifests of format 2
+//! keep each table's BLAKE3, so a missing or damaged table makes its manifests unreadable — loudly
+//! (`verify`, gc's refusal) — never silently wrong.
+//!
+//! Agents never read tables: the appliance expands format 2 to format 1 ([`Store::served_manifest`]).
+
+use super::{IoContext, Store, StoreError};
+use fleetboot_image::id_table::{IdTable, TableIndex};
+use fleetboot_image::{ChunkId, Manifest, PackId};
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::time::{Duration, SystemTime};
+
+/// Id tables indexed so far, by pack (`None`: the pack has no usable table).
+pub(crate) type TableCache = HashMap<PackId, Option<TableIndex>>;
+
+impl Store {
+    /// The key of a pack's id table.
+    pub fn id_table_key(id: &PackId) -> String {
+        format!("packs/{id}.ids")
+    }
+    /// The key of the id table of a pack gc retired.
+    pub fn retired_id_table_key(id: &PackId) -> String {
+        format!("retired/{id}.ids")
+    }
+
+    /// The file bytes of pack `id`'s table, from `packs/` or (retired since) `retired/`.
+    pub fn read_id_table(&self, id: &PackId) -> io::Result<Option<Vec<u8>>> {
+        for key in [Self::id_table_key(id), Self::retired_id_table_key(id)] {
+            if let Some(bytes) = self.backend.get(&key)? {
+                return Ok(Some(bytes));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Publishes the table of a pack that is already visible (one PUT: whole or absent).
+    pub(crate) fn put_id_table(&self, pack: PackId, ids: Vec<ChunkId>) -> Result<(), StoreError> {
+        let key = Self::id_table_key(&pack);
+        let bytes = IdTable { pack, ids }.encode();
+        self.backend
+            .put(&key, &bytes)
+            .at(&self.backend.locate(&key))
+    }
+
+    /// Decodes manifest file bytes of either format, reading the id tables format 2 names.
+    pub(crate) fn decode_manifest(
+        &self,
+        bytes: &[u8],
+    ) -> Result<Manifest, fleetboot_image::ManifestError> {
+        Manifest::decode_with(bytes, &mut |pack| match self.read_id_table(pack) {
+            Ok(Some(bytes)) => Ok(bytes),
+            Ok(None) => Err(format!(
+                "{} is missing (run `fleetboot store verify`)",
+                self.backend.locate(&Self::id_table_key(pack)).display()
+            )),
+            Err(e) => Err(format!(
+                "{}: {e}",
+                self.backend.locate(&Self::id_table_key(pack)).display()
+            )),
+        })
+    }
+
+    /// Encodes `m` naming its chunks by the id tables its packs have (format 2), or with its ids
+    /// (format 1) where a pack has none. `cache` keeps tables read for the next manifest.
+    pub(crate) fn encode_manifest(
+        &self,
+        m: &Manifest,
+        cache: &mut TableCache,
+    ) -> Result<Vec<u8>, StoreError> {
+        for pack in &m.packs {
+            if cache.contains_key(pack) {
+                continue;
+            }
+            let index = match self.read_id_table(pack) {
+                Ok(Some(bytes)) => TableIndex::of_bytes(&bytes, pack).ok(),
+                Ok(None) => None,
+                Err(e) => return Err(e).at(&self.backend.locate(&Self::id_table_key(pack))),
+            };
+            cache.insert(*pack, index);
+        }
+        let tables: HashMap<PackId, TableIndex> = m
+            .packs
+            .iter()
+            .filter_map(|p| Some((*p, cache.get(p)?.clone()?)))
+            .collect();
+        Ok(m.encode_with_tables(&tables))
+    }
+
+    /// Moves a pack and its table (if it has one) from `packs/` to `retired/`.
+    pub(crate) fn retire_pack(&self, id: &PackId) -> io::Result<()> {
+        self.backend
+            .rename(&Self::pack_key(id), &Self::retired_key(id))?;
+        self.move_id_table(&Self::id_table_key(id), &Self::retired_id_table_key(id))
+    }
+
+    /// Moves a retired pack and its table back to `packs/`.
+    pub(crate) fn restore_pack(&self, id: &PackId) -> io::Result<()> {
+        self.backend
+            .rename(&Self::retired_key(id), &Self::pack_key(id))?;
+        self.move_id_table(&Self::retired_id_table_key(id), &Self::id_table_key(id))
+    }
+
+    /// Deletes a retired pack and its table.
+    pub(crate) fn delete_retired_pack(&self, id: &PackId) -> io::Result<()> {
+        self.backend.delete(&Self::retired_key(id))?;
+        ignore_missing(self.backend.delete(&Self::retired_id_table_key(id)))
+    }
+
+    fn move_id_table(&self, from: &str, to: &str) -> io::Result<()> {
+        ignore_missing(self.backend.rename(from, to))
+    }
+
+    /// Deletes id tables whose pack is in neither `packs/` nor `retired/` (left by a crash between
+    /// a pack's deletion and its table's), once older than `grace`. Tables are listed before
+    /// packs: a table is published after its pack, so any table listed has its pack listed too,
+    /// unless the pack is really gone. Returns how many were deleted.
+    pub(crate) fn delete_orphan_id_tables(&self, grace: Duration) -> Result<usize, StoreError> {
+        let mut tables = Vec::new();
+        for prefix in ["packs/", "retired/"] {
+            let listed = self.backend.list(prefix).at(&self.backend.locate(prefix))?;
+            tables.extend(listed.into_iter().filter_map(|o| {
+                let id = o.key[prefix.len()..]
+                    .strip_suffix(".ids")?
+                    .parse::<PackId>()
+                    .ok()?;
+                Some((id, o))
+            }));
+        }
+        let packs: HashSet<PackId> = self
+            .packs()?
+            .into_iter()
+            .map(|p| p.0)
+            .chain(self.retired_packs()?.into_iter().map(|p| p.0))
+            .collect();
+        let now = SystemTime::now();
+        let mut deleted = 0;
+        for (id, o) in tables {
+            let age = now.duration_since(o.modified).unwrap_or_default();
+            if packs.contains(&id) || age < grace {
+                continue;
+            }
+            ignore_missing(self.backend.delete(&o.key)).at(&self.backend.locate(&o.key))?;
+            deleted += 1;
+        }
+        Ok(deleted)
+    }
+
+    /// Id tables in `packs/`: how many, and their bytes.
+    pub(crate) fn id_table_bytes(&self) -> Result<(usize, u64), StoreError> {
+        let listed = self
+            .backend
+            .list("packs/")
+            .at(&self.backend.locate("packs/"))?;
+        let tables: Vec<u64> = listed
+            .into_iter()
+            .filter(|o| o.key.ends_with(".ids"))
+            .map(|o| o.size)
+            .collect();
+        Ok((tables.len(), tables.iter().sum()))
+    }
+}
+
+/// An object already gone is not an error here (a pack without a table, or removed elsewhere).
+fn ignore_missing(r: io::Result<()>) -> io::Result<()> {
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
