@@ -176,10 +176,16 @@ pub fn disk_image(data: &[u8]) -> bool {
     true
 }
 
-/// The first byte says what the rest is: odd, a body to wrap in an intact container; even, a file.
+/// The first byte says what the rest is: odd, a body to wrap in an intact container (of format 1,
+/// or of format 2 if bit 1 is set too); even, a file. Format 2's id tables are refused here (a
+/// fuzzer cannot forge a table's BLAKE3): what is reached is its body decoder, inline ids.
 pub fn manifest_decode(data: &[u8]) -> bool {
+    use fleetboot_image::manifest::FORMAT_VERSION_TABLES;
     use fleetboot_image::Manifest;
     let decoded = match data.split_first() {
+        Some((mode, body)) if mode % 4 == 3 => {
+            Manifest::decode(&Manifest::container_versioned(body, FORMAT_VERSION_TABLES))
+        }
         Some((mode, body)) if mode % 2 == 1 => Manifest::decode(&Manifest::container(body)),
         Some((_, file)) => Manifest::decode(file),
         None => return false,
@@ -339,12 +345,27 @@ fn manifest_seeds() -> Vec<Vec<u8>> {
             ..Default::default()
         };
         let imported = crate::store::import::import(&store, "seed", &raw, &options, &|_, _| {});
-        if let Ok((version, _)) = imported.and_then(|r| store.manifest(&r.image)) {
+        if let Ok((version, m)) = imported.and_then(|r| store.manifest(&r.image)) {
             if let Ok(file) = std::fs::read(&version.path) {
                 if let Some(body) = fleetboot_image::Manifest::body_of(&file) {
                     seeds.push([&[1u8][..], &body].concat());
                 }
                 seeds.push([&[0u8][..], &file].concat());
+            }
+            // Its format 2 body, naming its first pack's chunks through an id table.
+            if let Some(&pack) = m.packs.first() {
+                use fleetboot_image::id_table::{IdTable, TableIndex};
+                let ids = m.entries.iter().filter(|e| e.pack == 0).map(|e| e.id);
+                let table = IdTable {
+                    pack,
+                    ids: ids.collect(),
+                };
+                if let Ok(index) = TableIndex::of_bytes(&table.encode(), &pack) {
+                    let file = m.encode_with_tables(&[(pack, index)].into_iter().collect());
+                    if let Some(body) = fleetboot_image::Manifest::body_of(&file) {
+                        seeds.push([&[3u8][..], &body].concat());
+                    }
+                }
             }
         }
     }

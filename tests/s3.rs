@@ -417,4 +417,21 @@ fn with_store_access_direct_the_agent_reads_the_object_store_itself() {
         0,
         "no frame came through appliance 2"
     );
+    // Compacted by appliance 1: the manifests are format 2 (ids in the packs' id tables), which
+    // no presigned URL can expand; appliance 2 serves them expanded, the packs still presigned.
+    let report = rig.one().ok(&["store", "compact", "--all", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&report).expect("compaction report");
+    assert!(
+        report["manifests_rewritten"].as_u64().unwrap_or(0) >= 1,
+        "{report}"
+    );
+    std::fs::remove_file(rig.dir.path().join("disk.img")).expect("a fresh disk");
+    rig.reimage();
+    let agent = rig.agent();
+    rig.installed(agent, "direct, after compaction");
+    assert_eq!(
+        rig.metric("fleetboot_frame_fetches_total"),
+        0,
+        "no frame came through appliance 2 after compaction either"
+    );
 }

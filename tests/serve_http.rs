@@ -1424,3 +1424,55 @@ async fn boot_files_are_sent_from_the_file_and_scripts_still_rendered() {
     assert_eq!(a.status, 200);
     assert!(String::from_utf8_lossy(&a.body).starts_with("#!ipxe"));
 }
+
+/// Issue 13: a compacted store's manifests are stored in format 2 (ids in the packs' id tables);
+/// agents get them expanded to format 1 — from this appliance even when packs come from a mirror
+/// (`store_url`), which could not expand them — hashing to the `manifest_hash` they are given.
+#[tokio::test]
+async fn a_compacted_manifest_reaches_the_agent_as_format_1_from_the_appliance() {
+    let rig = rig("store_url: http://10.9.0.2/store\n");
+    let store = &rig.state.store;
+    let report = store
+        .compact(&fleetboot::store::CompactOptions::default())
+        .unwrap();
+    assert_eq!(report.manifests_rewritten, 1, "{report:?}");
+    let stored = std::fs::read(store.manifest_path("demo", 1)).unwrap();
+    assert_eq!(fleetboot_image::Manifest::format_of(&stored), Some(2));
+
+    let (_, script) = get(&rig, &format!("/boot/{MAC}.ipxe")).await;
+    let token = token_of(&script);
+    let with_token = |uri: &str| {
+        Request::get(uri)
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    let (s, body) = call(&rig, with_token(&format!("/api/agent/{MAC}/assignment"))).await;
+    assert_eq!(s, StatusCode::OK);
+    let a: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        a["manifest_url"],
+        format!("{BASE}/store/manifests/demo/1.manifest"),
+        "not the mirror's"
+    );
+    assert_eq!(a["packs_url"], "http://10.9.0.2/store/packs");
+    assert_eq!(a["presigned"], false);
+    let (s, served) = call(&rig, with_token("/store/manifests/demo/1.manifest")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(fleetboot_image::Manifest::format_of(&served), Some(1));
+    assert_eq!(
+        a["manifest_hash"],
+        blake3::hash(&served).to_hex().as_str(),
+        "the agent trusts what it is served"
+    );
+    let m = fleetboot_image::Manifest::decode(&served).unwrap();
+    assert_eq!(m, store.manifest(&"demo@1".parse().unwrap()).unwrap().1);
+    // Served again: the same bytes (the expansion is deterministic).
+    let (_, again) = call(&rig, with_token("/store/manifests/demo/1.manifest")).await;
+    assert_eq!(again, served);
+    // Without the token: no.
+    assert_eq!(
+        get(&rig, "/store/manifests/demo/1.manifest").await.0,
+        StatusCode::UNAUTHORIZED
+    );
+}

@@ -68,6 +68,10 @@ struct Compacted {
     fetch_a_to_c: u64,
     /// Exporting B afterwards, each run.
     exports: Vec<Duration>,
+    /// Where the bytes are after it: packs, manifests (format 2), id tables.
+    pack_bytes: u64,
+    manifest_bytes: u64,
+    id_table_bytes: u64,
 }
 
 struct Options {
@@ -305,6 +309,18 @@ fn bench_compaction(
         .context("GNU time wrote no peak memory")?;
     timed(fleetboot_cmd(bin, store).args(["store", "gc", "--grace", "0s"]))?;
     let store_bytes = tree_bytes(store)?;
+    let (stats, _) = timed(fleetboot_cmd(bin, store).args(["store", "stats", "--json"]))?;
+    let stats: serde_json::Value = serde_json::from_str(&stats).context("store stats --json")?;
+    let field = |k: &str| {
+        stats[k]
+            .as_u64()
+            .with_context(|| format!("stats without {k}"))
+    };
+    let (pack_bytes, manifest_bytes, id_table_bytes) = (
+        field("pack_bytes")?,
+        field("manifest_bytes")?,
+        field("id_table_bytes")?,
+    );
     let mut exports = Vec::new();
     for _ in 0..runs.max(1) {
         remove_if_present(out)?;
@@ -325,6 +341,9 @@ fn bench_compaction(
         fetch_a_to_b: fetch_bytes(bin, store, "a", "b")?,
         fetch_a_to_c: fetch_bytes(bin, store, "a", "c")?,
         exports,
+        pack_bytes,
+        manifest_bytes,
+        id_table_bytes,
     })
 }
 
@@ -730,6 +749,15 @@ fn compaction_report(
         mb(before_c),
         mb(c.fetch_a_to_c),
         exports.join(", ")
+    )?;
+    writeln!(s)?;
+    writeln!(
+        s,
+        "Where the compacted store's bytes are: packs {} MB, manifests (format 2: ids by row of \
+         the packs' id tables) {} MB, id tables (each id once per store) {} MB.",
+        mb(c.pack_bytes),
+        mb(c.manifest_bytes),
+        mb(c.id_table_bytes)
     )?;
     writeln!(s)?;
     let export_bound = zstd.export.mul_f64(1.5);

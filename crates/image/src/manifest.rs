@@ -259,7 +259,7 @@ impl Manifest {
             body.extend_from_slice(&id.0);
         }
         self.put_extents(&mut body);
-        Self::container_of(&body, FORMAT_VERSION_TABLES)
+        Self::container_versioned(&body, FORMAT_VERSION_TABLES)
     }
 
     /// The entries' columns after the pack (and, in format 2, the row): the same in both formats.
@@ -292,10 +292,12 @@ impl Manifest {
     /// A format 1 manifest file holding `body` (compressed, its length and checksum in the
     /// header). Also used by the fuzz target to reach the body decoder with any body.
     pub fn container(body: &[u8]) -> Vec<u8> {
-        Self::container_of(body, FORMAT_VERSION)
+        Self::container_versioned(body, FORMAT_VERSION)
     }
 
-    fn container_of(body: &[u8], version: u32) -> Vec<u8> {
+    /// A manifest file of format `version` holding `body` (the fuzz target reaches format 2's
+    /// body decoder through it).
+    pub fn container_versioned(body: &[u8], version: u32) -> Vec<u8> {
         let stored = zstd::bulk::compress(body, 3).expect("in-memory zstd compression");
         let mut out = Vec::with_capacity(HEADER_BYTES + stored.len());
         out.extend_from_slice(&MAGIC);

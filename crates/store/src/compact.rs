@@ -10,15 +10,18 @@
 //! - **in bigger frames at a high zstd level** (16 MiB and level 19 by default): frames never
 //!   cross a group, so the bigger frame costs a delta fetch only at each group's end.
 //!
+//! - **with ids once per store:** each new pack gets an id table, and the manifests it rewrites
+//!   are format 2, naming chunks by table row instead of repeating 32-byte ids in every image.
+//!
 //! Every chunk is hashed against its id as it is copied: nothing unverified is written.
 //!
 //! Crash safety and concurrency, like gc: the new packs are written into a staging folder of
 //! their own (`tmp/compact/`) without the writers' lock, so imports, `rm` and gc go on while the
-//! slow part runs. The lock is taken only to publish: the new packs become visible first, then
-//! each manifest naming a compacted pack is re-read and rewritten atomically to name the new
-//! frames (the same image, the same digest), and last the old packs — when no manifest names them
-//! any more — are retired (readable for gc's grace period, so installs and exports that loaded a
-//! manifest before go on). A kill at any point leaves every image whole: before the manifests are
+//! slow part runs. The lock is taken only to publish: the new packs (then their id tables)
+//! become visible first, then each manifest naming a compacted pack is re-read and rewritten
+//! atomically to name the new frames (the same image, the same digest), and last the old packs
+//! — when no manifest names them any more — are retired (readable for gc's grace period, so
+//! installs and exports that loaded a manifest before go on). A kill at any point leaves every image whole: before the manifests are
 //! rewritten they name only the old packs; after, only packs that are visible. Staged packs of an
 //! interrupted run are removed by the next one; published but unnamed ones by gc.
 

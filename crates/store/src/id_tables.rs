@@ -15,10 +15,36 @@ use fleetboot_image::id_table::{IdTable, TableIndex};
 use fleetboot_image::{ChunkId, Manifest, PackId};
 use std::collections::{HashMap, HashSet};
 use std::io;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 /// Id tables indexed so far, by pack (`None`: the pack has no usable table).
 pub(crate) type TableCache = HashMap<PackId, Option<TableIndex>>;
+
+/// Id tables' file bytes kept by a store handle, so that serving a format 2 manifest to many
+/// agents (from an object store: a GET per table) reads each table once. A table never changes
+/// under its pack's id (pack ids are never reused), and every use checks its BLAKE3.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct IdTableCache(Arc<Mutex<HashMap<PackId, Arc<Vec<u8>>>>>);
+
+/// Bytes of tables a handle keeps at most; past it the cache starts over.
+const CACHED_TABLE_BYTES_MAX: usize = 64 << 20;
+
+impl IdTableCache {
+    fn get(&self, id: &PackId) -> Option<Arc<Vec<u8>>> {
+        let tables = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        tables.get(id).cloned()
+    }
+
+    fn keep(&self, id: PackId, bytes: Arc<Vec<u8>>) {
+        let mut tables = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let held: usize = tables.values().map(|t| t.len()).sum();
+        if held + bytes.len() > CACHED_TABLE_BYTES_MAX {
+            tables.clear();
+        }
+        tables.insert(id, bytes);
+    }
+}
 
 impl Store {
     /// The key of a pack's id table.
@@ -31,9 +57,14 @@ impl Store {
     }
 
     /// The file bytes of pack `id`'s table, from `packs/` or (retired since) `retired/`.
-    pub fn read_id_table(&self, id: &PackId) -> io::Result<Option<Vec<u8>>> {
+    pub fn read_id_table(&self, id: &PackId) -> io::Result<Option<Arc<Vec<u8>>>> {
+        if let Some(bytes) = self.id_tables.get(id) {
+            return Ok(Some(bytes));
+        }
         for key in [Self::id_table_key(id), Self::retired_id_table_key(id)] {
             if let Some(bytes) = self.backend.get(&key)? {
+                let bytes = Arc::new(bytes);
+                self.id_tables.keep(*id, bytes.clone());
                 return Ok(Some(bytes));
             }
         }
@@ -55,7 +86,7 @@ impl Store {
         bytes: &[u8],
     ) -> Result<Manifest, fleetboot_image::ManifestError> {
         Manifest::decode_with(bytes, &mut |pack| match self.read_id_table(pack) {
-            Ok(Some(bytes)) => Ok(bytes),
+            Ok(Some(bytes)) => Ok(bytes.to_vec()),
             Ok(None) => Err(format!(
                 "{} is missing (run `fleetboot store verify`)",
                 self.backend.locate(&Self::id_table_key(pack)).display()

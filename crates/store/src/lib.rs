@@ -111,6 +111,8 @@ pub struct Store {
     /// The store folder itself, or (object-store backends) the local staging folder.
     root: PathBuf,
     backend: Arc<dyn Backend>,
+    /// Id tables read so far (immutable, and checked against each manifest's digest on use).
+    id_tables: id_tables::IdTableCache,
 }
 
 /// An exclusive writer's lock on the store; released on drop (or when the process dies).
@@ -152,6 +154,7 @@ impl Store {
         Store {
             backend: Arc::new(Folder::new(root.clone())),
             root,
+            id_tables: Default::default(),
         }
     }
 
@@ -161,6 +164,7 @@ impl Store {
         Store {
             root: staging.into(),
             backend,
+            id_tables: Default::default(),
         }
     }
 
