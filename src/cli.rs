@@ -1011,8 +1011,16 @@ fn store_cmd(store: &Store, command: StoreCommand) -> Result<()> {
                 r.write_secs + r.publish_secs,
                 r.publish_secs,
             );
+            if r.manifests_rewritten > 0 {
+                println!(
+                    "manifests {} -> {} (format 2: ids by row of the packs' id tables, {})",
+                    human(r.manifest_bytes_before),
+                    human(r.manifest_bytes_after),
+                    human(r.id_table_bytes)
+                );
+            }
             if r.no_gain {
-                println!("the packs would not get smaller: left as they were");
+                println!("the store would not get smaller: left as it was");
             } else if r.packs_kept > 0 {
                 println!("{} pack(s) left as they were (newer than --older-than, or named by an image imported meanwhile)", r.packs_kept);
             }

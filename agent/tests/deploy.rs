@@ -316,6 +316,45 @@ fn packs_come_from_the_store_url_mirror() {
     );
 }
 
+/// Issue 13: after `store compact` the manifests are format 2, which a mirror of the store's
+/// files cannot expand: the agent gets its manifest, expanded, from the appliance (tied to it by
+/// its hash, so checked chunk by chunk) and still every pack from the mirror.
+#[test]
+fn a_compacted_store_installs_through_a_mirror_of_its_files() {
+    let v1 = text(41);
+    let app = Appliance::start(std::slice::from_ref(&v1));
+    let compacted = app
+        .state
+        .store
+        .compact(&fleetboot::store::CompactOptions::default())
+        .unwrap();
+    assert_eq!(compacted.manifests_rewritten, 1, "{compacted:?}");
+    let store_dir = app.dir.path().join("store");
+    let stored = std::fs::read(store_dir.join("manifests/os/1.manifest")).unwrap();
+    assert_eq!(fleetboot_image::Manifest::format_of(&stored), Some(2));
+    let mirror_requests = use_mirror(&app, &store_dir);
+
+    let target = app.dir.path().join("disk.img");
+    let out = app.deploy(&target);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("not the one the appliance read"),
+        "the expanded manifest hashes to what the appliance said\n{stderr}"
+    );
+    assert_eq!(std::fs::read(&target).unwrap(), v1);
+    assert_eq!(app.status().0, HostStatus::Installed);
+    assert!(
+        mirror_requests.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the packs came from the mirror"
+    );
+    assert_eq!(
+        app.pack_requests.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no pack from the appliance"
+    );
+}
+
 /// Serves `store_dir` over HTTP (tower-http's file service, as a mirror or cache would) and
 /// points the appliance's `store_url` at it; counts the mirror's requests.
 fn use_mirror(app: &Appliance, store_dir: &Path) -> Arc<std::sync::atomic::AtomicUsize> {

@@ -29,6 +29,7 @@ use super::id_tables::TableCache;
 use super::import::Loc;
 use super::pack::{PackWriter, PACK_HEADER_BYTES};
 use super::{IoContext, Store, StoreError};
+use fleetboot_image::id_table::{IdTable, TableIndex};
 use fleetboot_image::manifest::FLAG_ZSTD;
 use fleetboot_image::{ChunkId, FrameSource, Manifest, PackId};
 use serde::Serialize;
@@ -78,6 +79,10 @@ pub struct CompactReport {
     pub raw_bytes: u64,
     pub frames: usize,
     pub manifests_rewritten: usize,
+    /// Bytes of the manifests rewritten, before and after (format 2), and of the new id tables.
+    pub manifest_bytes_before: u64,
+    pub manifest_bytes_after: u64,
+    pub id_table_bytes: u64,
     /// Packs left as they were: younger than `older_than`, or named again by an image that
     /// appeared while the pass ran.
     pub packs_kept: usize,
@@ -133,12 +138,36 @@ impl Store {
             self.write_compacted(&groups, staging, options, &mut report)?
         };
         report.write_secs = started.elapsed().as_secs_f64();
-        let old_bytes: u64 = cold.iter().map(|c| c.1).sum();
-        let new_bytes: u64 = writers.iter().map(|w| w.0.len()).sum();
+        // What the store would hold after — the new packs, their id tables, the manifests in
+        // format 2 — against what it holds: the cold packs and the manifests as they are. (Ids
+        // stored once count too: incompressible data still gains by them.)
+        let mut tables = TableCache::new();
+        for (w, ids) in &writers {
+            let bytes = IdTable {
+                pack: w.id(),
+                ids: ids.clone(),
+            }
+            .encode();
+            report.id_table_bytes += bytes.len() as u64;
+            tables.insert(w.id(), TableIndex::of_bytes(&bytes, &w.id()).ok());
+        }
+        let cold_set: HashSet<PackId> = cold.iter().map(|c| c.0).collect();
+        let (mut manifests_now, mut manifests_after) = (0u64, 0u64);
+        for (v, mut m) in self.present_manifests()? {
+            if repoint(&mut m, &cold_set, &moved) {
+                manifests_now += v.size;
+                manifests_after += self.encode_manifest(&m, &mut tables)?.len() as u64;
+            }
+        }
+        let old_bytes: u64 = cold.iter().map(|c| c.1).sum::<u64>() + manifests_now;
+        let new_bytes: u64 = writers.iter().map(|w| w.0.len()).sum::<u64>()
+            + report.id_table_bytes
+            + manifests_after;
         if writers.is_empty() || new_bytes >= old_bytes {
-            // Nothing to gain (incompressible data, already compacted): the store stays as is.
+            // Nothing to gain (already compacted): the store stays as is.
             report.packs_kept += cold.len();
             report.no_gain = !writers.is_empty();
+            report.id_table_bytes = 0;
             return Ok(report);
         }
 
@@ -166,7 +195,6 @@ impl Store {
         // written (an import reusing chunks of a cold pack is repointed like the rest).
         let b = self.backend();
         let mut still_named: HashSet<PackId> = HashSet::new();
-        let mut tables = TableCache::new();
         for (v, mut m) in self.present_manifests()? {
             if repoint(&mut m, &cold_set, &moved) {
                 // Removed since (by `image rm` on another appliance sharing an object store):
@@ -175,9 +203,11 @@ impl Store {
                     continue;
                 }
                 // Format 2 where the packs have id tables (the new ones all do).
-                b.put(&v.key, &self.encode_manifest(&m, &mut tables)?)
-                    .at(&v.path)?;
+                let bytes = self.encode_manifest(&m, &mut tables)?;
+                b.put(&v.key, &bytes).at(&v.path)?;
                 report.manifests_rewritten += 1;
+                report.manifest_bytes_before += v.size;
+                report.manifest_bytes_after += bytes.len() as u64;
             }
             still_named.extend(m.packs.iter().copied());
         }
