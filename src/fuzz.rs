@@ -183,9 +183,10 @@ pub fn manifest_decode(data: &[u8]) -> bool {
     use fleetboot_image::manifest::FORMAT_VERSION_TABLES;
     use fleetboot_image::Manifest;
     let decoded = match data.split_first() {
-        Some((mode, body)) if mode % 4 == 3 => {
-            Manifest::decode(&Manifest::container_versioned(body, FORMAT_VERSION_TABLES))
-        }
+        Some((mode, body)) if mode % 4 == 3 => Manifest::decode_with(
+            &Manifest::container_versioned(body, FORMAT_VERSION_TABLES),
+            &mut |_| Err("no tables here".into()),
+        ),
         Some((mode, body)) if mode % 2 == 1 => Manifest::decode(&Manifest::container(body)),
         Some((_, file)) => Manifest::decode(file),
         None => return false,

@@ -36,7 +36,10 @@ impl IdTable {
 
     /// Reads the table of `pack` from its file bytes, checking that it is one and is that pack's.
     pub fn decode(bytes: &[u8], pack: &PackId) -> Result<IdTable, ManifestError> {
-        let bad = |what: &str| ManifestError::Corrupt(format!("id table of pack {pack}: {what}"));
+        let bad = |what: &str| ManifestError::IdTable {
+            pack: *pack,
+            why: what.into(),
+        };
         if bytes.len() < HEADER_BYTES || bytes[..8] != MAGIC {
             return Err(bad("not an id table"));
         }

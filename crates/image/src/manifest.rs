@@ -124,6 +124,11 @@ pub enum ManifestError {
     UnsupportedVersion(u32),
     #[error("the id table of pack {pack} is not usable: {why}")]
     IdTable { pack: PackId, why: String },
+    #[error(
+        "this manifest is format 2 (ids in the store's id tables): only an appliance reads it; \
+         fetch it through the appliance, which serves it as format 1"
+    )]
+    NeedsIdTables,
     #[error("manifest is truncated")]
     Truncated,
     #[error("manifest checksum mismatch: the file is damaged")]
@@ -310,15 +315,14 @@ impl Manifest {
         out
     }
 
-    /// Decodes and validates a manifest of format 1 (or of format 2 that uses no id table):
-    /// what an agent reads.
+    /// Decodes and validates a manifest of format 1: what an agent reads (format 2 is refused,
+    /// saying where to get it as format 1).
     pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        if Self::format_of(bytes) == Some(FORMAT_VERSION_TABLES) {
+            return Err(ManifestError::NeedsIdTables);
+        }
         Self::decode_with(bytes, &mut |_| {
-            Err(
-                "a manifest of format 2 is read with its store's id tables: fetch it \
-                 through the appliance"
-                    .into(),
-            )
+            Err("not reached: format 1 has no tables".into())
         })
     }
 
@@ -396,6 +400,11 @@ impl Manifest {
         }
         // Format 2: each pack's id table digest (zero: that pack's ids are in the manifest).
         let digests = if tables_used {
+            // A pack listed twice would have its table fetched and held twice.
+            let distinct: std::collections::HashSet<&PackId> = packs.iter().collect();
+            if distinct.len() != packs.len() {
+                return Err(corrupt("a pack is listed twice"));
+            }
             r.take(pack_count * 32)?
         } else {
             &[][..]
@@ -572,9 +581,7 @@ fn load_table(
             "it is not the table this manifest was written with (checksum mismatch)".into(),
         ));
     }
-    IdTable::decode(&bytes, pack)
-        .map(|t| t.ids)
-        .map_err(|e| unusable(e.to_string()))
+    IdTable::decode(&bytes, pack).map(|t| t.ids)
 }
 
 /// Appends a column of u32s as wrapping deltas from the previous value (the first from 0).
@@ -760,6 +767,12 @@ mod tests {
         let bytes = m.encode_with_tables(&partial);
         assert_eq!(Manifest::format_of(&bytes), Some(FORMAT_VERSION));
         assert_eq!(Manifest::decode(&bytes).unwrap(), m);
+        // A pack listed twice (its table would be fetched and held twice) is refused.
+        let mut twice = m.clone();
+        twice.packs[1] = twice.packs[0];
+        let bytes = twice.encode_with_tables(&tables);
+        let err = Manifest::decode_with(&bytes, &mut |_| Ok(table_bytes.clone())).unwrap_err();
+        assert!(err.to_string().contains("listed twice"), "{err}");
     }
 
     #[test]

@@ -159,7 +159,12 @@ impl Store {
                 manifests_after += self.encode_manifest(&m, &mut tables)?.len() as u64;
             }
         }
-        let old_bytes: u64 = cold.iter().map(|c| c.1).sum::<u64>() + manifests_now;
+        // The cold packs' own tables (an earlier compaction's) are retired with them.
+        let tables_now: u64 = {
+            let sizes = self.id_table_sizes()?;
+            cold.iter().filter_map(|c| sizes.get(&c.0)).sum()
+        };
+        let old_bytes: u64 = cold.iter().map(|c| c.1).sum::<u64>() + manifests_now + tables_now;
         let new_bytes: u64 = writers.iter().map(|w| w.0.len()).sum::<u64>()
             + report.id_table_bytes
             + manifests_after;

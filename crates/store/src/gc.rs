@@ -136,7 +136,8 @@ impl Store {
             }
             let new_id = new.finish(self)?;
             // A pack with an id table (compacted) gets one again, so its manifests stay format 2.
-            if self.read_id_table(&pack).at(&at)?.is_some() {
+            let table_at = b.locate(&Store::id_table_key(&pack));
+            if self.read_id_table(&pack).at(&table_at)?.is_some() {
                 let mut rows: Vec<(u64, u32, ChunkId)> = manifests
                     .iter()
                     .flat_map(|(_, m)| {

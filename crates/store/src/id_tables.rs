@@ -37,6 +37,9 @@ impl IdTableCache {
     }
 
     fn keep(&self, id: PackId, bytes: Arc<Vec<u8>>) {
+        if bytes.len() > CACHED_TABLE_BYTES_MAX {
+            return;
+        }
         let mut tables = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let held: usize = tables.values().map(|t| t.len()).sum();
         if held + bytes.len() > CACHED_TABLE_BYTES_MAX {
@@ -63,9 +66,7 @@ impl Store {
         }
         for key in [Self::id_table_key(id), Self::retired_id_table_key(id)] {
             if let Some(bytes) = self.backend.get(&key)? {
-                let bytes = Arc::new(bytes);
-                self.id_tables.keep(*id, bytes.clone());
-                return Ok(Some(bytes));
+                return Ok(Some(Arc::new(bytes)));
             }
         }
         Ok(None)
@@ -80,22 +81,34 @@ impl Store {
             .at(&self.backend.locate(&key))
     }
 
-    /// Decodes manifest file bytes of either format, reading the id tables format 2 names.
+    /// Decodes manifest file bytes of either format, reading the id tables format 2 names (kept
+    /// for the next manifest only once this one's digests proved them right).
     pub(crate) fn decode_manifest(
         &self,
         bytes: &[u8],
     ) -> Result<Manifest, fleetboot_image::ManifestError> {
-        Manifest::decode_with(bytes, &mut |pack| match self.read_id_table(pack) {
-            Ok(Some(bytes)) => Ok(bytes.to_vec()),
-            Ok(None) => Err(format!(
-                "{} is missing (run `fleetboot store verify`)",
-                self.backend.locate(&Self::id_table_key(pack)).display()
-            )),
-            Err(e) => Err(format!(
-                "{}: {e}",
-                self.backend.locate(&Self::id_table_key(pack)).display()
-            )),
-        })
+        let mut read = Vec::new();
+        let decoded = Manifest::decode_with(bytes, &mut |pack| {
+            let at = || self.backend.locate(&Self::id_table_key(pack));
+            match self.read_id_table(pack) {
+                Ok(Some(bytes)) => {
+                    let copy = bytes.to_vec();
+                    read.push((*pack, bytes));
+                    Ok(copy)
+                }
+                Ok(None) => Err(format!(
+                    "{} is missing (run `fleetboot store verify`)",
+                    at().display()
+                )),
+                Err(e) => Err(format!("{}: {e}", at().display())),
+            }
+        });
+        if decoded.is_ok() {
+            for (pack, bytes) in read {
+                self.id_tables.keep(pack, bytes);
+            }
+        }
+        decoded
     }
 
     /// Encodes `m` naming its chunks by the id tables its packs have (format 2), or with its ids
@@ -183,18 +196,22 @@ impl Store {
         Ok(deleted)
     }
 
-    /// Id tables in `packs/`: how many, and their bytes.
-    pub(crate) fn id_table_bytes(&self) -> Result<(usize, u64), StoreError> {
+    /// Id tables in `packs/`, with their sizes.
+    pub(crate) fn id_table_sizes(&self) -> Result<HashMap<PackId, u64>, StoreError> {
         let listed = self
             .backend
             .list("packs/")
             .at(&self.backend.locate("packs/"))?;
-        let tables: Vec<u64> = listed
+        Ok(listed
             .into_iter()
-            .filter(|o| o.key.ends_with(".ids"))
-            .map(|o| o.size)
-            .collect();
-        Ok((tables.len(), tables.iter().sum()))
+            .filter_map(|o| {
+                let id = o.key["packs/".len()..]
+                    .strip_suffix(".ids")?
+                    .parse::<PackId>()
+                    .ok()?;
+                Some((id, o.size))
+            })
+            .collect())
     }
 }
 

@@ -391,6 +391,7 @@ impl Store {
         let bytes = self.manifest_file(v)?;
         let manifest = self
             .decode_manifest(&bytes)
+            .and_then(|m| m.check_encodable().map(|()| m))
             .map_err(|error| StoreError::Manifest {
                 path: v.path.clone(),
                 error,
@@ -417,6 +418,7 @@ impl Store {
         }
         let manifest = self
             .decode_manifest(&bytes)
+            .and_then(|m| m.check_encodable().map(|()| m))
             .map_err(|error| StoreError::Manifest { path: at, error })?;
         Ok(Some(manifest.encode()))
     }

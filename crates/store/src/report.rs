@@ -141,7 +141,8 @@ impl Store {
         }
         let pack_bytes: u64 = packs.iter().map(|(_, n)| n).sum();
         let retired = self.retired_packs()?;
-        let (id_table_files, id_table_bytes) = self.id_table_bytes()?;
+        let tables = self.id_table_sizes()?;
+        let (id_table_files, id_table_bytes) = (tables.len(), tables.values().sum::<u64>());
         let stored_bytes = pack_bytes + manifest_bytes + id_table_bytes;
         let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         let names: HashSet<&str> = all.iter().map(|(v, _)| v.name.as_str()).collect();
