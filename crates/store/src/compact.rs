@@ -342,6 +342,17 @@ impl Store {
         let source = self.frames();
         let threads = options.threads.max(1);
         let level = options.zstd_level;
+        // The window spans the whole frame (level 19's own is 8 MiB), with long-distance
+        // matching: repeats anywhere in a 16 MiB frame are found. Within what every decoder
+        // accepts by default (2^27).
+        let window_log = (usize::BITS
+            - options
+                .frame_bytes
+                .max(1024)
+                .next_power_of_two()
+                .leading_zeros()
+            - 1)
+        .clamp(10, 27);
         let frames = &frames;
         std::thread::scope(|s| {
             let (work_tx, work_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(threads);
@@ -356,8 +367,15 @@ impl Store {
                     let raw_len = raw.len() as u32;
                     // A panic here would otherwise end the process at the scope's end; it
                     // becomes the pass's error instead, and the writer stops everything.
-                    let done = match std::panic::catch_unwind(|| zstd::bulk::compress(&raw, level))
-                    {
+                    let compress = || {
+                        let mut z = zstd::bulk::Compressor::new(level)?;
+                        z.set_parameter(zstd::zstd_safe::CParameter::WindowLog(window_log))?;
+                        z.set_parameter(zstd::zstd_safe::CParameter::EnableLongDistanceMatching(
+                            true,
+                        ))?;
+                        z.compress(&raw)
+                    };
+                    let done = match std::panic::catch_unwind(compress) {
                         Ok(Ok(z)) if z.len() < raw.len() => Ok((z, FLAG_ZSTD)),
                         Ok(_) => Ok((raw, 0)),
                         Err(_) => Err(format!("a compression worker failed on frame {seq}")),
