@@ -21,9 +21,10 @@
 //! become visible first, then each manifest naming a compacted pack is re-read and rewritten
 //! atomically to name the new frames (the same image, the same digest), and last the old packs
 //! — when no manifest names them any more — are retired (readable for gc's grace period, so
-//! installs and exports that loaded a manifest before go on). A kill at any point leaves every image whole: before the manifests are
-//! rewritten they name only the old packs; after, only packs that are visible. Staged packs of an
-//! interrupted run are removed by the next one; published but unnamed ones by gc.
+//! installs and exports that loaded a manifest before go on). A kill at any point leaves every
+//! image whole: before the manifests are rewritten they name only the old packs; after, only
+//! packs that are visible. Staged packs of an interrupted run are removed by the next one;
+//! published but unnamed ones by gc.
 
 use super::id_tables::TableCache;
 use super::import::Loc;
@@ -342,8 +343,7 @@ impl Store {
         let source = self.frames();
         let threads = options.threads.max(1);
         let level = options.zstd_level;
-        // The window spans the whole frame (level 19's own is 8 MiB), with long-distance
-        // matching: repeats anywhere in a 16 MiB frame are found. Within what every decoder
+        // The window spans the whole frame ([`frame_compressor`]), within what every decoder
         // accepts by default (2^27).
         let window_log = (usize::BITS
             - options
@@ -361,34 +361,38 @@ impl Store {
             for _ in 0..threads {
                 let work_rx = work_rx.clone();
                 let done_tx = done_tx.clone();
-                s.spawn(move || loop {
-                    let job = work_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                    let Ok((seq, raw)) = job else { return };
-                    let raw_len = raw.len() as u32;
-                    // A panic here would otherwise end the process at the scope's end; it
-                    // becomes the pass's error instead, and the writer stops everything.
-                    let compress = || {
-                        let mut z = zstd::bulk::Compressor::new(level)?;
-                        z.set_parameter(zstd::zstd_safe::CParameter::WindowLog(window_log))?;
-                        z.set_parameter(zstd::zstd_safe::CParameter::EnableLongDistanceMatching(
-                            true,
-                        ))?;
-                        z.compress(&raw)
-                    };
-                    let done = match std::panic::catch_unwind(compress) {
-                        Ok(Ok(z)) if z.len() < raw.len() => Ok((z, FLAG_ZSTD)),
-                        Ok(_) => Ok((raw, 0)),
-                        Err(_) => Err(format!("a compression worker failed on frame {seq}")),
-                    }
-                    .map(|(bytes, flags)| Compressed {
-                        seq,
-                        bytes,
-                        raw_len,
-                        flags,
-                    });
-                    let failed = done.is_err();
-                    if done_tx.send(done).is_err() || failed {
-                        return;
+                s.spawn(move || {
+                    // One context per worker, for every frame it compresses.
+                    let mut zstd = None;
+                    loop {
+                        let job = work_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok((seq, raw)) = job else { return };
+                        let raw_len = raw.len() as u32;
+                        // A panic here would otherwise end the process at the scope's end; it
+                        // becomes the pass's error instead, and the writer stops everything.
+                        // (The worker then stops: its context is never used again.)
+                        let compress = std::panic::AssertUnwindSafe(|| {
+                            let z = match &mut zstd {
+                                Some(z) => z,
+                                None => zstd.insert(frame_compressor(level, window_log)?),
+                            };
+                            z.compress(&raw)
+                        });
+                        let done = match std::panic::catch_unwind(compress) {
+                            Ok(Ok(z)) if z.len() < raw.len() => Ok((z, FLAG_ZSTD)),
+                            Ok(_) => Ok((raw, 0)),
+                            Err(_) => Err(format!("a compression worker failed on frame {seq}")),
+                        }
+                        .map(|(bytes, flags)| Compressed {
+                            seq,
+                            bytes,
+                            raw_len,
+                            flags,
+                        });
+                        let failed = done.is_err();
+                        if done_tx.send(done).is_err() || failed {
+                            return;
+                        }
                     }
                 });
             }
@@ -479,6 +483,20 @@ impl Store {
             }
         })
     }
+}
+
+/// A compression context for compacted frames: the window spans the whole frame (level 19's own
+/// is 8 MiB), with long-distance matching, so repeats anywhere in a frame are found.
+fn frame_compressor(
+    level: i32,
+    window_log: u32,
+) -> std::io::Result<zstd::bulk::Compressor<'static>> {
+    let mut z = zstd::bulk::Compressor::new(level)?;
+    z.set_parameter(zstd::zstd_safe::CParameter::WindowLog(window_log))?;
+    z.set_parameter(zstd::zstd_safe::CParameter::EnableLongDistanceMatching(
+        true,
+    ))?;
+    Ok(z)
 }
 
 /// A frame compressed by a worker: its place in the sequence, its bytes and how to read them.

@@ -166,17 +166,8 @@ impl Store {
     /// packs: a table is published after its pack, so any table listed has its pack listed too,
     /// unless the pack is really gone. Returns how many were deleted.
     pub(crate) fn delete_orphan_id_tables(&self, grace: Duration) -> Result<usize, StoreError> {
-        let mut tables = Vec::new();
-        for prefix in ["packs/", "retired/"] {
-            let listed = self.backend.list(prefix).at(&self.backend.locate(prefix))?;
-            tables.extend(listed.into_iter().filter_map(|o| {
-                let id = o.key[prefix.len()..]
-                    .strip_suffix(".ids")?
-                    .parse::<PackId>()
-                    .ok()?;
-                Some((id, o))
-            }));
-        }
+        let mut tables = self.objects_by_pack("packs/", ".ids")?;
+        tables.extend(self.objects_by_pack("retired/", ".ids")?);
         let packs: HashSet<PackId> = self
             .packs()?
             .into_iter()
@@ -198,19 +189,10 @@ impl Store {
 
     /// Id tables in `packs/`, with their sizes.
     pub(crate) fn id_table_sizes(&self) -> Result<HashMap<PackId, u64>, StoreError> {
-        let listed = self
-            .backend
-            .list("packs/")
-            .at(&self.backend.locate("packs/"))?;
-        Ok(listed
+        Ok(self
+            .objects_by_pack("packs/", ".ids")?
             .into_iter()
-            .filter_map(|o| {
-                let id = o.key["packs/".len()..]
-                    .strip_suffix(".ids")?
-                    .parse::<PackId>()
-                    .ok()?;
-                Some((id, o.size))
-            })
+            .map(|(id, o)| (id, o.size))
             .collect())
     }
 }

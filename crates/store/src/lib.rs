@@ -385,17 +385,11 @@ impl Store {
 
     /// A listed version's manifest, and its bytes as agents are served them: the file itself in
     /// format 1, or a format 2 file expanded to format 1 (agents read no id tables). The
-    /// expansion is deterministic, so every appliance serves the same bytes for the same file;
+    /// expansion is deterministic (per build: appliances of one version serve the same bytes);
     /// their BLAKE3 is what an agent checks the manifest it fetches against.
     pub fn served_manifest(&self, v: &VersionPath) -> Result<ServedManifest, StoreError> {
         let bytes = self.manifest_file(v)?;
-        let manifest = self
-            .decode_manifest(&bytes)
-            .and_then(|m| m.check_encodable().map(|()| m))
-            .map_err(|error| StoreError::Manifest {
-                path: v.path.clone(),
-                error,
-            })?;
+        let manifest = self.decode_to_serve(&bytes, &v.path)?;
         let expanded =
             Manifest::format_of(&bytes) != Some(fleetboot_image::manifest::FORMAT_VERSION);
         let bytes = if expanded { manifest.encode() } else { bytes };
@@ -416,11 +410,18 @@ impl Store {
         if Manifest::format_of(&bytes) == Some(fleetboot_image::manifest::FORMAT_VERSION) {
             return Ok(Some(bytes));
         }
-        let manifest = self
-            .decode_manifest(&bytes)
+        Ok(Some(self.decode_to_serve(&bytes, &at)?.encode()))
+    }
+
+    /// Decodes manifest file bytes (of `path`) that will be served as format 1: either format,
+    /// and within format 1's size limit.
+    fn decode_to_serve(&self, bytes: &[u8], path: &Path) -> Result<Manifest, StoreError> {
+        self.decode_manifest(bytes)
             .and_then(|m| m.check_encodable().map(|()| m))
-            .map_err(|error| StoreError::Manifest { path: at, error })?;
-        Ok(Some(manifest.encode()))
+            .map_err(|error| StoreError::Manifest {
+                path: path.to_path_buf(),
+                error,
+            })
     }
 
     /// The file bytes of a listed version's manifest.
@@ -469,6 +470,15 @@ impl Store {
 
     /// `<id>.pack` objects directly under `prefix`, sorted by id.
     fn pack_objects(&self, prefix: &str) -> Result<Vec<(PackId, ObjectInfo)>, StoreError> {
+        self.objects_by_pack(prefix, ".pack")
+    }
+
+    /// `<pack-id><suffix>` objects directly under `prefix` (packs, id tables), sorted by id.
+    fn objects_by_pack(
+        &self,
+        prefix: &str,
+        suffix: &str,
+    ) -> Result<Vec<(PackId, ObjectInfo)>, StoreError> {
         let mut out: Vec<(PackId, ObjectInfo)> = self
             .backend
             .list(prefix)
@@ -476,7 +486,7 @@ impl Store {
             .into_iter()
             .filter_map(|o| {
                 let id = o.key[prefix.len()..]
-                    .strip_suffix(".pack")?
+                    .strip_suffix(suffix)?
                     .parse::<PackId>()
                     .ok()?;
                 Some((id, o))
