@@ -1,6 +1,8 @@
 //! HTTP: range reads of a store pack with wrk, fleetboot and nginx (sendfile on) side by side,
 //! for 1 MiB ranges (what agents fetch) and 64 KiB ranges (per-request overhead), in rounds,
-//! with each server's CPU time per GB served.
+//! with each server's CPU time per GB served. A second, identical nginx (the twin) runs in the
+//! same turns as a control: twin ÷ nginx is the spread this machine gives two equal servers, the
+//! yardstick for reading fleetboot ÷ nginx.
 
 use super::*;
 
@@ -9,8 +11,12 @@ pub(super) const HTTP_RANGES: [(u64, u64); 2] = [
     (1 << 20, (2 << 20) - 1),
     (1 << 20, (1 << 20) + (64 << 10) - 1),
 ];
-/// nginx listens here, fleetboot on HTTP_PORT; both run through every round.
+/// nginx listens here, its twin (the control) on TWIN_PORT, fleetboot on HTTP_PORT; all three
+/// run through every round.
 const NGINX_PORT: u16 = 8081;
+const TWIN_PORT: u16 = 8082;
+/// The control's name in runs and reports.
+const TWIN: &str = "nginx twin";
 
 /// One server's best wrk run for one range size in one round.
 pub(super) struct HttpRun {
@@ -43,10 +49,12 @@ pub(super) fn bench_http(
         false,
         HTTP_PORT,
     )?;
-    let nginx_daemon = start_nginx(net, files)?;
+    let nginx_daemon = start_nginx(net, files, "nginx", NGINX_PORT)?;
+    let twin_daemon = start_nginx(net, files, "nginx-twin", TWIN_PORT)?;
     let servers = [
         ("fleetboot", &fleetboot_daemon, HTTP_PORT),
         ("nginx", &nginx_daemon, NGINX_PORT),
+        (TWIN, &twin_daemon, TWIN_PORT),
     ];
     for (name, _, port) in servers {
         for range in HTTP_RANGES {
@@ -57,16 +65,14 @@ pub(super) fn bench_http(
     }
     let mut runs = Vec::new();
     for round in 1..=options.rounds {
-        // Each round swaps which server goes first, so that neither always runs on a machine
-        // just warmed (or tired) by the other.
+        // Each round another server goes first, so that none always runs on a machine just
+        // warmed (or tired) by another.
         let mut order = servers;
-        if round % 2 == 0 {
-            order.reverse();
-        }
+        order.rotate_left((round - 1) % servers.len());
         for range in HTTP_RANGES {
-            // The servers take turns (A B A B A B), so a passing disturbance of the machine
-            // touches both alike; each keeps its best.
-            let mut best: Vec<Option<HttpRun>> = vec![None, None];
+            // The servers take turns (A B C A B C A B C), so a passing disturbance of the
+            // machine touches all alike; each keeps its best.
+            let mut best: Vec<Option<HttpRun>> = vec![None, None, None];
             for _ in 0..options.repeat {
                 for (i, (name, daemon, port)) in order.iter().enumerate() {
                     let url = format!("http://{SRV_IP}:{port}/store/{}", files.pack);
@@ -89,21 +95,28 @@ pub(super) fn bench_http(
     }
     fleetboot_daemon.stop()?;
     nginx_daemon.stop()?;
+    twin_daemon.stop()?;
     Ok(runs)
 }
 
-fn start_nginx(net: &Net, files: &Files) -> Result<Daemon> {
-    let nginx_dir = files.work.join("nginx");
+/// An nginx on `port` with its own folder `work/NAME` and log `work/NAME.log`.
+fn start_nginx(net: &Net, files: &Files, name: &str, port: u16) -> Result<Daemon> {
+    let nginx_dir = files.work.join(name);
     fresh_dir(&nginx_dir)?;
     let mut cmd = net.srv("nginx");
     crate::nginx::configure(
         &mut cmd,
         &nginx_dir,
-        &format!("{SRV_IP}:{NGINX_PORT}"),
+        &format!("{SRV_IP}:{port}"),
         &files.store,
         1024,
     )?;
-    net.start(&mut cmd, &files.work.join("nginx.log"), false, NGINX_PORT)
+    net.start(
+        &mut cmd,
+        &files.work.join(format!("{name}.log")),
+        false,
+        port,
+    )
 }
 
 /// Fetches the range once with curl and checks the status (206) and the bytes.
@@ -242,8 +255,8 @@ pub(super) fn wrk_bytes(text: &str) -> Option<f64> {
     })
 }
 
-/// fleetboot's ratio to nginx for one range size, in each round.
-pub(super) fn ratios(runs: &[HttpRun], range_bytes: u64) -> Vec<f64> {
+/// `server`'s ratio to nginx (requests/s) for one range size, in each round.
+pub(super) fn ratios(runs: &[HttpRun], server: &str, range_bytes: u64) -> Vec<f64> {
     let of = |server: &str, round: usize| {
         runs.iter()
             .find(|r| r.server == server && r.round == round && r.range_bytes == range_bytes)
@@ -251,7 +264,7 @@ pub(super) fn ratios(runs: &[HttpRun], range_bytes: u64) -> Vec<f64> {
     };
     let rounds = runs.iter().map(|r| r.round).max().unwrap_or(0);
     (1..=rounds)
-        .filter_map(|round| Some(of("fleetboot", round)? / of("nginx", round)?))
+        .filter_map(|round| Some(of(server, round)? / of("nginx", round)?))
         .collect()
 }
 
@@ -267,10 +280,12 @@ pub(super) fn http_report(
         s,
         "`wrk -c 50 -t 2 -d {} -H \"Range: bytes=…\"` on a store pack file \
          (`/store/packs/ID.pack`, {} MiB of incompressible data), 1 MiB and 64 KiB ranges; nginx \
-         (sendfile on, tcp_nopush on) serves the same store folder. Both servers run through the \
-         whole benchmark; each figure is the best of {} wrk runs, the servers taking turns; {} rounds in a \
-         row, which server goes first alternating from round to round. CPU: the server's CPU time (nginx: master and workers) per GB of range data served. MB = 10^6 \
-         bytes.",
+         (sendfile on, tcp_nopush on) serves the same store folder, and so does a second, identical \
+         nginx (the twin), the control: twin ÷ nginx is what two equal servers measure against each \
+         other here. All three servers run through the whole benchmark; each figure is the best of \
+         {} wrk runs, the servers taking turns; {} rounds in a row, another server going first in \
+         each round. CPU: the server's CPU time (nginx: master and workers) per GB of range data \
+         served. MB = 10^6 bytes.",
         options.wrk_duration(),
         PACK_SOURCE_BYTES >> 20,
         options.repeat,
@@ -279,9 +294,9 @@ pub(super) fn http_report(
     writeln!(s)?;
     writeln!(
         s,
-        "| round | range | fleetboot req/s | nginx req/s | fleetboot ÷ nginx | fleetboot MB/s | fleetboot CPU s/GB | nginx CPU s/GB |"
+        "| round | range | fleetboot req/s | nginx req/s | fleetboot ÷ nginx | twin ÷ nginx | fleetboot MB/s | fleetboot CPU s/GB | nginx CPU s/GB |"
     )?;
-    writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     for round in 1..=options.rounds {
         for range in HTTP_RANGES {
             let bytes = range.1 - range.0 + 1;
@@ -292,9 +307,12 @@ pub(super) fn http_report(
             let (Some(f), Some(n)) = (find("fleetboot"), find("nginx")) else {
                 continue;
             };
+            let twin = find(TWIN).map_or("–".to_string(), |t| {
+                format!("{:.2}", t.requests_per_s / n.requests_per_s)
+            });
             writeln!(
                 s,
-                "| {round} | {} KiB | {:.0} | {:.0} | {:.2} | {:.0} | {:.3} | {:.3} |",
+                "| {round} | {} KiB | {:.0} | {:.0} | {:.2} | {twin} | {:.0} | {:.3} | {:.3} |",
                 bytes >> 10,
                 f.requests_per_s,
                 n.requests_per_s,
@@ -318,17 +336,21 @@ pub(super) fn http_report(
         }
     }
     writeln!(s)?;
+    let spread = |r: &[f64]| {
+        r.iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)))
+    };
     let mut targets = Vec::new();
     for (range, bound) in [(HTTP_RANGES[0], 1.0), (HTTP_RANGES[1], 0.9)] {
         let bytes = range.1 - range.0 + 1;
-        let r = ratios(runs, bytes);
-        let (lo, hi) = r
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        let r = ratios(runs, "fleetboot", bytes);
+        let (lo, hi) = spread(&r);
         let met = r.iter().filter(|&&x| x >= bound).count();
+        let (twin_lo, twin_hi) = spread(&ratios(runs, TWIN, bytes));
         writeln!(
             s,
-            "{} KiB ranges, fleetboot ÷ nginx over {} rounds: {:.2} – {:.2} ({} of {} rounds ≥ {bound}).",
+            "{} KiB ranges over {} rounds: fleetboot ÷ nginx {:.2} – {:.2} ({} of {} rounds ≥ {bound}); \
+             the control, twin ÷ nginx: {twin_lo:.2} – {twin_hi:.2}.",
             bytes >> 10,
             r.len(),
             lo,
