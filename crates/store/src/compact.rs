@@ -16,15 +16,18 @@
 //! Every chunk is hashed against its id as it is copied: nothing unverified is written.
 //!
 //! Crash safety and concurrency, like gc: the new packs are written into a staging folder of
-//! their own (`tmp/compact/`) without the writers' lock, so imports, `rm` and gc go on while the
-//! slow part runs. The lock is taken only to publish: the new packs (then their id tables)
-//! become visible first, then each manifest naming a compacted pack is re-read and rewritten
-//! atomically to name the new frames (the same image, the same digest), and last the old packs
-//! — when no manifest names them any more — are retired (readable for gc's grace period, so
-//! installs and exports that loaded a manifest before go on). A kill at any point leaves every
-//! image whole: before the manifests are rewritten they name only the old packs; after, only
-//! packs that are visible. Staged packs of an interrupted run are removed by the next one;
-//! published but unnamed ones by gc.
+//! their own (`tmp/compact/`), then put in place (an object store uploads them), each with its id
+//! table, all without the writers' lock, so imports, `rm` and gc go on while the slow part runs
+//! — uploads of gigabytes included. A gc in that window sees packs no manifest names and retires
+//! them, as it would an interrupted import's. The lock is taken only to publish: every new pack is
+//! checked to be in `packs/` (one a gc retired meanwhile is put back; one it already deleted, with
+//! no grace, ends the pass with nothing changed), then each manifest naming a compacted pack is
+//! re-read and rewritten atomically to name the new frames (the same image, the same digest),
+//! and last the old packs — when no manifest names them any more — are retired (readable for gc's
+//! grace period, so installs and exports that loaded a manifest before go on). A kill at any
+//! point leaves every image whole: before the manifests are rewritten they name only the old
+//! packs; after, only packs that are visible. Staged packs of an interrupted run are removed by
+//! the next one; published but unnamed ones by gc.
 
 use super::id_tables::TableCache;
 use super::import::Loc;
@@ -177,18 +180,22 @@ impl Store {
             return Ok(report);
         }
 
-        let started = Instant::now();
-        // Publishing: the new packs (an object store uploads them now, under the lock: the
-        // alternative, visible packs no manifest names yet, is what gc retires), then the
-        // manifests, then the old packs.
-        let _lock = self.lock_for_write()?;
+        // The new packs go in place (an object store uploads them) without the lock, each with
+        // its id table before any manifest names the pack by it.
+        let mut new_packs = Vec::with_capacity(writers.len());
         for (w, ids) in writers {
             report.bytes_after += w.len();
             let pack = w.finish(self)?;
-            // Its id table, before any manifest names the pack by it.
             self.put_id_table(pack, ids)?;
+            new_packs.push(pack);
             report.packs_written += 1;
         }
+        report.write_secs = started.elapsed().as_secs_f64();
+
+        let started = Instant::now();
+        // Publishing: the new packs checked in place, then the manifests, then the old packs.
+        let _lock = self.lock_for_write()?;
+        self.keep_published(&new_packs)?;
         // Only the cold packs still in `packs/`: gc may have rewritten or retired some while
         // the new packs were written (their manifests name gc's packs now, left as they are).
         let present: HashSet<PackId> = self.packs()?.into_iter().map(|p| p.0).collect();
@@ -233,6 +240,32 @@ impl Store {
         }
         report.publish_secs = started.elapsed().as_secs_f64();
         Ok(report)
+    }
+
+    /// Makes sure every pack in `new` is in `packs/` (the caller holds the writers' lock): one
+    /// a gc retired since it was put there (no manifest named it yet) is put back; one already
+    /// deleted (a gc with no grace) is an error, before any manifest names it.
+    fn keep_published(&self, new: &[PackId]) -> Result<(), StoreError> {
+        let present: HashSet<PackId> = self.packs()?.into_iter().map(|p| p.0).collect();
+        let missing: Vec<&PackId> = new.iter().filter(|p| !present.contains(p)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let retired: HashSet<PackId> = self.retired_packs()?.into_iter().map(|p| p.0).collect();
+        let b = self.backend();
+        for pack in missing {
+            let at = b.locate(&Store::pack_key(pack));
+            if !retired.contains(pack) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "this new pack was deleted (by a gc with no grace period?) before compaction \
+                     could publish it; no image was changed: run the compaction again",
+                ))
+                .at(&at);
+            }
+            self.restore_pack(pack).at(&at)?;
+        }
+        Ok(())
     }
 
     /// Every image version with its manifest, skipping those removed between the listing and
@@ -600,5 +633,49 @@ fn bad(store: &Store, loc: &Loc, what: &str) -> StoreError {
             "frame at {}: {what} (run `fleetboot store verify`)",
             loc.frame_offset
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A new pack that a gc retired between its upload and the publishing is put back (with its
+    /// id table); one a gc already deleted stops the pass before any manifest names it.
+    #[test]
+    fn published_packs_are_kept_or_the_pass_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        drop(store.lock_for_write().unwrap());
+        let mut w = PackWriter::create(&store).unwrap();
+        w.append(b"a frame").unwrap();
+        let pack = w.finish(&store).unwrap();
+        store.put_id_table(pack, vec![ChunkId([7; 32])]).unwrap();
+        let in_packs =
+            || -> Vec<PackId> { store.packs().unwrap().into_iter().map(|p| p.0).collect() };
+        let table = || {
+            store
+                .backend()
+                .get(&Store::id_table_key(&pack))
+                .unwrap()
+                .is_some()
+        };
+
+        store.keep_published(&[pack]).unwrap();
+        assert_eq!(in_packs(), vec![pack]);
+
+        store.retire_pack(&pack).unwrap();
+        assert!(in_packs().is_empty() && !table());
+        store.keep_published(&[pack]).unwrap();
+        assert_eq!(in_packs(), vec![pack]);
+        assert!(table(), "the id table came back with its pack");
+
+        store.retire_pack(&pack).unwrap();
+        store.delete_retired_pack(&pack).unwrap();
+        let err = store.keep_published(&[pack]).unwrap_err().to_string();
+        assert!(
+            err.contains("was deleted") && err.contains(&pack.to_string()),
+            "{err}"
+        );
     }
 }
