@@ -109,6 +109,12 @@ pub fn build_for(boot_dir: &Path, arch: Arch) -> Result<(PathBuf, PathBuf)> {
         crate::setup::apt_install(&[
             ("gcc-aarch64-linux-gnu", "aarch64-linux-gnu-gcc"),
             ("binutils-aarch64-linux-gnu", "aarch64-linux-gnu-strip"),
+            // The cross compiler's C library headers (zstd's C needs them): only a Recommends
+            // of gcc-aarch64-linux-gnu, which apt_install does not take.
+            (
+                "libc6-dev-arm64-cross",
+                "/usr/aarch64-linux-gnu/include/bits/libc-header-start.h",
+            ),
         ])?;
     }
     let work = root().join("target/initramfs");

@@ -85,7 +85,8 @@ fn redfish_emulator() -> Result<()> {
     )
 }
 
-/// Installs the packages in `wanted` whose command is missing.
+/// Installs the packages in `wanted` whose command (or, given as an absolute path, file) is
+/// missing.
 pub fn apt_install(wanted: &[(&str, &str)]) -> Result<()> {
     let missing: Vec<&str> = wanted
         .iter()

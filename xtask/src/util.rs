@@ -1,7 +1,7 @@
 //! Small helpers shared by the tasks: running commands loudly, finding the workspace root.
 
 use anyhow::{bail, Context, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The workspace root (the parent of `xtask/`).
@@ -72,8 +72,12 @@ pub fn show(cmd: &Command) -> String {
     s
 }
 
-/// Whether an executable named `name` is on PATH.
+/// Whether an executable named `name` is on PATH, or (an absolute `name`) that file exists.
 pub fn have(name: &str) -> bool {
+    // An absolute path: a file a package installs (headers, not a command).
+    if Path::new(name).is_absolute() {
+        return Path::new(name).is_file();
+    }
     std::env::var_os("PATH")
         .map(|paths| std::env::split_paths(&paths).any(|p| p.join(name).is_file()))
         .unwrap_or(false)
