@@ -85,6 +85,37 @@ fn sh(cmd: &mut Command) {
     );
 }
 
+/// Creates a LUKS-encrypted qcow2 at `path`. qemu-img times its key derivation by the thread's
+/// CPU time, which this kernel counts in ticks: a first round shorter than a tick reads as zero
+/// and qemu-img gives up ("Unable to get accurate CPU usage"). That is asked again, a few times.
+fn luks_qcow2(path: &Path) {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=s0,data=pass",
+    ])
+    .args(["-o", "encrypt.format=luks,encrypt.key-secret=s0"])
+    .arg(path)
+    .arg("4M");
+    for _ in 0..10 {
+        let out = cmd.output().expect("run qemu-img");
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            return;
+        }
+        assert!(
+            err.contains("Unable to get accurate CPU usage"),
+            "{cmd:?}: {err}"
+        );
+        let _ = fs::remove_file(path);
+    }
+    panic!("{cmd:?}: qemu-img could not time its key derivation in 10 tries");
+}
+
 /// Runs `tool ARGS < input > output`.
 fn pipe(tool: &str, args: &[&str], input: &Path, output: &Path) {
     let out = Command::new(tool)
@@ -230,18 +261,7 @@ fn unreadable_images_are_refused_with_the_reason_and_leave_nothing() {
         "qcow2",
         img("child.qcow2").to_str().unwrap(),
     ]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "--object",
-        "secret,id=s0,data=pass",
-        "-o",
-        "encrypt.format=luks,encrypt.key-secret=s0",
-        img("encrypted.qcow2").to_str().unwrap(),
-        "4M",
-    ]);
+    luks_qcow2(&img("encrypted.qcow2"));
     qemu_img(&[
         "create",
         "-q",
