@@ -948,13 +948,11 @@ fn imports_and_rm_beside_compaction_lose_nothing() {
     panic!("no import landed while the compaction wrote its packs");
 }
 
-/// gc runs beside a compaction, over and over: the new packs it may find before any manifest
-/// names them (and retire) are put back when the pass publishes, and every image stays whole.
-#[test]
-fn gc_beside_compaction_loses_nothing() {
-    let env = Env::new();
-    let a = synthetic_image(101, 3000, 0);
-    let b = next_version(&a, 102, 300);
+/// Imports an image and its next version as `os@1` and `os@2` at level 1 in 64 KiB frames (fast,
+/// much for a compaction to do); returns both images.
+fn two_versions_imported_fast(env: &Env, seed: u64) -> (Vec<u8>, Vec<u8>) {
+    let a = synthetic_image(seed, 3000, 0);
+    let b = next_version(&a, seed + 1, 300);
     for data in [&a, &b] {
         let img = env.write("x.img", data);
         env.ok(&[
@@ -968,6 +966,15 @@ fn gc_beside_compaction_loses_nothing() {
             "65536",
         ]);
     }
+    (a, b)
+}
+
+/// gc runs beside a compaction, over and over: the new packs it may find before any manifest
+/// names them (and retire) are put back when the pass publishes, and every image stays whole.
+#[test]
+fn gc_beside_compaction_loses_nothing() {
+    let env = Env::new();
+    let (a, b) = two_versions_imported_fast(&env, 101);
     let mut compactor = env
         .cmd()
         .args(["store", "compact", "--all", "--level", "19", "--json"])
@@ -1001,21 +1008,7 @@ fn gc_beside_compaction_loses_nothing() {
 #[test]
 fn kill_9_during_compaction_never_damages_the_store() {
     let env = Env::new();
-    let a = synthetic_image(91, 3000, 0);
-    let b = next_version(&a, 92, 300);
-    for data in [&a, &b] {
-        let img = env.write("x.img", data);
-        env.ok(&[
-            "image",
-            "import",
-            "os",
-            img.to_str().unwrap(),
-            "--level",
-            "1",
-            "--frame-size",
-            "65536",
-        ]);
-    }
+    let (a, b) = two_versions_imported_fast(&env, 91);
     // Every round starts from this store, so every pass has the same work to do.
     let template = env.path("template");
     let copy = |from: &Path, to: &Path| {
