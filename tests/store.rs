@@ -883,6 +883,28 @@ fn gc_keeps_id_tables_with_their_packs() {
     assert_eq!(env.export("small"), small);
 }
 
+/// `store compact --all --level 19 --json`, started in the background.
+fn spawn_compaction(env: &Env) -> std::process::Child {
+    env.cmd()
+        .args(["store", "compact", "--all", "--level", "19", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for a compaction started by `spawn_compaction` and checks it succeeded and compacted.
+fn compaction_compacted(compactor: std::process::Child) {
+    let out = compactor.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["packs_compacted"].as_u64().unwrap() >= 1, "{report}");
+}
+
 /// Compaction holds the writers' lock only to publish: imports and `rm` run beside it, and
 /// what they did survives it — an image imported while the new packs were written, reusing
 /// compacted data, is repointed too, and no manifest is left naming a pack it retired.
@@ -909,24 +931,11 @@ fn imports_and_rm_beside_compaction_lose_nothing() {
         fast("old", &env.write("old.img", &synthetic_image(82, 500, 0)));
         let next = next_version(&base, 83, 100);
         let pnext = env.write("b.img", &next);
-        let compactor = env
-            .cmd()
-            .args(["store", "compact", "--all", "--level", "19", "--json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let compactor = spawn_compaction(&env);
         std::thread::sleep(Duration::from_millis(50 * attempt));
         env.import("os", &pnext);
         env.ok(&["image", "rm", "old"]);
-        let out = compactor.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert!(report["packs_compacted"].as_u64().unwrap() >= 1, "{report}");
+        compaction_compacted(compactor);
         assert_eq!(env.export("os@1"), base);
         assert_eq!(env.export("os@2"), next);
         assert!(env
@@ -975,26 +984,13 @@ fn two_versions_imported_fast(env: &Env, seed: u64) -> (Vec<u8>, Vec<u8>) {
 fn gc_beside_compaction_loses_nothing() {
     let env = Env::new();
     let (a, b) = two_versions_imported_fast(&env, 101);
-    let mut compactor = env
-        .cmd()
-        .args(["store", "compact", "--all", "--level", "19", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut compactor = spawn_compaction(&env);
     let mut gcs = 0;
     while compactor.try_wait().unwrap().is_none() {
         env.ok(&["store", "gc"]);
         gcs += 1;
     }
-    let out = compactor.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(report["packs_compacted"].as_u64().unwrap() >= 1, "{report}");
+    compaction_compacted(compactor);
     assert!(gcs >= 1);
     env.ok(&["store", "verify"]);
     assert_eq!(env.export("os@1"), a);

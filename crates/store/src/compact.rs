@@ -195,10 +195,9 @@ impl Store {
         let started = Instant::now();
         // Publishing: the new packs checked in place, then the manifests, then the old packs.
         let _lock = self.lock_for_write()?;
-        self.keep_published(&new_packs)?;
         // Only the cold packs still in `packs/`: gc may have rewritten or retired some while
         // the new packs were written (their manifests name gc's packs now, left as they are).
-        let present: HashSet<PackId> = self.packs()?.into_iter().map(|p| p.0).collect();
+        let present = self.keep_published(&new_packs)?;
         let cold: Vec<(PackId, u64)> = cold
             .into_iter()
             .filter(|c| present.contains(&c.0))
@@ -244,18 +243,23 @@ impl Store {
 
     /// Makes sure every pack in `new` is in `packs/` (the caller holds the writers' lock): one
     /// a gc retired since it was put there (no manifest named it yet) is put back; one already
-    /// deleted (a gc with no grace) is an error, before any manifest names it.
-    fn keep_published(&self, new: &[PackId]) -> Result<(), StoreError> {
-        let present: HashSet<PackId> = self.packs()?.into_iter().map(|p| p.0).collect();
-        let missing: Vec<&PackId> = new.iter().filter(|p| !present.contains(p)).collect();
+    /// deleted (a gc with no grace) is an error, before any manifest names it. Returns the packs
+    /// in `packs/` then.
+    fn keep_published(&self, new: &[PackId]) -> Result<HashSet<PackId>, StoreError> {
+        let mut present: HashSet<PackId> = self.packs()?.into_iter().map(|p| p.0).collect();
+        let missing: Vec<PackId> = new
+            .iter()
+            .filter(|p| !present.contains(p))
+            .copied()
+            .collect();
         if missing.is_empty() {
-            return Ok(());
+            return Ok(present);
         }
         let retired: HashSet<PackId> = self.retired_packs()?.into_iter().map(|p| p.0).collect();
         let b = self.backend();
         for pack in missing {
-            let at = b.locate(&Store::pack_key(pack));
-            if !retired.contains(pack) {
+            let at = b.locate(&Store::pack_key(&pack));
+            if !retired.contains(&pack) {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::NotFound,
                     "this new pack was deleted (by a gc with no grace period?) before compaction \
@@ -263,9 +267,10 @@ impl Store {
                 ))
                 .at(&at);
             }
-            self.restore_pack(pack).at(&at)?;
+            self.restore_pack(&pack).at(&at)?;
+            present.insert(pack);
         }
-        Ok(())
+        Ok(present)
     }
 
     /// Every image version with its manifest, skipping those removed between the listing and
@@ -661,12 +666,15 @@ mod tests {
                 .is_some()
         };
 
-        store.keep_published(&[pack]).unwrap();
+        let present = store.keep_published(&[pack]).unwrap();
+        assert_eq!(present, HashSet::from([pack]));
         assert_eq!(in_packs(), vec![pack]);
 
         store.retire_pack(&pack).unwrap();
         assert!(in_packs().is_empty() && !table());
-        store.keep_published(&[pack]).unwrap();
+        // The set returned counts the pack put back, as the publishing then relies on.
+        let present = store.keep_published(&[pack]).unwrap();
+        assert_eq!(present, HashSet::from([pack]));
         assert_eq!(in_packs(), vec![pack]);
         assert!(table(), "the id table came back with its pack");
 

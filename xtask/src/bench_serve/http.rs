@@ -72,7 +72,7 @@ pub(super) fn bench_http(
         for range in HTTP_RANGES {
             // The servers take turns (A B C A B C A B C), so a passing disturbance of the
             // machine touches all alike; each keeps its best.
-            let mut best: Vec<Option<HttpRun>> = vec![None, None, None];
+            let mut best: Vec<Option<HttpRun>> = order.iter().map(|_| None).collect();
             for _ in 0..options.repeat {
                 for (i, (name, daemon, port)) in order.iter().enumerate() {
                     let url = format!("http://{SRV_IP}:{port}/store/{}", files.pack);
