@@ -281,6 +281,9 @@ fn power_and_next_boot_through_ipmi_and_redfish_emulators() {
 
     // No host named: nothing is done, never "every host".
     rf_vm.set_power(true).unwrap();
+    // The chassis starts the VM in the background: wait until it runs, or the check below
+    // could see a start still under way (it failed a CI run so) rather than a refusal.
+    rf_vm.wait_power(true, 10).unwrap();
     let r = run(&["power", "off"]);
     assert!(!r.ok);
     assert!(
