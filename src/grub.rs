@@ -20,6 +20,8 @@ use crate::http::script::{
     agent_params, AGENT_INITRD, AGENT_INITRD_ARM64, AGENT_KERNEL, AGENT_KERNEL_ARM64,
 };
 use crate::mac::Mac;
+use crate::tftp::Refusal;
+use fleetboot_image::api::AgentMode;
 use std::net::IpAddr;
 
 /// The name the signed network GRUB reads first (its prefix is `/grub`).
@@ -28,7 +30,11 @@ pub const BOOTSTRAP: &str = "grub/grub.cfg";
 /// The file a TFTP request names, if it is one of GRUB's (see [`crate::tftp::Generated`]):
 /// `grub/grub.cfg` and `grub/<mac>.cfg` are made here (a file of that name in `boot_dir` is not
 /// served); every other name is left to `boot_dir`.
-pub fn tftp_file(state: &AppState, name: &str, peer: IpAddr) -> Option<Result<Vec<u8>, String>> {
+pub fn tftp_file(
+    state: &AppState,
+    name: &str,
+    peer: IpAddr,
+) -> Option<Result<Vec<u8>, (Refusal, String)>> {
     if name == BOOTSTRAP {
         return Some(Ok(BOOTSTRAP_CONFIG.as_bytes().to_vec()));
     }
@@ -46,12 +52,20 @@ pub fn tftp_file(state: &AppState, name: &str, peer: IpAddr) -> Option<Result<Ve
             })
             .map(String::into_bytes)
             .map_err(|e| {
-                // Anyone can ask over UDP: only a request from the wrong address is worth a warning.
-                match e {
-                    BootError::WrongAddress { .. } => tracing::warn!(%peer, "{e}"),
+                // Anyone can ask over UDP: only a request from the wrong address is worth a
+                // warning. The codes match the HTTP script's statuses (404, 403, 503).
+                let refusal = match e {
+                    BootError::UnknownHost(_) => Refusal::NotFound,
+                    BootError::WrongAddress { .. } => Refusal::Forbidden,
+                    BootError::Image { .. } | BootError::State(_) | BootError::Random(_) => {
+                        Refusal::Unavailable
+                    }
+                };
+                match refusal {
+                    Refusal::Forbidden => tracing::warn!(%peer, "{e}"),
                     _ => tracing::debug!(%mac, %peer, "no GRUB configuration: {e}"),
                 }
-                e.to_string()
+                (refusal, e.to_string())
             }),
     )
 }
@@ -69,7 +83,7 @@ pub const BOOTSTRAP_CONFIG: &str = "# fleetboot: what this machine boots is in t
 /// GRUB came from: shim checks the kernel's Debian signature. An ARM64 machine gets the ARM64
 /// kernel and initramfs, and its serial console is the PL011 (`ttyAMA0`), named last so that it
 /// is `/dev/console`, where the agent reports.
-pub fn agent_config(base: &str, mac: Mac, token: &str, mode: &str) -> String {
+pub fn agent_config(base: &str, mac: Mac, token: &str, mode: AgentMode) -> String {
     let (what, params) = agent_params(base, mac, token, mode);
     format!(
         "echo \"fleetboot: {what} {mac}\"\n\
@@ -100,7 +114,12 @@ mod tests {
     #[test]
     fn the_agents_config_carries_its_token_and_mode_and_loads_from_the_tftp_root() {
         let mac: Mac = "52:54:00:12:34:56".parse().unwrap();
-        let cfg = agent_config("http://10.0.0.1:8080", mac, "00ff", "wipe");
+        let cfg = agent_config(
+            "http://10.0.0.1:8080",
+            mac,
+            "00ff",
+            AgentMode::Wipe { secure: false },
+        );
         assert!(
             cfg.contains("linux /fleetboot-vmlinuz console=tty0"),
             "{cfg}"

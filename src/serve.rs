@@ -27,8 +27,9 @@ pub fn load_checked(path: &Path) -> Result<Config> {
     Ok(config)
 }
 
-/// Says which boot loaders the configuration names that `boot_dir` lacks: a machine sent to
-/// fetch one would stop in its firmware with no clue on the appliance's side.
+/// Says which boot loaders the configuration names, and which of the agent's files, `boot_dir`
+/// lacks: a machine sent to fetch one would stop in its firmware or iPXE with no clue on the
+/// appliance's side.
 fn warn_missing_loaders(config: &Config) {
     let files = &config.boot_files;
     let secure_boot = config.defaults.secure_boot == Some(true)
@@ -65,6 +66,19 @@ fn warn_missing_loaders(config: &Config) {
         if let Err(e) = crate::bootfiles::resolve_beneath(&config.boot_dir, name) {
             tracing::warn!(boot_dir = %config.boot_dir.display(),
                 "boot loader {name}: {e} (`cargo xtask boot-assets` puts them there)");
+        }
+    }
+    // Every install, inspection and wipe boots the agent; UEFI machines boot their disk through
+    // the local-boot GRUB.
+    use crate::http::script::{AGENT_INITRD, AGENT_KERNEL, UEFI_LOCAL_BOOT};
+    for (name, built_by) in [
+        (AGENT_KERNEL, "cargo xtask initramfs"),
+        (AGENT_INITRD, "cargo xtask initramfs"),
+        (UEFI_LOCAL_BOOT, "cargo xtask boot-assets"),
+    ] {
+        if let Err(e) = crate::bootfiles::resolve_beneath(&config.boot_dir, name) {
+            tracing::warn!(boot_dir = %config.boot_dir.display(),
+                "agent file {name}: {e} (`{built_by}` puts it there)");
         }
     }
 }

@@ -52,7 +52,29 @@ const WAIT_MAX: Duration = Duration::from_secs(3);
 /// Makes the file a request names, for the names it owns: `None` for every other name (read
 /// from `boot_dir`), else its bytes or why the client may not have it. Called with the name
 /// (without a leading `/`) and the client's address.
-pub type Generated = Arc<dyn Fn(&str, IpAddr) -> Option<Result<Vec<u8>, String>> + Send + Sync>;
+pub type Generated =
+    Arc<dyn Fn(&str, IpAddr) -> Option<Result<Vec<u8>, (Refusal, String)>> + Send + Sync>;
+
+/// Why a [`Generated`] file is not given, told to the client by the RFC 1350 error code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// There is no such file for anyone (an unknown host): "file not found".
+    NotFound,
+    /// This client may not have it (asked from another address): "access violation".
+    Forbidden,
+    /// It cannot be made now (the store or the state failed): "not defined", worth a retry.
+    Unavailable,
+}
+
+impl Refusal {
+    fn code(self) -> u16 {
+        match self {
+            Refusal::NotFound => ERR_NOT_FOUND,
+            Refusal::Forbidden => ERR_ACCESS,
+            Refusal::Unavailable => ERR_UNDEFINED,
+        }
+    }
+}
 
 /// What the service needs, cloned into each transfer.
 #[derive(Clone)]
@@ -265,7 +287,7 @@ fn transfer(ctx: &Ctx, client: SocketAddr, req: &Request) -> io::Result<()> {
     };
     let source = match (ctx.generated)(req.file.trim_start_matches('/'), client.ip()) {
         Some(Ok(bytes)) => Source::Bytes(bytes),
-        Some(Err(why)) => return Err(refuse(ERR_ACCESS, why)),
+        Some(Err((refusal, why))) => return Err(refuse(refusal.code(), why)),
         None => {
             let path = match resolve_beneath(&ctx.root, &req.file) {
                 Ok(p) => p,

@@ -4,7 +4,7 @@
 //! such image or pack, a token refused) fails at once.
 
 use anyhow::{bail, Context, Result};
-use fleetboot_image::api::{cmdline, Assignment, Failed, InstallReport, Progress};
+use fleetboot_image::api::{cmdline, AgentMode, Assignment, Failed, InstallReport, Progress};
 use std::time::Duration;
 
 /// How long a request is retried before the agent gives up: an appliance being restarted or
@@ -75,16 +75,15 @@ impl Client {
     /// A client with a known token, or one obtained by fetching the boot script as iPXE does
     /// (an install's script).
     pub fn new(server: &str, mac: &str, token: Option<String>) -> Result<Client> {
-        Self::for_errand(server, mac, token, None)
+        Self::for_errand(server, mac, token, AgentMode::Install)
     }
 
-    /// The same for an errand: `mode` is the script's `fleetboot.mode` it must carry (`None`:
-    /// an install, which carries none).
+    /// The same for an errand: `mode` is what the script must boot the agent for.
     pub fn for_errand(
         server: &str,
         mac: &str,
         token: Option<String>,
-        mode: Option<&str>,
+        mode: AgentMode,
     ) -> Result<Client> {
         let http = http();
         let token = match token {
@@ -95,15 +94,9 @@ impl Client {
                     Ok(http.get(&url).call()?.body_mut().read_to_string()?)
                 })?;
                 // A script for another errand (inspect, wipe) is not this one's.
-                let given = script
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix(&format!("{}=", cmdline::MODE)));
+                let given = AgentMode::from_words(&script)?;
                 if given != mode {
-                    bail!(
-                        "the appliance boots {mac} to {}, not to {}",
-                        given.unwrap_or("install"),
-                        mode.unwrap_or("install")
-                    );
+                    bail!("the appliance boots {mac} to {given}, not to {mode}");
                 }
                 let key = format!("{}=", cmdline::TOKEN);
                 match script.split_whitespace().find_map(|w| w.strip_prefix(key.as_str())) {

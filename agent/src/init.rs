@@ -8,7 +8,7 @@
 
 use crate::{deploy, modules, netconf};
 use anyhow::{bail, Context, Result};
-use fleetboot_image::api::cmdline;
+use fleetboot_image::api::{cmdline, AgentMode};
 use nix::mount::{mount, MsFlags};
 use std::collections::HashMap;
 use std::path::Path;
@@ -147,13 +147,29 @@ fn setup_and_install() -> Result<Done> {
     netconf::configure(&ifname, &ip, &netmask, gateway.as_deref())?;
     say(&format!("{ifname} ({mac}) up as {ip}/{netmask}"));
 
-    if cmdline.get(cmdline::MODE) == Some("wipe") {
+    // What the agent is here for. A mode it does not know is refused, never taken for an
+    // install, and the appliance is told so when the token allows.
+    let agent_mode =
+        match AgentMode::from_values(cmdline.get(cmdline::MODE), cmdline.get(cmdline::WIPE)) {
+            Ok(m) => m,
+            Err(e) => {
+                if let Some(token) = &token {
+                    if let Ok(client) = crate::client::Client::new(&url, &mac, Some(token.clone()))
+                    {
+                        client.failed(&e.to_string());
+                    }
+                }
+                return Err(e.into());
+            }
+        };
+    if let AgentMode::Wipe { secure } = agent_mode {
         let token = token.context("a wipe needs fleetboot.token= (the appliance's script)")?;
         let client = crate::client::Client::new(&url, &mac, Some(token.clone()))?;
         crate::console::send_to(&url, &mac, &token);
-        let mode = match cmdline.get(cmdline::WIPE) {
-            Some("secure") => crate::wipe::Mode::Secure,
-            _ => crate::wipe::Mode::Quick,
+        let mode = if secure {
+            crate::wipe::Mode::Secure
+        } else {
+            crate::wipe::Mode::Quick
         };
         say(&format!("retired: wiping every fixed disk ({mode:?})"));
         match crate::wipe::all_disks(mode) {
@@ -170,7 +186,7 @@ fn setup_and_install() -> Result<Done> {
             }
         }
     }
-    if cmdline.get(cmdline::MODE) == Some("inspect") {
+    if agent_mode == AgentMode::Inspect {
         let token = token.context("inspection needs fleetboot.token= (the appliance's script)")?;
         let client = crate::client::Client::new(&url, &mac, Some(token.clone()))?;
         crate::console::send_to(&url, &mac, &token);

@@ -89,7 +89,12 @@ fn run() -> Result<()> {
                     bail!("{USAGE}");
                 };
                 // This host as it is: what the machine's agent reports under discover.
-                let client = client::Client::for_errand(&server, &mac, token, Some("inspect"))?;
+                let client = client::Client::for_errand(
+                    &server,
+                    &mac,
+                    token,
+                    fleetboot_image::api::AgentMode::Inspect,
+                )?;
                 let mut inv = inventory::collect(std::path::Path::new("/"));
                 ipmi::fill(&mut inv, None);
                 client.inventory(&inv)?;

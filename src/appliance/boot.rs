@@ -17,7 +17,7 @@ use crate::config::UnknownHosts;
 use crate::fleet::{StateError, Token};
 use crate::mac::Mac;
 use crate::store::{ImageRef, StoreError};
-use fleetboot_image::api::ImageId;
+use fleetboot_image::api::{AgentMode, ImageId};
 use std::net::IpAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -36,15 +36,12 @@ pub enum BootPlan {
 }
 
 impl BootPlan {
-    /// The agent's token and mode (`""` install, `inspect`, `wipe`, `wipe secure`); `None`: the
-    /// local disk.
-    pub fn agent_mode(&self) -> Option<(&str, &'static str)> {
+    /// The agent's token and what it is booted for; `None`: the local disk.
+    pub fn agent_mode(&self) -> Option<(&str, AgentMode)> {
         match self {
-            BootPlan::Agent { token, .. } => Some((token, "")),
-            BootPlan::Inspect { token } => Some((token, "inspect")),
-            BootPlan::Wipe { token, secure } => {
-                Some((token, if *secure { "wipe secure" } else { "wipe" }))
-            }
+            BootPlan::Agent { token, .. } => Some((token, AgentMode::Install)),
+            BootPlan::Inspect { token } => Some((token, AgentMode::Inspect)),
+            BootPlan::Wipe { token, secure } => Some((token, AgentMode::Wipe { secure: *secure })),
             BootPlan::LocalDisk => None,
         }
     }

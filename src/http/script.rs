@@ -6,7 +6,7 @@ use super::{blocking, AppError, AppState};
 use crate::appliance::BootError;
 use crate::mac::Mac;
 use axum::http::StatusCode;
-use fleetboot_image::api::cmdline;
+use fleetboot_image::api::{cmdline, AgentMode};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -43,11 +43,11 @@ pub async fn for_host(st: Arc<AppState>, mac: Mac, peer: IpAddr) -> Result<Strin
     })
 }
 
-/// Boots the agent: to install (`mode` empty), to report the machine and power off
-/// (`inspect`), or to wipe its disks and power off (`wipe`, `wipe secure`). iPXE fills in
+/// Boots the agent: to install, to report the machine and power off, or to wipe its disks and
+/// power off. iPXE fills in
 /// `${ip}` and friends from its own lease, so the agent can configure its NIC without a second
 /// DHCP exchange.
-pub fn agent_script(base: &str, mac: Mac, token: &str, mode: &str) -> String {
+pub fn agent_script(base: &str, mac: Mac, token: &str, mode: AgentMode) -> String {
     let (what, params) = agent_params(base, mac, token, mode);
     format!(
         "#!ipxe\n\
@@ -64,21 +64,19 @@ pub fn agent_script(base: &str, mac: Mac, token: &str, mode: &str) -> String {
 
 /// What the agent is booted for (in words), and its kernel parameters for `mode` (see
 /// [`agent_script`]) whatever loads it: the consoles, the appliance, the MAC, the token.
-pub fn agent_params(base: &str, mac: Mac, token: &str, mode: &str) -> (&'static str, String) {
-    let (what, mode) = match mode {
-        "" => ("installing on", String::new()),
-        "inspect" => ("inspecting", format!(" {}=inspect", cmdline::MODE)),
-        "wipe secure" => (
-            "wiping (secure erase)",
-            format!(" {}=wipe {}=secure", cmdline::MODE, cmdline::WIPE),
-        ),
-        _ => ("wiping", format!(" {}=wipe", cmdline::MODE)),
+pub fn agent_params(base: &str, mac: Mac, token: &str, mode: AgentMode) -> (&'static str, String) {
+    let what = match mode {
+        AgentMode::Install => "installing on",
+        AgentMode::Inspect => "inspecting",
+        AgentMode::Wipe { secure: true } => "wiping (secure erase)",
+        AgentMode::Wipe { secure: false } => "wiping",
     };
     let params = format!(
         "console=tty0 console=ttyS0,115200 {url}={base} {mac_key}={mac} {token_key}={token}{mode}",
         url = cmdline::URL,
         mac_key = cmdline::MAC,
         token_key = cmdline::TOKEN,
+        mode = mode.params(),
     );
     (what, params)
 }

@@ -194,5 +194,111 @@ pub mod cmdline {
     pub const WIPE: &str = "fleetboot.wipe";
 }
 
+/// What the agent is booted for. The boot script says it on the kernel command line
+/// ([`cmdline::MODE`], and [`cmdline::WIPE`] for a wipe); an install carries no mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentMode {
+    /// Install the assigned image and boot it.
+    Install,
+    /// Report the machine's inventory and power off, installing nothing.
+    Inspect,
+    /// Wipe every fixed disk (the machine is retired) and power off; `secure`: with the
+    /// drives' own secure erase rather than discard and zeroes.
+    Wipe { secure: bool },
+}
+
+/// A mode the agent does not know. The agent refuses it rather than take it for an install: a
+/// script from a newer appliance must never lead to writing a disk it was not meant to.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown agent mode {mode}={value} (this agent knows inspect, wipe, and {wipe}=secure)", mode = cmdline::MODE, wipe = cmdline::WIPE)]
+pub struct UnknownMode {
+    pub value: String,
+}
+
+impl AgentMode {
+    /// The mode that `fleetboot.mode` and `fleetboot.wipe` (their values, absent or empty when
+    /// not given) say.
+    pub fn from_values(mode: Option<&str>, wipe: Option<&str>) -> Result<AgentMode, UnknownMode> {
+        let unknown = |value: &str| UnknownMode {
+            value: value.to_string(),
+        };
+        match (mode.unwrap_or(""), wipe.unwrap_or("")) {
+            ("", _) => Ok(AgentMode::Install),
+            ("inspect", _) => Ok(AgentMode::Inspect),
+            ("wipe", "") => Ok(AgentMode::Wipe { secure: false }),
+            ("wipe", "secure") => Ok(AgentMode::Wipe { secure: true }),
+            ("wipe", other) => Err(unknown(&format!("wipe {}={other}", cmdline::WIPE))),
+            (other, _) => Err(unknown(other)),
+        }
+    }
+
+    /// The mode a kernel command line (or an iPXE script's `kernel` line) says.
+    pub fn from_words(text: &str) -> Result<AgentMode, UnknownMode> {
+        let value = |key: &str| {
+            let key = format!("{key}=");
+            text.split_whitespace()
+                .find_map(|w| w.strip_prefix(key.as_str()))
+        };
+        AgentMode::from_values(value(cmdline::MODE), value(cmdline::WIPE))
+    }
+
+    /// The kernel parameters that say this mode, each after a space (none for an install).
+    pub fn params(self) -> String {
+        match self {
+            AgentMode::Install => String::new(),
+            AgentMode::Inspect => format!(" {}=inspect", cmdline::MODE),
+            AgentMode::Wipe { secure: false } => format!(" {}=wipe", cmdline::MODE),
+            AgentMode::Wipe { secure: true } => {
+                format!(" {}=wipe {}=secure", cmdline::MODE, cmdline::WIPE)
+            }
+        }
+    }
+}
+
+impl fmt::Display for AgentMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AgentMode::Install => "install",
+            AgentMode::Inspect => "inspect",
+            AgentMode::Wipe { secure: false } => "wipe",
+            AgentMode::Wipe { secure: true } => "wipe (secure erase)",
+        })
+    }
+}
+
 /// Prefix of the one console line that carries the agent's [`InstallReport`] as JSON.
 pub const REPORT_PREFIX: &str = "fleetboot-report: ";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_agent_mode_reads_back_from_its_own_params() {
+        for mode in [
+            AgentMode::Install,
+            AgentMode::Inspect,
+            AgentMode::Wipe { secure: false },
+            AgentMode::Wipe { secure: true },
+        ] {
+            let line = format!("console=ttyS0 {}=x{} quiet", cmdline::URL, mode.params());
+            assert_eq!(AgentMode::from_words(&line).unwrap(), mode, "{line}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_mode_is_refused_never_taken_for_an_install() {
+        for line in [
+            "fleetboot.mode=reinstall",
+            "fleetboot.mode=wipe fleetboot.wipe=sekure",
+        ] {
+            let e = AgentMode::from_words(line).unwrap_err();
+            assert!(e.to_string().contains("unknown agent mode"), "{e}");
+        }
+        // An empty value is no mode, as the agent reads any empty key.
+        assert_eq!(
+            AgentMode::from_words("fleetboot.mode= x").unwrap(),
+            AgentMode::Install
+        );
+    }
+}
