@@ -326,10 +326,11 @@ impl FleetState {
             let tx = db.unchecked_transaction()?;
             let mut n = 0;
             for mac in macs {
+                // A host never seen has no record, and gets none here: it installs at its first
+                // boot anyway, and must not show as seen (discovered) before it boots.
                 tx.execute(
-                    "INSERT INTO hosts (mac, first_seen, last_seen, reimage) VALUES (?1, ?2, ?2, 1)
-                     ON CONFLICT(mac) DO UPDATE SET reimage = 1, retire = NULL",
-                    params![mac.to_string(), t],
+                    "UPDATE hosts SET reimage = 1, retire = NULL WHERE mac = ?1",
+                    params![mac.to_string()],
                 )?;
                 tx.execute(
                     "INSERT INTO events (ts, mac, kind, detail) VALUES (?1, ?2, 'reimage-requested', NULL)",
@@ -1078,6 +1079,10 @@ mod tests {
 
         assert_eq!(s.request_reimage(&[mac]).unwrap(), 1);
         assert!(s.host(mac).unwrap().unwrap().reimage);
+        // A host never seen is not made seen by a request (it installs at its first boot).
+        let never_seen: Mac = "52:54:00:00:00:99".parse().unwrap();
+        assert_eq!(s.request_reimage(&[never_seen]).unwrap(), 1);
+        assert!(s.host(never_seen).unwrap().is_none());
         s.failed(mac, "no disk matching auto").unwrap();
         let h = s.host(mac).unwrap().unwrap();
         assert_eq!(
@@ -1086,8 +1091,14 @@ mod tests {
         );
         let kinds: Vec<String> = s.events(10).unwrap().into_iter().map(|e| e.kind).collect();
         assert_eq!(
-            kinds[..4],
-            ["failed", "reimage-requested", "installed", "agent-booted"]
+            kinds[..5],
+            [
+                "failed",
+                "reimage-requested",
+                "reimage-requested",
+                "installed",
+                "agent-booted"
+            ]
         );
 
         // Batched writes (the DHCP path): hosts and leases in one transaction.
