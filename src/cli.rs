@@ -16,15 +16,10 @@ use std::path::PathBuf;
     about = "Bare-metal provisioning appliance and combined image store"
 )]
 struct Cli {
-    /// The image store: a folder, or s3://BUCKET/PREFIX (endpoint, region and keys from AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; AWS_ALLOW_HTTP=true for http).
-    #[arg(
-        long,
-        global = true,
-        env = "FLEETBOOT_STORE",
-        default_value = "/var/lib/fleetboot/store"
-    )]
-    store: PathBuf,
-    /// The appliance's configuration (serve, host, reimage).
+    /// The image store: a folder, or s3://BUCKET/PREFIX (endpoint, region and keys from AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; AWS_ALLOW_HTTP=true for http). Default: the configuration's `store:` when that file exists, else /var/lib/fleetboot/store. serve, host, reimage and power use the configuration's store: naming another one is an error.
+    #[arg(long, global = true, env = "FLEETBOOT_STORE")]
+    store: Option<PathBuf>,
+    /// The appliance's configuration (serve, host, reimage, power; image and store commands read its `store:` and, for import and rm, its hosts).
     #[arg(
         long,
         global = true,
@@ -166,8 +161,14 @@ enum ImageCommand {
         #[arg(long)]
         table: bool,
     },
-    /// Remove an image version, or every version of NAME. `store gc` frees the space.
-    Rm { image: String },
+    /// Remove an image version, or every version of NAME. `store gc` frees the space. Refused
+    /// while the configuration's hosts boot it (named, or the latest of a name they follow).
+    Rm {
+        image: String,
+        /// Remove it even though the configuration uses it (or cannot be read).
+        #[arg(long)]
+        force: bool,
+    },
     /// What reimaging a machine from FROM to TO fetches.
     Diff {
         from: String,
@@ -256,10 +257,25 @@ enum StoreCommand {
 /// Runs the command line.
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
-    let store = crate::s3::open_store(&cli.store)?;
+    if !matches!(cli.command, Command::Serve) {
+        // A command whose output is cut short (`| head`) ends quietly, as other command-line
+        // tools do, rather than with an error or a panic. The appliance keeps ignoring SIGPIPE:
+        // a client that hangs up must not end it.
+        // SAFETY: sets a signal's disposition to its default before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+    if !matches!(cli.command, Command::Image(_) | Command::Store(_)) {
+        check_store_agrees(&cli)?;
+    }
     match cli.command {
-        Command::Image(c) => image(&store, &cli.config, c),
-        Command::Store(c) => store_cmd(&store, c),
+        Command::Image(c) => image(
+            &open_store(cli.store.as_deref(), &cli.config)?,
+            &cli.config,
+            c,
+        ),
+        Command::Store(c) => store_cmd(&open_store(cli.store.as_deref(), &cli.config)?, c),
         Command::Serve => serve(cli.config),
         Command::Host(HostCommand::List { json }) => host_list(&cli.config, json),
         Command::Host(HostCommand::Show { mac, json }) => host_show(&cli.config, &mac, json),
@@ -304,6 +320,58 @@ pub fn run() -> Result<()> {
             },
         ),
     }
+}
+
+/// Where the store is when neither the command line, the environment nor a configuration file
+/// says.
+const DEFAULT_STORE: &str = "/var/lib/fleetboot/store";
+
+/// The store of the `image` and `store` commands: `--store` (or `FLEETBOOT_STORE`), else the
+/// one the configuration names when its file exists, else [`DEFAULT_STORE`] — so an import on
+/// the appliance lands where `serve` reads.
+fn open_store(given: Option<&std::path::Path>, config: &std::path::Path) -> Result<Store> {
+    let location = match given {
+        Some(given) => given.to_path_buf(),
+        None if config.is_file() => crate::config::Config::store_of(config).context(
+            "cannot tell the store from the configuration (give --store or FLEETBOOT_STORE)",
+        )?,
+        None => PathBuf::from(DEFAULT_STORE),
+    };
+    crate::s3::open_store(&location)
+}
+
+/// `serve`, `host`, `reimage` and `power` use the store their configuration names; another one
+/// named by `--store` or `FLEETBOOT_STORE` is a mistake to stop at, not to ignore.
+fn check_store_agrees(cli: &Cli) -> Result<()> {
+    let Some(given) = &cli.store else {
+        return Ok(());
+    };
+    let named = crate::config::Config::store_of(&cli.config)?;
+    if !same_location(given, &named) {
+        bail!(
+            "the store is the one {} names ({}), but --store or FLEETBOOT_STORE names {}: \
+             leave that out, or change `store:` in the configuration",
+            cli.config.display(),
+            named.display(),
+            given.display()
+        );
+    }
+    Ok(())
+}
+
+/// Whether two store locations are the same store: one object store address, or one folder
+/// however it is written.
+fn same_location(a: &std::path::Path, b: &std::path::Path) -> bool {
+    let text = |p: &std::path::Path| p.to_string_lossy().trim_end_matches('/').to_string();
+    if text(a).starts_with("s3://") || text(b).starts_with("s3://") {
+        return text(a) == text(b);
+    }
+    let folder = |p: &std::path::Path| {
+        std::fs::canonicalize(p)
+            .or_else(|_| std::path::absolute(p))
+            .ok()
+    };
+    folder(a) == folder(b)
 }
 
 /// The hosts a BMC command names, and how many BMCs to talk to at once.
@@ -519,7 +587,7 @@ fn host_show(config: &std::path::Path, mac: &str, json: bool) -> Result<()> {
         )?;
     }
     if let Some(b) = host.and_then(|h| h.bmc.as_ref()) {
-        writeln!(out, "  bmc {:?} {} as {}", b.kind, b.address, b.username)?;
+        writeln!(out, "  bmc {} {} as {}", b.kind, b.address, b.username)?;
     }
     match &inventory {
         None => writeln!(
@@ -727,12 +795,7 @@ fn announce_rollout(store: &Store, config_path: &std::path::Path, report: &store
             return;
         }
     };
-    let same_store = match crate::s3::open_store(&config.store) {
-        Ok(s) if !s.is_local() => s.location() == store.location(),
-        Ok(s) => std::fs::canonicalize(s.root()).ok() == std::fs::canonicalize(store.root()).ok(),
-        Err(_) => false,
-    };
-    if !same_store {
+    if !same_location(&config.store, &store.location()) {
         return;
     }
     let name = &report.image.name;
@@ -767,6 +830,53 @@ fn announce_rollout(store: &Store, config_path: &std::path::Path, report: &store
         config_path.display()
     );
 }
+
+/// Refuses to remove what the configuration's hosts boot: a version a host, group, default or
+/// discovery rule names, or the latest of a name one follows. Those hosts would install another
+/// version or nothing, and `serve` refuses a configuration naming an image the store lacks.
+fn refuse_if_in_use(store: &Store, config_path: &std::path::Path, r: &ImageRef) -> Result<()> {
+    if !config_path.is_file() {
+        return Ok(());
+    }
+    let config = crate::config::Config::load(config_path).with_context(|| {
+        format!("cannot tell whether hosts use {r} (--force removes it unchecked)")
+    })?;
+    if !same_location(&config.store, &store.location()) {
+        return Ok(());
+    }
+    let versions = store.versions()?;
+    let users: Vec<String> = config
+        .image_uses
+        .iter()
+        .filter_map(|u| {
+            let v = Store::resolve_in(&versions, &u.image).ok()?;
+            let doomed = v.name == r.name && r.version.is_none_or(|n| n == v.version);
+            doomed.then(|| {
+                format!(
+                    "{}:{}:{}: {} (now {}@{})",
+                    config_path.display(),
+                    u.line,
+                    u.column,
+                    u.image,
+                    v.name,
+                    v.version
+                )
+            })
+        })
+        .collect();
+    if !users.is_empty() {
+        bail!(
+            "{r} is in use; the configuration names it at\n  {}\nchange those first, or give --force",
+            users.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
+/// Said when a listing stops at a manifest it cannot read.
+const DAMAGED_HINT: &str =
+    "an image's descriptive data cannot be read: `fleetboot store verify` lists every damaged \
+     image; put its manifest back from a backup, or remove it with `fleetboot image rm NAME@N`";
 
 fn parse_ref(s: &str) -> Result<ImageRef> {
     s.parse::<ImageRef>().map_err(Into::into)
@@ -837,7 +947,7 @@ fn image(store: &Store, config: &std::path::Path, command: ImageCommand) -> Resu
             );
         }
         ImageCommand::List { json } => {
-            let list = store.list()?;
+            let list = store.list().context(DAMAGED_HINT)?;
             if json {
                 return print_json(&list);
             }
@@ -876,8 +986,12 @@ fn image(store: &Store, config: &std::path::Path, command: ImageCommand) -> Resu
             }
             show(&m, table)?;
         }
-        ImageCommand::Rm { image } => {
-            for r in store.remove(&parse_ref(&image)?)? {
+        ImageCommand::Rm { image, force } => {
+            let r = parse_ref(&image)?;
+            if !force {
+                refuse_if_in_use(store, config, &r)?;
+            }
+            for r in store.remove(&r)? {
                 println!("removed {r}");
             }
             eprintln!("run `fleetboot store gc` to free the space no image uses any more");
@@ -930,9 +1044,17 @@ fn store_cmd(store: &Store, command: StoreCommand) -> Result<()> {
                 for (id, why) in &r.damaged_chunks {
                     println!("DAMAGED chunk {id}: {why}");
                 }
-                if !r.unreferenced_packs.is_empty() {
+                if !r.unreferenced_packs.is_empty() && r.damaged_images.is_empty() {
                     println!(
                         "{} pack(s) no image uses (left by an interrupted import; `store gc` removes them)",
+                        r.unreferenced_packs.len()
+                    );
+                } else if !r.unreferenced_packs.is_empty() {
+                    // A manifest that cannot be read names no pack: its packs look unused.
+                    println!(
+                        "{} pack(s) no readable manifest names (an interrupted import's, or the \
+                         damaged images' above: put their manifests back from a backup, or \
+                         `image rm` them, before `store gc`)",
                         r.unreferenced_packs.len()
                     );
                 }
@@ -1029,7 +1151,7 @@ fn store_cmd(store: &Store, command: StoreCommand) -> Result<()> {
             }
         }
         StoreCommand::Stats { json } => {
-            let s = store.stats()?;
+            let s = store.stats().context(DAMAGED_HINT)?;
             if json {
                 return print_json(&s);
             }

@@ -243,8 +243,39 @@ pub struct IdentityKeys {
     pub ssh_authorized_keys: Option<Vec<String>>,
     /// cloud-config (or a script), inline or read from `user_data_file`.
     pub user_data: Option<String>,
-    pub network: Option<StaticNetwork>,
+    pub network: Option<NetworkKeys>,
     pub cloud_init: Option<CloudInit>,
+}
+
+/// `network:` as one level gives it: a host its own address; the defaults and a group the
+/// gateway and DNS servers their hosts share. Merged key by key, like the identity keys.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetworkKeys {
+    /// The address and its prefix length (host level only).
+    pub address: Option<(Ipv4Addr, u8)>,
+    pub gateway: Option<Ipv4Addr>,
+    pub dns: Option<Vec<Ipv4Addr>>,
+}
+
+impl NetworkKeys {
+    fn over(&self, more_general: &NetworkKeys) -> NetworkKeys {
+        NetworkKeys {
+            address: self.address.or(more_general.address),
+            gateway: self.gateway.or(more_general.gateway),
+            dns: self.dns.clone().or_else(|| more_general.dns.clone()),
+        }
+    }
+
+    /// A host's static network, if it has an address; else it takes DHCP.
+    fn static_network(&self) -> Option<StaticNetwork> {
+        let (address, prefix) = self.address?;
+        Some(StaticNetwork {
+            address,
+            prefix,
+            gateway: self.gateway,
+            dns: self.dns.clone().unwrap_or_default(),
+        })
+    }
 }
 
 /// How the installed OS gets its cloud-init data (`cloud_init:`).
@@ -277,10 +308,10 @@ impl IdentityKeys {
                 .user_data
                 .clone()
                 .or_else(|| more_general.user_data.clone()),
-            network: self
-                .network
-                .clone()
-                .or_else(|| more_general.network.clone()),
+            network: match (&self.network, &more_general.network) {
+                (Some(own), Some(general)) => Some(own.over(general)),
+                (own, general) => own.clone().or_else(|| general.clone()),
+            },
             cloud_init: self.cloud_init.or(more_general.cloud_init),
         }
     }
@@ -599,11 +630,12 @@ raw_identity!(RawHost);
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawNetwork {
-    address: String,
+    #[serde(default)]
+    address: Option<String>,
     #[serde(default)]
     gateway: Option<Ipv4Addr>,
     #[serde(default)]
-    dns: Vec<Ipv4Addr>,
+    dns: Option<Vec<Ipv4Addr>>,
 }
 
 #[derive(Deserialize)]
@@ -747,11 +779,26 @@ fn identity_keys(
             ));
         }
     }
-    if let (Some(n), false) = (r.network, host_level) {
-        return Err(at(
-            &n.referenced,
-            "a static address belongs to one host: give `network` in that host's entry".into(),
-        ));
+    if let Some(n) = r.network {
+        match (&n.value.address, host_level) {
+            (Some(_), false) => {
+                return Err(at(
+                    &n.referenced,
+                    "a static address belongs to one host: give network.address in that host's \
+                     entry (the defaults and a group may give gateway and dns)"
+                        .into(),
+                ))
+            }
+            (None, true) => {
+                return Err(at(
+                    &n.referenced,
+                    "a host's network needs its address (address: A/P, e.g. 10.0.0.5/24); \
+                     gateway and dns alone belong in a group or the defaults"
+                        .into(),
+                ))
+            }
+            _ => {}
+        }
     }
     if let Some(keys) = &r.ssh_authorized_keys {
         for k in &keys.value {
@@ -795,24 +842,29 @@ fn identity_keys(
     let network = match r.network {
         None => None,
         Some(n) => {
-            let bad = || {
-                at(
-                    &n.referenced,
-                    format!(
-                        "network.address {:?} is not an address with its prefix, e.g. 10.0.0.5/24",
-                        n.value.address
-                    ),
-                )
+            let address = match &n.value.address {
+                None => None,
+                Some(text) => {
+                    let bad = || {
+                        at(
+                            &n.referenced,
+                            format!(
+                                "network.address {text:?} is not an address with its prefix, \
+                                 e.g. 10.0.0.5/24"
+                            ),
+                        )
+                    };
+                    let (addr, prefix) = text.split_once('/').ok_or_else(bad)?;
+                    let address: Ipv4Addr = addr.trim().parse().map_err(|_| bad())?;
+                    let prefix: u8 = prefix.trim().parse().map_err(|_| bad())?;
+                    if !(1..=32).contains(&prefix) {
+                        return Err(bad());
+                    }
+                    Some((address, prefix))
+                }
             };
-            let (addr, prefix) = n.value.address.split_once('/').ok_or_else(bad)?;
-            let address: Ipv4Addr = addr.trim().parse().map_err(|_| bad())?;
-            let prefix: u8 = prefix.trim().parse().map_err(|_| bad())?;
-            if !(1..=32).contains(&prefix) {
-                return Err(bad());
-            }
-            Some(StaticNetwork {
+            Some(NetworkKeys {
                 address,
-                prefix,
                 gateway: n.value.gateway,
                 dns: n.value.dns.clone(),
             })
@@ -963,15 +1015,7 @@ impl Config {
         text: &str,
         site: Option<&str>,
     ) -> Result<Config, ConfigError> {
-        let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| {
-            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-            ConfigError::Invalid {
-                path: path.to_path_buf(),
-                line,
-                column,
-                message: first_line(&e.without_snippet().to_string()),
-            }
-        })?;
+        let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| yaml_error(path, &e))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let at = |loc: &serde_saphyr::Location, message: String| ConfigError::Invalid {
             path: path.to_path_buf(),
@@ -1143,7 +1187,8 @@ impl Config {
                 None => defaults.identity.clone(),
             };
             let keys = identity(&h.value.identity(), true)?.over(&general);
-            if let Some(n) = &keys.network {
+            let network = keys.network.as_ref().and_then(NetworkKeys::static_network);
+            if let Some(n) = &network {
                 if !static_addresses.insert((host_site.cloned(), n.address)) {
                     return Err(at(
                         &h.referenced,
@@ -1173,7 +1218,7 @@ impl Config {
                 identity: Identity {
                     ssh_authorized_keys: keys.ssh_authorized_keys.unwrap_or_default(),
                     user_data: keys.user_data,
-                    network: keys.network,
+                    network,
                     cloud_init: keys.cloud_init.unwrap_or_default(),
                 },
                 disk: disk_choice(&h.value.disk)?
@@ -1272,6 +1317,23 @@ impl Config {
                 )));
             }
         }
+        if let Some(mine) = site {
+            // A mistyped FLEETBOOT_SITE would leave the appliance serving no host, silently.
+            let named: BTreeSet<&str> = raw
+                .defaults
+                .site
+                .iter()
+                .chain(raw.groups.values().filter_map(|g| g.value.site.as_ref()))
+                .chain(raw.hosts.values().filter_map(|h| h.value.site.as_ref()))
+                .map(String::as_str)
+                .collect();
+            if !named.is_empty() && !named.contains(mine) {
+                return Err(whole(format!(
+                    "FLEETBOOT_SITE is {mine:?}, a site the file does not name (it names {})",
+                    named.iter().copied().collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
         if raw.dhcp.lease_time < 60 {
             return Err(whole("dhcp.lease_time is under 60 seconds".into()));
         }
@@ -1306,12 +1368,7 @@ impl Config {
             address: raw.address,
             http_port: raw.http_port,
             boot_dir: base.join(raw.boot_dir),
-            // An object store's address is kept as written; a folder is relative to the file.
-            store: if raw.store.to_string_lossy().starts_with("s3://") {
-                raw.store
-            } else {
-                base.join(raw.store)
-            },
+            store: store_at(base, raw.store),
             state_dir: base.join(raw.state_dir),
             admin_token: raw.admin_token,
             router_advertisements: raw.router_advertisements,
@@ -1333,6 +1390,22 @@ impl Config {
         })
     }
 
+    /// Only the store a configuration file names (its `store:`, resolved as [`Config::load`]
+    /// does), for the store's own commands: a mistake elsewhere in the file does not stop them.
+    pub fn store_of(path: &Path) -> Result<PathBuf, ConfigError> {
+        #[derive(Deserialize)]
+        struct StoreOnly {
+            #[serde(default = "default_store")]
+            store: PathBuf,
+        }
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        let raw: StoreOnly = serde_saphyr::from_str(&text).map_err(|e| yaml_error(path, &e))?;
+        Ok(store_at(path.parent().unwrap_or(Path::new(".")), raw.store))
+    }
+
     /// Fails on the first image the configuration names that the store does not hold.
     pub fn check_images(&self, store: &Store) -> Result<(), ConfigError> {
         for u in &self.image_uses {
@@ -1346,6 +1419,43 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// The store `store:` names: an object store's address as written, a folder relative to the
+/// configuration file's.
+fn store_at(base: &Path, store: PathBuf) -> PathBuf {
+    if store.to_string_lossy().starts_with("s3://") {
+        store
+    } else {
+        base.join(store)
+    }
+}
+
+/// A YAML or type error at its place in `path`. The parser's own "at line L, column C" and its
+/// advice about parser options are left out: the place is given once, in front.
+fn yaml_error(path: &Path, e: &serde_saphyr::Error) -> ConfigError {
+    let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+    let mut message = first_line(&e.without_snippet().to_string());
+    if let Some(cut) = message.find(", set DuplicateKeyPolicy") {
+        message.truncate(cut);
+    }
+    if let Some(cut) = message.rfind(" at line ") {
+        let place = &message[cut + " at line ".len()..];
+        let numbers = place.split_once(", column ");
+        if numbers.is_some_and(|(l, c)| {
+            [l, c]
+                .iter()
+                .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        }) {
+            message.truncate(cut);
+        }
+    }
+    ConfigError::Invalid {
+        path: path.to_path_buf(),
+        line,
+        column,
+        message,
     }
 }
 
@@ -1408,6 +1518,8 @@ hosts:
         );
         assert_eq!(macs(Some("b")), ["52:54:00:00:00:02", "52:54:00:00:00:04"]);
         assert_eq!(macs(None).len(), 4, "no site: every host");
+        let typo = Config::parse_at_site(path, text, Some("c")).unwrap_err();
+        assert!(typo.to_string().contains("it names a, b"), "{typo}");
         // Another site's hosts are still checked: a mistake there is named everywhere.
         let bad = text.replace("group: rack-b, ip", "group: rack-c, ip");
         assert!(Config::parse_at_site(path, &bad, Some("a")).is_err());
@@ -1508,6 +1620,18 @@ hosts:
         assert_invalid("interface: br0\nunknown_hosts: maybe\n", 2, "unknown_hosts");
         assert_invalid("interface: br0\ndhcp: { mode: fast }\n", 2, "fast");
         assert_invalid("interface: [br0\n", 1, "");
+        // The place is said once, in front; the parser's advice about its own options is not
+        // the operator's business.
+        for text in [
+            "interface: br0\ninterface: br1\n",
+            "interface: br0\nhosts:\n  a: 1\n   b: 2\n",
+            "interface: br0\nhttp_port: 70000\n",
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.starts_with("/etc/fleetboot/fleetboot.yaml:"), "{e}");
+            assert!(!e.contains("at line"), "{e}");
+            assert!(!e.contains("DuplicateKeyPolicy"), "{e}");
+        }
     }
 
     /// Issue 9: hostname, SSH keys, user data (inline or from a file) and a static network at
@@ -1527,15 +1651,17 @@ defaults:
   user_data: |
     #cloud-config
     packages: [htop]
+  network: { gateway: 10.0.0.254, dns: [10.0.0.2] }
 groups:
   web:
     user_data_file: web.yaml
     cloud_init: off
+    network: { gateway: 10.0.0.1, dns: [10.0.0.53] }
 hosts:
   \"52:54:00:00:00:01\":
     group: web
     hostname: web-01
-    network: { address: 10.0.0.5/24, gateway: 10.0.0.1, dns: [10.0.0.53] }
+    network: { address: 10.0.0.5/24, dns: [10.0.0.54] }
   \"52:54:00:00:00:02\": { ssh_authorized_keys: [\"ssh-rsa AAAAB3 me@laptop\"] }
 ";
         let c = Config::parse(&dir.path().join("fleetboot.yaml"), text).unwrap();
@@ -1551,9 +1677,11 @@ hosts:
             .as_deref()
             .unwrap()
             .contains("touch, /web"));
+        // The address from the host, the gateway from its group, DNS from the host again.
         let net = web.identity.network.as_ref().unwrap();
         assert_eq!((net.address, net.prefix), ("10.0.0.5".parse().unwrap(), 24));
         assert_eq!(net.gateway, Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(net.dns, ["10.0.0.54".parse::<Ipv4Addr>().unwrap()]);
         let other = &c.hosts[&"52:54:00:00:00:02".parse().unwrap()];
         assert_eq!(other.hostname.as_deref(), Some("node-525400000002"));
         assert_eq!(
@@ -1566,7 +1694,10 @@ hosts:
             .as_deref()
             .unwrap()
             .contains("htop"));
-        assert_eq!(other.identity.network, None, "DHCP by default");
+        assert_eq!(
+            other.identity.network, None,
+            "DHCP without an address of its own, whatever the defaults' gateway"
+        );
         assert_eq!(web.identity.cloud_init, CloudInit::Off, "from the group");
         assert_eq!(other.identity.cloud_init, CloudInit::Seed, "the default");
         let unknown = c.host_or_defaults("52:54:00:00:00:09".parse().unwrap());
@@ -1602,6 +1733,11 @@ hosts:
             "interface: br0\ngroups:\n  web: { network: { address: 10.0.0.5/24 } }\n",
             3,
             "belongs to one host",
+        );
+        assert_invalid(
+            &host("network: { gateway: 10.0.0.1 }"),
+            3,
+            "needs its address",
         );
         assert_invalid(
             "interface: br0\nhosts:\n  \"52:54:00:00:00:01\": { network: { address: 10.0.0.5/24 } }\n  \"52:54:00:00:00:02\": { network: { address: 10.0.0.5/24 } }\n",

@@ -119,7 +119,7 @@ fn host_show_prints_the_inventory_and_how_to_enrol_and_host_log_the_install() {
     let (ok, out) = fleetboot(&config, &["host", "show", KNOWN]);
     assert!(ok, "{out}");
     assert!(out.contains("pick nvme0n1"), "{out}");
-    assert!(out.contains("bmc Ipmi 10.0.0.5 as admin"), "{out}");
+    assert!(out.contains("bmc ipmi 10.0.0.5 as admin"), "{out}");
     assert!(!out.contains("to enrol"), "{out}");
     let (ok, out) = fleetboot(&config, &["host", "show", "52:54:00:c1:00:77"]);
     assert!(!ok && out.contains("no host 52:54:00:c1:00:77"), "{out}");

@@ -1075,3 +1075,82 @@ fn kill_9_during_compaction_never_damages_the_store() {
         "only {killed} kills landed during a compaction (seed {seed})"
     );
 }
+
+/// On an appliance the configuration names the store: the store's commands use it when no
+/// `--store` is given, an appliance command refuses another one, and `image rm` refuses what
+/// the configuration's hosts boot (named, or the latest of a name they follow).
+#[test]
+fn the_configuration_names_the_store_and_guards_its_images() {
+    let env = Env::new();
+    let config = env.write(
+        "fleetboot.yaml",
+        b"interface: eth0\nstore: store\nstate_dir: state\ngroups:\n  web: { image: x@1 }\n\
+          hosts:\n  \"52:54:00:00:00:01\": { image: x }\n  \"52:54:00:00:00:02\": { group: web }\n",
+    );
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_fleetboot"))
+            .env("FLEETBOOT_CONFIG", &config)
+            .env_remove("FLEETBOOT_STORE")
+            .stdin(Stdio::null())
+            .args(args)
+            .output()
+            .expect("run fleetboot")
+    };
+    let ok = |args: &[&str]| {
+        let out = run(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let fails = |args: &[&str]| {
+        let out = run(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let a = synthetic_image(71, 40, 0);
+    let pa = env.write("a.img", &a);
+    let pb = env.write("b.img", &next_version(&a, 72, 4));
+    // No --store: the import lands in the store the configuration names (beside it).
+    assert_eq!(
+        ok(&["image", "import", "x", pa.to_str().unwrap()]).trim(),
+        "x@1"
+    );
+    assert_eq!(
+        ok(&["image", "import", "x", pb.to_str().unwrap()]).trim(),
+        "x@2"
+    );
+    assert_eq!(env.export("x@1"), a, "in the configuration's store");
+
+    // An appliance command given another store stops and says which is which; the same store
+    // written another way is the same store.
+    let other = env.path("other-store");
+    let e = fails(&["--store", other.to_str().unwrap(), "host", "list"]);
+    assert!(e.contains("but --store or FLEETBOOT_STORE names"), "{e}");
+    assert!(e.contains("other-store"), "{e}");
+    ok(&["--store", env.store().to_str().unwrap(), "host", "list"]);
+
+    // x@2 is the latest of x, which host …01 follows (line 7); x@1 is its group's (line 5).
+    let e = fails(&["image", "rm", "x@2"]);
+    assert!(e.contains("x@2 is in use"), "{e}");
+    assert!(e.contains("fleetboot.yaml:7:"), "{e}");
+    let e = fails(&["image", "rm", "x"]);
+    assert!(
+        e.contains("fleetboot.yaml:5:") && e.contains("fleetboot.yaml:7:"),
+        "{e}"
+    );
+    assert_eq!(env.export("x@2").len(), a.len(), "nothing was removed");
+    // Once x@3 is the latest, x@2 is no host's and goes; x@1 only with --force.
+    assert_eq!(
+        ok(&["image", "import", "x", pa.to_str().unwrap()]).trim(),
+        "x@3"
+    );
+    ok(&["image", "rm", "x@2"]);
+    fails(&["image", "rm", "x@1"]);
+    ok(&["image", "rm", "x@1", "--force"]);
+    let listed = ok(&["image", "show", "x@3"]);
+    assert!(listed.contains("x@3"), "{listed}");
+    fails(&["image", "show", "x@1"]);
+}

@@ -22,6 +22,16 @@ pub enum BmcKind {
     Redfish,
 }
 
+impl std::fmt::Display for BmcKind {
+    /// As `bmc.type` writes it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BmcKind::Ipmi => "ipmi",
+            BmcKind::Redfish => "redfish",
+        })
+    }
+}
+
 /// Where the BMC password comes from: a file (its first line) or an environment variable.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PasswordSource {
