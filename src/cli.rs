@@ -782,6 +782,31 @@ fn reimage(config: &std::path::Path, macs: &[String], group: Option<&str>) -> Re
     Ok(())
 }
 
+/// After an import: says when an earlier version of the name holds the same content (a repeated
+/// import costs no space, but hosts that installed either need not reinstall).
+fn say_if_unchanged(store: &Store, report: &store::ImportReport) {
+    let Ok(versions) = store.versions() else {
+        return;
+    };
+    let same = versions
+        .iter()
+        .filter(|v| v.name == report.image.name && Some(v.version) != report.image.version)
+        .filter(|v| {
+            store
+                .load_manifest(v)
+                .is_ok_and(|m| m.meta.digest == report.digest)
+        })
+        .map(|v| format!("{}@{}", v.name, v.version))
+        .collect::<Vec<_>>();
+    if !same.is_empty() {
+        eprintln!(
+            "{} holds the same content as {} (same digest)",
+            report.image,
+            same.join(", ")
+        );
+    }
+}
+
 /// After an import: hosts assigned the plain name (the latest version) now install the new
 /// version at their next boot — that is how a rollout works — so say how many.
 fn announce_rollout(store: &Store, config_path: &std::path::Path, report: &store::ImportReport) {
@@ -907,6 +932,7 @@ fn image(store: &Store, config: &std::path::Path, command: ImageCommand) -> Resu
                 human(report.new_stored_bytes),
             );
             println!("{}", report.image);
+            say_if_unchanged(store, &report);
             announce_rollout(store, config, &report);
         }
         ImageCommand::Export {

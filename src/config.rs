@@ -431,7 +431,11 @@ pub struct ImageUse {
 /// Why a configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: {error}")]
+    #[error("{path}: {error}{}", if error.kind() == std::io::ErrorKind::NotFound {
+        " (give the configuration with --config or FLEETBOOT_CONFIG)"
+    } else {
+        ""
+    })]
     Read {
         path: PathBuf,
         error: std::io::Error,
