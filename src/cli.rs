@@ -551,6 +551,13 @@ fn host_show(config: &std::path::Path, mac: &str, json: bool) -> Result<()> {
         catalog.resolve(&store, r).ok().map(|x| x.id)
     })?
     else {
+        if let Some(site) = config.other_sites.get(&mac) {
+            bail!(
+                "host {mac} is site {site:?}'s in {}: this appliance (FLEETBOOT_SITE) serves \
+                 another site",
+                config.path.display()
+            );
+        }
         bail!(
             "no host {mac}: not in {} and never seen",
             config.path.display()

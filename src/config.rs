@@ -54,6 +54,9 @@ pub struct Config {
     pub defaults: Assignment,
     pub groups: BTreeMap<String, Assignment>,
     pub hosts: BTreeMap<Mac, Host>,
+    /// Hosts the file lists for other sites' appliances (`FLEETBOOT_SITE`), with their site:
+    /// not this appliance's to serve, but named when asked for.
+    pub other_sites: BTreeMap<Mac, String>,
     /// Discovery rules: how an inspected machine the YAML does not list is enrolled.
     pub rules: Vec<crate::rules::Rule>,
     /// Every image the configuration names, with where, for checking against the store.
@@ -677,10 +680,12 @@ struct RawHost {
 
 /// A host's `bmc:` from its own, its group's and the defaults' keys (most specific first;
 /// relative files are beside the configuration). `None` when no level gives an address; an
-/// error names the most specific level's line.
+/// error names the most specific level's line. `files_here`: whether its password and CA files
+/// must be on this machine (not for another site's host: each site keeps its own secrets).
 fn resolve_bmc(
     levels: &[Option<&Spanned<RawBmc>>],
     base: &Path,
+    files_here: bool,
     at: &dyn Fn(&serde_saphyr::Location, String) -> ConfigError,
 ) -> Result<Option<Bmc>, ConfigError> {
     let given: Vec<&Spanned<RawBmc>> = levels.iter().flatten().copied().collect();
@@ -725,7 +730,7 @@ fn resolve_bmc(
                     .into(),
             )
         })?;
-    if let PasswordSource::File(path) = &password {
+    if let (PasswordSource::File(path), true) = (&password, files_here) {
         if !path.is_file() {
             return Err(err(format!(
                 "password_file {} does not exist",
@@ -734,7 +739,7 @@ fn resolve_bmc(
         }
     }
     let ca_file = pick!(ca_file).map(|f| base.join(f));
-    if let Some(path) = &ca_file {
+    if let (Some(path), true) = (&ca_file, files_here) {
         if !path.is_file() {
             return Err(err(format!("ca_file {} does not exist", path.display())));
         }
@@ -1146,6 +1151,7 @@ impl Config {
             );
         }
         let mut hosts = BTreeMap::new();
+        let mut other_sites = BTreeMap::new();
         // Addresses are unique within a site (sites are separate networks; `None`: no site).
         let mut reserved: BTreeSet<(Option<String>, Ipv4Addr)> = BTreeSet::new();
         let mut static_addresses: BTreeSet<(Option<String>, Ipv4Addr)> = BTreeSet::new();
@@ -1200,6 +1206,8 @@ impl Config {
                     ));
                 }
             }
+            let elsewhere =
+                matches!((site, host_site), (Some(mine), Some(theirs)) if mine != theirs);
             let bmc = resolve_bmc(
                 &[
                     h.value.bmc.as_ref(),
@@ -1210,6 +1218,7 @@ impl Config {
                     raw.defaults.bmc.as_ref(),
                 ],
                 base,
+                !elsewhere,
                 &at,
             )?;
             let host = Host {
@@ -1244,11 +1253,11 @@ impl Config {
                 group,
                 ip: h.value.ip,
             };
-            if let (Some(mine), Some(theirs)) = (site, host_site) {
-                if mine != theirs {
-                    // Another appliance's: checked like every host, then left out.
-                    continue;
-                }
+            if let (true, Some(theirs)) = (elsewhere, host_site) {
+                // Another appliance's: checked like every host (but for files only that site
+                // keeps), then left out.
+                other_sites.insert(mac, theirs.clone());
+                continue;
             }
             if hosts.insert(mac, host).is_some() {
                 return Err(at(&h.referenced, format!("host {mac} is listed twice")));
@@ -1388,6 +1397,7 @@ impl Config {
             defaults,
             groups,
             hosts,
+            other_sites,
             rules,
             image_uses,
             watched_files: watched,
@@ -1524,6 +1534,27 @@ hosts:
         assert_eq!(macs(None).len(), 4, "no site: every host");
         let typo = Config::parse_at_site(path, text, Some("c")).unwrap_err();
         assert!(typo.to_string().contains("it names a, b"), "{typo}");
+        // Each site keeps its own BMC password files: site a's appliance does not need b's.
+        let b_secrets = text
+            .replace(
+                "rack-b: { image: web, site: b }",
+                "rack-b: { image: web, site: b, bmc: { type: ipmi, username: admin, \
+             password_file: /nonexistent/b.pw } }",
+            )
+            .replace(
+                "{ group: rack-b, ip: 10.0.0.7 }",
+                "{ group: rack-b, ip: 10.0.0.7, bmc: { address: 10.0.1.2 } }",
+            );
+        let a = Config::parse_at_site(path, &b_secrets, Some("a")).unwrap();
+        assert_eq!(
+            a.other_sites.get(&"52:54:00:00:00:02".parse().unwrap()),
+            Some(&"b".to_string())
+        );
+        let b = Config::parse_at_site(path, &b_secrets, Some("b")).unwrap_err();
+        assert!(
+            b.to_string().contains("/nonexistent/b.pw does not exist"),
+            "{b}"
+        );
         // Another site's hosts are still checked: a mistake there is named everywhere.
         let bad = text.replace("group: rack-b, ip", "group: rack-c, ip");
         assert!(Config::parse_at_site(path, &bad, Some("a")).is_err());

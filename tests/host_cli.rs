@@ -175,4 +175,15 @@ fn appliances_sharing_one_file_each_list_their_own_site() {
         b.contains("52:54:00:5b:00:01") && !b.contains("52:54:00:5a:00:01"),
         "{b}"
     );
+    // Another site's host is named as such, not as unknown; a site the file does not name is
+    // an error, not an empty list.
+    for args in [
+        &["host", "show", "52:54:00:5b:00:01"][..],
+        &["reimage", "52:54:00:5b:00:01"],
+    ] {
+        let (ok, text) = fleetboot_with(&config, args, &[("FLEETBOOT_SITE", "a")]);
+        assert!(!ok && text.contains("is site \"b\"'s"), "{args:?}: {text}");
+    }
+    let (ok, text) = fleetboot_with(&config, &["host", "list"], &[("FLEETBOOT_SITE", "c")]);
+    assert!(!ok && text.contains("it names a, b"), "{text}");
 }

@@ -63,6 +63,13 @@ pub fn reimage_targets(
     let mut out = Vec::new();
     for m in macs {
         let mac: Mac = m.parse().map_err(|e| format!("{e}"))?;
+        if let Some(site) = config.other_sites.get(&mac) {
+            return Err(format!(
+                "host {mac} is site {site:?}'s in {}: this appliance (FLEETBOOT_SITE) serves \
+                 another site; ask that site's appliance",
+                config.path.display()
+            ));
+        }
         if !config.hosts.contains_key(&mac) {
             return Err(format!("host {mac} is not in {}", config.path.display()));
         }
