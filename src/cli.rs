@@ -41,6 +41,9 @@ enum Command {
     Store(StoreCommand),
     /// Run the appliance: DHCP, TFTP and HTTP on the configured interface.
     Serve,
+    /// Check the configuration as `serve` would load it — the YAML, every image it names
+    /// against the store — and say what boot_dir lacks; exits non-zero on an error.
+    Check,
     /// Hosts: configuration and observed state.
     #[command(subcommand)]
     Host(HostCommand),
@@ -277,6 +280,7 @@ pub fn run() -> Result<()> {
         ),
         Command::Store(c) => store_cmd(&open_store(cli.store.as_deref(), &cli.config)?, c),
         Command::Serve => serve(cli.config),
+        Command::Check => check(&cli.config),
         Command::Host(HostCommand::List { json }) => host_list(&cli.config, json),
         Command::Host(HostCommand::Show { mac, json }) => host_show(&cli.config, &mac, json),
         Command::Host(HostCommand::Retire { macs, group }) => {
@@ -494,6 +498,24 @@ fn reimage_reboot(
             hosts.len() - installed,
             hosts.len()
         );
+    }
+    Ok(())
+}
+
+fn check(path: &std::path::Path) -> Result<()> {
+    let config = crate::serve::load_checked(path)?;
+    let problems = crate::serve::missing_boot_files(&config);
+    println!(
+        "{}: {} hosts, {} groups, {} discovery rules; every image it names ({} uses) is in {}",
+        path.display(),
+        config.hosts.len(),
+        config.groups.len(),
+        config.rules.len(),
+        config.image_uses.len(),
+        config.store.display()
+    );
+    for p in &problems {
+        println!("warning: {p}");
     }
     Ok(())
 }

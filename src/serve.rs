@@ -27,10 +27,11 @@ pub fn load_checked(path: &Path) -> Result<Config> {
     Ok(config)
 }
 
-/// Says which boot loaders the configuration names, and which of the agent's files, `boot_dir`
-/// lacks: a machine sent to fetch one would stop in its firmware or iPXE with no clue on the
+/// What `boot_dir` lacks that the configuration sends machines to fetch, one line each: a
+/// machine sent for a missing file stops in its firmware or iPXE with no clue on the
 /// appliance's side.
-fn warn_missing_loaders(config: &Config) {
+pub fn missing_boot_files(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
     let files = &config.boot_files;
     let secure_boot = config.defaults.secure_boot == Some(true)
         || config.groups.values().any(|g| g.secure_boot == Some(true))
@@ -57,15 +58,17 @@ fn warn_missing_loaders(config: &Config) {
             }
         }
     } else if secure_boot {
-        tracing::warn!(
+        problems.push(
             "secure_boot hosts cannot boot with tftp.enabled: false (the signed GRUB reads over \
              TFTP only)"
+                .to_string(),
         );
     }
     for name in wanted {
         if let Err(e) = crate::bootfiles::resolve_beneath(&config.boot_dir, name) {
-            tracing::warn!(boot_dir = %config.boot_dir.display(),
-                "boot loader {name}: {e} (`cargo xtask boot-assets` puts them there)");
+            problems.push(format!(
+                "boot loader {name}: {e} (`cargo xtask boot-assets` puts them there)"
+            ));
         }
     }
     // Every install, inspection and wipe boots the agent; UEFI machines boot their disk through
@@ -77,16 +80,20 @@ fn warn_missing_loaders(config: &Config) {
         (UEFI_LOCAL_BOOT, "cargo xtask boot-assets"),
     ] {
         if let Err(e) = crate::bootfiles::resolve_beneath(&config.boot_dir, name) {
-            tracing::warn!(boot_dir = %config.boot_dir.display(),
-                "agent file {name}: {e} (`{built_by}` puts it there)");
+            problems.push(format!(
+                "agent file {name}: {e} (`{built_by}` puts it there)"
+            ));
         }
     }
+    problems
 }
 
 /// Runs the appliance until SIGINT or SIGTERM.
 pub async fn run(options: ServeOptions) -> Result<()> {
     let config = load_checked(&options.config)?;
-    warn_missing_loaders(&config);
+    for problem in missing_boot_files(&config) {
+        tracing::warn!(boot_dir = %config.boot_dir.display(), "{problem}");
+    }
     match http::limits::raise_open_files_limit() {
         Ok(n) => tracing::debug!(open_files_max = n, "open files limit"),
         Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),

@@ -1123,6 +1123,26 @@ fn the_configuration_names_the_store_and_guards_its_images() {
         "x@2"
     );
     assert_eq!(env.export("x@1"), a, "in the configuration's store");
+    // `check` loads it as serve would: every image is there; boot_dir lacks the boot files.
+    let checked = ok(&["check"]);
+    assert!(checked.contains("2 hosts, 1 groups"), "{checked}");
+    assert!(
+        checked.contains("warning: agent file fleetboot-vmlinuz"),
+        "{checked}"
+    );
+    let typo = env.path("typo.yaml");
+    fs::write(
+        &typo,
+        fs::read_to_string(&config)
+            .unwrap()
+            .replace("image: x }", "image: y }"),
+    )
+    .unwrap();
+    let e = fails(&["check", "--config", typo.to_str().unwrap()]);
+    assert!(
+        e.contains("typo.yaml:7:") && e.contains("no image named \"y\""),
+        "{e}"
+    );
 
     // An appliance command given another store stops and says which is which; the same store
     // written another way is the same store.
