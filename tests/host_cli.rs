@@ -187,3 +187,50 @@ fn appliances_sharing_one_file_each_list_their_own_site() {
     let (ok, text) = fleetboot_with(&config, &["host", "list"], &[("FLEETBOOT_SITE", "c")]);
     assert!(!ok && text.contains("it names a, b"), "{text}");
 }
+
+/// The shipped systemd unit is one systemd accepts, and starts what exists: checked by
+/// `systemd-analyze verify` with its binary path pointed at the one built here.
+#[test]
+fn the_systemd_unit_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/fleetboot.service"
+    ))
+    .unwrap();
+    assert!(
+        unit.contains("ExecStart=/usr/local/bin/fleetboot serve"),
+        "{unit}"
+    );
+    assert!(
+        unit.contains("ExecStartPre=/usr/local/bin/fleetboot check"),
+        "{unit}"
+    );
+    let here = unit.replace("/usr/local/bin/fleetboot", env!("CARGO_BIN_EXE_fleetboot"));
+    let path = dir.path().join("fleetboot.service");
+    std::fs::write(&path, &here).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian package systemd; cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A typo is caught: the check is not a formality.
+    std::fs::write(
+        &path,
+        here.replace("[Service]", "[Service]\nExecStrat=/bin/true"),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("ExecStrat"), "{said}");
+}
