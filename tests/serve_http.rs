@@ -757,6 +757,29 @@ async fn a_second_script_fetch_during_an_install_does_not_disturb_it() {
         StatusCode::NO_CONTENT,
         "the running agent's token still works"
     );
+
+    // No DHCP has told the appliance this host's address (dhcp off, or a restart): another
+    // machine asking for the script is refused by the running install's address, so it can
+    // neither void that token nor report the install done.
+    let (s, body) = call_from(
+        &rig,
+        NEIGHBOUR_IP,
+        Request::get(format!("/boot/{MAC}.ipxe"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    assert!(!body.contains("token="), "{body}");
+    let (s, _) = post(
+        &rig,
+        &format!("/api/agent/{MAC}/progress"),
+        &token,
+        serde_json::json!({"done": 160, "total": 200}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "the install's token is intact");
 }
 
 /// Issue 8, items 6 and 7: a machine other than the one DHCP gave the address to gets no token,

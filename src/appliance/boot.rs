@@ -213,8 +213,10 @@ impl AppState {
 }
 
 impl AppState {
-    /// A token goes only to the address DHCP gave the host (or, where DHCP has not seen it,
-    /// the one its record holds).
+    /// A token goes only to the address DHCP gave the host; where DHCP has not seen it (no
+    /// DHCP, or the appliance restarted), to the address of the host's live token, else to the
+    /// one its record holds. Without the token's address, another machine could ask for the
+    /// script of a host that is installing, void its token, and report the install done.
     fn check_address(
         &self,
         mac: Mac,
@@ -224,6 +226,7 @@ impl AppState {
         let leased = self
             .address_of(mac)
             .map(IpAddr::V4)
+            .or_else(|| self.tokens.live(mac, now()).map(|t| t.ip))
             .or_else(|| record?.ip.as_deref()?.parse().ok());
         match leased {
             Some(leased) if leased != peer => Err(BootError::WrongAddress { mac, leased, peer }),

@@ -344,7 +344,9 @@ impl FleetState {
     }
 
     /// The agent was handed to `mac` to install `image` with `token`. From here until a verified
-    /// `done` the disk is unknown: what was installed becomes only a hint for chunk reuse.
+    /// `done` the disk is unknown: what was installed becomes only a hint for chunk reuse. A
+    /// reimage request is fulfilled here, so one made while this install runs is kept for the
+    /// next boot (the install may have begun before what the request is for).
     pub fn start_install(
         &self,
         mac: Mac,
@@ -361,7 +363,7 @@ impl FleetState {
             tx.execute(
                 "UPDATE hosts SET assigned = ?2, assigned_digest = ?3, token = ?4, token_ip = ?5,
                     token_expires = ?6, status = 'booting', progress_pct = 0, bytes_done = 0,
-                    bytes_total = 0, detail = NULL,
+                    bytes_total = 0, detail = NULL, reimage = 0,
                     hint = COALESCE(installed, hint),
                     hint_digest = CASE WHEN installed IS NULL THEN hint_digest ELSE installed_digest END,
                     installed = NULL, installed_digest = NULL, last_seen = ?7,
@@ -407,7 +409,8 @@ impl FleetState {
             let tx = db.unchecked_transaction()?;
             tx.execute(
                 "UPDATE hosts SET status = 'installed', installed = ?2, installed_digest = ?3,
-                    hint = ?2, hint_digest = ?3, progress_pct = 100, reimage = 0, token = NULL,
+                    hint = ?2, hint_digest = ?3, progress_pct = 100,
+                    ip = COALESCE(token_ip, ip), token = NULL,
                     token_ip = NULL, token_expires = NULL, detail = ?4, report = ?5, last_seen = ?6
                  WHERE mac = ?1",
                 params![
@@ -597,13 +600,15 @@ impl FleetState {
         })
     }
 
-    /// `mac`'s disks were wiped (`summary` says how): retired, nothing on its disk any more.
+    /// `mac`'s disks were wiped (`summary` says how): retired, nothing on its disk any more. A
+    /// reimage requested while the wipe ran (it cancels the retirement) is kept: the next boot
+    /// installs.
     pub fn wiped(&self, mac: Mac, summary: &str) -> Result<(), StateError> {
         let t = now();
         self.wrap(|db| {
             let tx = db.unchecked_transaction()?;
             tx.execute(
-                "UPDATE hosts SET status = 'retired', retire = NULL, reimage = 0, detail = ?2,
+                "UPDATE hosts SET status = 'retired', retire = NULL, detail = ?2,
                     token = NULL, token_ip = NULL, token_expires = NULL, installed = NULL,
                     installed_digest = NULL, hint = NULL, hint_digest = NULL, last_seen = ?3
                  WHERE mac = ?1",
@@ -1024,6 +1029,46 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(done.installed, Some(web(1, "d1")));
+    }
+
+    /// A request made while the agent runs is for what comes after: neither the install's
+    /// `done` nor the wipe's report swallows it.
+    #[test]
+    fn a_reimage_asked_during_an_install_or_a_wipe_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FleetState::open(dir.path()).unwrap();
+        let mac: Mac = "52:54:00:00:00:01".parse().unwrap();
+        let token = Token {
+            secret: "tok".into(),
+            ip: "10.0.0.5".parse().unwrap(),
+            expires: i64::MAX,
+        };
+        s.request_reimage(&[mac]).unwrap();
+        s.start_install(mac, &web(1, "d1"), &token).unwrap();
+        assert!(
+            !s.host(mac).unwrap().unwrap().reimage,
+            "fulfilled by the start"
+        );
+        s.request_reimage(&[mac]).unwrap();
+        s.installed(mac, &report(web(1, "d1"))).unwrap();
+        let h = s.host(mac).unwrap().unwrap();
+        assert_eq!((h.status, h.reimage), (HostStatus::Installed, true));
+        // The install's address is where the host was last seen (no DHCP told it).
+        assert_eq!(h.ip.as_deref(), Some("10.0.0.5"));
+
+        s.request_retire(&[mac], &["quick"]).unwrap();
+        assert!(
+            !s.host(mac).unwrap().unwrap().reimage,
+            "a retirement cancels it"
+        );
+        s.start_trip(mac, &token, HostStatus::Wiping).unwrap();
+        s.request_reimage(&[mac]).unwrap();
+        s.wiped(mac, "zeroed").unwrap();
+        let h = s.host(mac).unwrap().unwrap();
+        assert_eq!(
+            (h.status, h.reimage, h.retire),
+            (HostStatus::Retired, true, None)
+        );
     }
 
     #[test]
