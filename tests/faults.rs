@@ -351,6 +351,14 @@ fn a_pack_damaged_during_the_install_fails_it_and_the_next_boot_runs_the_agent_a
         "the reason is kept: {h}"
     );
     assert_eq!(h["pending"], true, "{h}");
+    // The half-written disk boots nothing: its boot area is written last, so it is still zero
+    // (the image's own first bytes are random).
+    let disk = rig.disk();
+    assert!(rig.image[..512].iter().any(|&b| b != 0));
+    assert!(
+        disk[..1 << 20].iter().all(|&b| b == 0),
+        "a failed install leaves no boot sector or partition table"
+    );
 
     // The pack is mended (restored from a backup); the next boot runs the agent, which installs.
     file.write_all_at(&byte, at).unwrap();

@@ -96,6 +96,8 @@ fn install(client: &Client, s: &Settings) -> Result<InstallReport> {
         local.bytes,
         scan_started.elapsed().as_secs_f64()
     );
+    // From here until the image is whole the disk boots nothing (its boot area is written last).
+    disk.hold_boot_area(a.size)?;
     let source = HttpPacks::new(&a.packs_url, client.token()).with_presigned(a.pack_urls.clone());
     let total = a.size;
     let last = std::cell::Cell::new(Instant::now() - Duration::from_secs(2));
@@ -119,6 +121,7 @@ fn install(client: &Client, s: &Settings) -> Result<InstallReport> {
     )
     .context("writing the image")?;
     disk.sync()?;
+    disk.release_boot_area()?;
     if disk.zeros_found > 0 {
         eprintln!(
             "fleetboot-agent: {} bytes of zero runs already read as zeros on the disk (left alone)",

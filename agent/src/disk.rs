@@ -134,7 +134,13 @@ pub struct Disk {
     /// guaranteeing zeros may not keep them), where BLKZEROOUT's ranges are taken as zeros.
     left_alone: Vec<(u64, u64)>,
     scratch: Vec<u8>,
+    /// The image's first bytes while [`Disk::hold_boot_area`] holds them back.
+    held: Option<Vec<u8>>,
 }
+
+/// Bytes at the start of the disk held back while an image is written: the boot code, the MBR
+/// or a GPT's protective MBR and its primary table.
+pub const BOOT_AREA: u64 = 1 << 20;
 
 /// Bytes read at a time when checking whether a range already reads as zeros.
 const ZERO_CHECK_BYTES: usize = 1 << 20;
@@ -170,6 +176,7 @@ impl Disk {
             zeros_found: 0,
             left_alone: Vec::new(),
             scratch: Vec::new(),
+            held: None,
         };
         let capacity = disk.capacity()?;
         if is_device && capacity < size {
@@ -190,6 +197,32 @@ impl Disk {
         self.file
             .seek(SeekFrom::End(0))
             .with_context(|| format!("cannot find the size of {}", self.path.display()))
+    }
+
+    /// Makes the disk unbootable until the image is whole: its first [`BOOT_AREA`] bytes (boot
+    /// code, MBR or protective MBR, primary GPT) are zeroed now, and the image's own are kept in
+    /// memory until [`Disk::release_boot_area`] writes them, last. An install cut short at any
+    /// point leaves a disk no firmware boots (it goes on to its next boot entry), never a partly
+    /// written one that looks whole. Call it after the chunks already on the disk were read.
+    pub fn hold_boot_area(&mut self, image_size: u64) -> Result<()> {
+        let len = BOOT_AREA.min(image_size) as usize;
+        self.file
+            .write_all_at(&vec![0u8; len], 0)
+            .and_then(|()| self.file.sync_data())
+            .with_context(|| format!("cannot clear the boot area of {}", self.path.display()))?;
+        self.held = Some(vec![0u8; len]);
+        Ok(())
+    }
+
+    /// Writes the held boot area, once everything else is written, and syncs.
+    pub fn release_boot_area(&mut self) -> Result<()> {
+        if let Some(held) = self.held.take() {
+            self.file.write_all_at(&held, 0).with_context(|| {
+                format!("cannot write the boot area of {}", self.path.display())
+            })?;
+            self.sync()?;
+        }
+        Ok(())
     }
 
     /// Reads `len` bytes at `offset`.
@@ -516,6 +549,18 @@ impl Disk {
 
 impl Target for Disk {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if let Some(held) = &mut self.held {
+            let end = held.len() as u64;
+            if offset < end {
+                // The part in the boot area waits in memory; the rest goes to the disk.
+                let n = ((end - offset) as usize).min(data.len());
+                held[offset as usize..offset as usize + n].copy_from_slice(&data[..n]);
+                if n == data.len() {
+                    return Ok(());
+                }
+                return self.file.write_all_at(&data[n..], end);
+            }
+        }
         self.file.write_all_at(data, offset)
     }
 
@@ -525,6 +570,19 @@ impl Target for Disk {
     /// hole in a file), or zeros written when neither is available.
     fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
         use std::os::fd::AsRawFd;
+        // In a held boot area the zeros wait in memory (the disk's are zero already).
+        let (offset, len) = match &mut self.held {
+            Some(held) if offset < held.len() as u64 => {
+                let end = held.len() as u64;
+                let stop = (offset + len).min(end);
+                held[offset as usize..stop as usize].fill(0);
+                if offset + len <= end {
+                    return Ok(());
+                }
+                (end, offset + len - end)
+            }
+            _ => (offset, len),
+        };
         // A read error here is no reason to fail: BLKZEROOUT may well mend those sectors.
         if self.is_device && self.reads_as_zeros(offset, len).unwrap_or(false) {
             self.zeros_found += len;
@@ -566,6 +624,61 @@ impl Target for Disk {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// While the boot area is held, the disk's first MiB reads as zeros whatever is written
+    /// there — an old boot sector is gone at once, the new one waits — and the release writes
+    /// it, with writes and zeros that cross its end split between memory and disk.
+    #[test]
+    fn the_boot_area_is_cleared_first_and_written_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        let size = 3 * BOOT_AREA;
+        let mut old = vec![0x11u8; size as usize];
+        old[510..512].copy_from_slice(&[0x55, 0xaa]);
+        std::fs::write(&path, &old).unwrap();
+        let mut disk = Disk::open(&path, size).unwrap();
+        disk.hold_boot_area(size).unwrap();
+        let on_disk = |from: u64, len: usize| disk_bytes(&path, from, len);
+        assert!(on_disk(0, BOOT_AREA as usize).iter().all(|&b| b == 0));
+
+        let mut image = vec![0u8; size as usize];
+        image[..512].fill(0xb0);
+        image[510..512].copy_from_slice(&[0x55, 0xaa]);
+        disk.write_at(0, &image[..512]).unwrap();
+        // A write across the boot area's end: its head waits, its tail is on the disk now.
+        let across = BOOT_AREA - 100;
+        image[across as usize..across as usize + 300].fill(0xc3);
+        disk.write_at(across, &image[across as usize..across as usize + 300])
+            .unwrap();
+        // Zeros across it too (the old 0x11 bytes beyond the end must go).
+        let zeros_at = BOOT_AREA - 4096;
+        disk.zero(zeros_at + 512, 8192).unwrap();
+        image[(zeros_at + 512) as usize..(zeros_at + 512 + 8192) as usize].fill(0);
+        let written = (zeros_at + 512 + 8192) as usize;
+        let held = on_disk(0, BOOT_AREA as usize);
+        assert!(held.iter().all(|&b| b == 0), "held");
+        let tail = on_disk(BOOT_AREA, written - BOOT_AREA as usize);
+        assert!(
+            tail == image[BOOT_AREA as usize..written],
+            "the tails are on the disk"
+        );
+        assert_eq!(on_disk(written as u64, 1), [0x11], "untouched beyond");
+
+        disk.release_boot_area().unwrap();
+        assert!(on_disk(0, written) == image[..written], "released");
+        // Released: writes go straight to the disk again.
+        disk.write_at(0, &[9u8; 4]).unwrap();
+        assert_eq!(on_disk(0, 4), [9u8; 4]);
+    }
+
+    fn disk_bytes(path: &Path, from: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        File::open(path)
+            .unwrap()
+            .read_exact_at(&mut buf, from)
+            .unwrap();
+        buf
+    }
 
     /// A manifest of `pieces` (data, or `None` for a zero run of that many bytes) and the
     /// image's bytes. Packs and frames are not needed to check a read-back.
