@@ -71,16 +71,18 @@ impl Appliance {
     /// The same, and the first `failing` pack requests get 503 (an appliance restarting, or a
     /// proxy losing its upstream, in the middle of an install).
     fn start_with(versions: &[Vec<u8>], delay: std::time::Duration, failing: usize) -> Appliance {
-        Self::start_full(versions, delay, failing, None)
+        Self::start_full(versions, delay, failing, None, false)
     }
 
     /// The same, and `hook` runs on the store just before the first pack request is answered
-    /// (an operator acting on the store while a machine installs from it).
+    /// (an operator acting on the store while a machine installs from it); with `lose_done`
+    /// the first `done` is taken but its answer lost (a 502 from a proxy in between).
     fn start_full(
         versions: &[Vec<u8>],
         delay: std::time::Duration,
         failing: usize,
         hook: Option<PackHook>,
+        lose_done: bool,
     ) -> Appliance {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path().join("store"));
@@ -108,13 +110,21 @@ impl Appliance {
         let counted = pack_requests.clone();
         let hook = Arc::new(std::sync::Mutex::new(hook));
         let hook_store = state.store.clone();
+        let lose_done = Arc::new(std::sync::atomic::AtomicBool::new(lose_done));
         let router = app(state.clone()).layer(axum::middleware::from_fn(
             move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let lose_done = lose_done.clone();
                 let failures = failures.clone();
                 let hook = hook.clone();
                 let hook_store = hook_store.clone();
                 let counted = counted.clone();
                 async move {
+                    if req.uri().path().ends_with("/done")
+                        && lose_done.swap(false, std::sync::atomic::Ordering::SeqCst)
+                    {
+                        next.run(req).await;
+                        return axum::http::StatusCode::BAD_GATEWAY.into_response();
+                    }
                     let pack = req.uri().path().starts_with("/store/packs/");
                     if pack {
                         counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -494,6 +504,7 @@ fn gc_during_an_install_neither_breaks_it_nor_keeps_deleted_packs_open() {
         std::time::Duration::ZERO,
         0,
         Some(hook),
+        false,
     );
     app.assign("os@2");
     let packs_before = app.state.store.packs().unwrap();
@@ -577,6 +588,7 @@ fn compaction_during_an_install_does_not_break_it() {
         std::time::Duration::ZERO,
         0,
         Some(hook),
+        false,
     );
     app.assign("os@2");
     let packs_before = app.state.store.packs().unwrap();
@@ -630,6 +642,29 @@ fn the_agent_waits_for_an_appliance_that_is_not_up_yet() {
         err.contains("retrying"),
         "the first attempts failed and were retried: {err}"
     );
+    assert_eq!(std::fs::read(&target).unwrap(), v1);
+    assert_eq!(app.status().0, HostStatus::Installed);
+}
+
+/// The answer to `done` is lost after the appliance took it: the retry finds the token void,
+/// and the agent learns from the machine's script (now the local disk) that it was taken, so it
+/// ends as installed instead of stopping.
+#[test]
+fn a_done_whose_answer_is_lost_is_not_taken_for_a_failure() {
+    let v1 = image(6, &[]);
+    let app = Appliance::start_full(
+        std::slice::from_ref(&v1),
+        std::time::Duration::ZERO,
+        0,
+        None,
+        true,
+    );
+    let target = app.dir.path().join("disk.img");
+    let out = app.deploy(&target);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("502"), "the first answer was lost: {err}");
+    assert!(err.contains("the appliance had it already"), "{err}");
     assert_eq!(std::fs::read(&target).unwrap(), v1);
     assert_eq!(app.status().0, HostStatus::Installed);
 }

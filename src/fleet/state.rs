@@ -827,6 +827,12 @@ fn prune_hosts(db: &Connection, max: u64) -> rusqlite::Result<()> {
                 ORDER BY last_seen LIMIT ?1)",
         )?
         .execute(params![excess])?;
+        // What was known of those machines goes with them: an inventory is up to the request
+        // limit in size, and a flood of made-up MACs must not grow the database without end.
+        db.prepare_cached("DELETE FROM inventory WHERE mac NOT IN (SELECT mac FROM hosts)")?
+            .execute([])?;
+        db.prepare_cached("DELETE FROM power WHERE mac NOT IN (SELECT mac FROM hosts)")?
+            .execute([])?;
     }
     Ok(())
 }
@@ -971,6 +977,9 @@ mod tests {
         };
         s.seen(keep, None, None).unwrap();
         s.start_install(keep, &web(1, "d1"), &token).unwrap();
+        let inspected: Mac = "52:54:00:00:00:02".parse().unwrap();
+        s.seen(inspected, None, None).unwrap();
+        s.save_inventory(inspected, "{\"cpus\": 2}").unwrap();
         for i in 0..500u32 {
             let mac = Mac([0x02, 0, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
             s.apply(&[Write::Seen {
@@ -985,6 +994,10 @@ mod tests {
         assert!(
             s.host(keep).unwrap().is_some(),
             "a host mid-install is kept"
+        );
+        assert!(
+            s.inventories().unwrap().is_empty(),
+            "a dropped host's inventory goes with it"
         );
         let n: i64 =
             s.db.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))

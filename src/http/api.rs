@@ -428,13 +428,31 @@ pub async fn failed(
         let mac = parse_mac(&mac)?;
         st.tokens
             .check_host(mac, token.as_deref(), peer, boot_now())?;
-        st.fleet().failed(mac, &f.reason)?;
+        // A reason is a line or a few, kept in the host's record and the event log: a longer
+        // one is cut (the whole console log is kept apart, bounded).
+        let reason = cut_to(&f.reason, REASON_MAX);
+        st.fleet().failed(mac, reason)?;
         st.tokens.remove(mac);
         st.metrics.installs_failed.inc();
-        tracing::warn!(%mac, reason = %f.reason, "install failed");
+        tracing::warn!(%mac, %reason, "install failed");
         Ok(StatusCode::NO_CONTENT)
     })
     .await
+}
+
+/// The longest failure reason kept, in bytes.
+const REASON_MAX: usize = 4096;
+
+/// `text`, cut to at most `max` bytes at a character boundary.
+fn cut_to(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// The admin token a request carries: `Authorization: Bearer TOKEN`, or from a browser, Basic
@@ -853,4 +871,18 @@ pub async fn reimage(
         }))
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_failure_reason_is_cut_at_a_character_boundary() {
+        assert_eq!(cut_to("short", REASON_MAX), "short");
+        let long = "é".repeat(REASON_MAX);
+        let cut = cut_to(&long, REASON_MAX);
+        assert!(cut.len() <= REASON_MAX && cut.len() >= REASON_MAX - 1);
+        assert!(cut.chars().all(|c| c == 'é'));
+    }
 }
