@@ -260,25 +260,20 @@ enum StoreCommand {
 /// Runs the command line.
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Serve) {
-        // A command whose output is cut short (`| head`) ends quietly, as other command-line
-        // tools do, rather than with an error or a panic. The appliance keeps ignoring SIGPIPE:
-        // a client that hangs up must not end it.
-        // SAFETY: sets a signal's disposition to its default before any thread is started.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
-    }
     if !matches!(cli.command, Command::Image(_) | Command::Store(_)) {
         check_store_agrees(&cli)?;
     }
     match cli.command {
-        Command::Image(c) => image(
-            &open_store(cli.store.as_deref(), &cli.config)?,
-            &cli.config,
-            c,
-        ),
-        Command::Store(c) => store_cmd(&open_store(cli.store.as_deref(), &cli.config)?, c),
+        Command::Image(c) => {
+            let store = open_store(cli.store.as_deref(), &cli.config)?;
+            quiet_when_cut_short(&store);
+            image(&store, &cli.config, c)
+        }
+        Command::Store(c) => {
+            let store = open_store(cli.store.as_deref(), &cli.config)?;
+            quiet_when_cut_short(&store);
+            store_cmd(&store, c)
+        }
         Command::Serve => serve(cli.config),
         Command::Check => check(&cli.config),
         Command::Host(HostCommand::List { json }) => host_list(&cli.config, json),
@@ -323,6 +318,19 @@ pub fn run() -> Result<()> {
                 parallel,
             },
         ),
+    }
+}
+
+/// A listing cut short (`| head`) ends the command quietly, as other command-line tools do,
+/// rather than with an error or a panic: SIGPIPE back to its default. Only for a store in a
+/// folder: a command that talks to an object store keeps ignoring it, so that a server hanging
+/// up mid-upload is an error it reports, not a silent death. (`serve` never resets it.)
+fn quiet_when_cut_short(store: &Store) {
+    if store.is_local() {
+        // SAFETY: sets a signal's disposition to its default; no other thread handles signals.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
     }
 }
 

@@ -780,6 +780,13 @@ async fn a_second_script_fetch_during_an_install_does_not_disturb_it() {
     )
     .await;
     assert_eq!(s, StatusCode::NO_CONTENT, "the install's token is intact");
+
+    // A reimage asked for since the install began: the next fetch starts afresh (a new token),
+    // and the request is fulfilled by that start, not kept for yet another install.
+    rig.state.fleet().request_reimage(&[mac]).unwrap();
+    let (_, fresh) = get(&rig, &format!("/boot/{MAC}.ipxe")).await;
+    assert_ne!(token_of(&fresh), token, "a new install, a new token");
+    assert!(!rig.state.fleet().host(mac).unwrap().unwrap().reimage);
 }
 
 /// Issue 8, items 6 and 7: a machine other than the one DHCP gave the address to gets no token,

@@ -164,38 +164,13 @@ impl Client {
     }
 
     pub fn done(&self, done: &InstallReport) -> Result<()> {
-        let mut tries = 0;
         retry("done", || {
-            tries += 1;
-            match self
-                .http
+            self.http
                 .post(self.url("done"))
                 .header("authorization", self.bearer())
-                .send_json(done)
-            {
-                Ok(_) => Ok(()),
-                // `done` voids the token: refused on a second try, the first may have been
-                // taken and its answer lost. The machine's script says which: the local disk
-                // means the appliance holds this install as done.
-                Err(ureq::Error::StatusCode(401 | 403)) if tries > 1 && self.boots_local_disk() => {
-                    eprintln!("fleetboot-agent: done: the appliance had it already");
-                    Ok(())
-                }
-                Err(e) => Err(e.into()),
-            }
+                .send_json(done)?;
+            Ok(())
         })
-    }
-
-    /// Whether the appliance's script for this machine boots its local disk now.
-    fn boots_local_disk(&self) -> bool {
-        let url = format!("{}/boot/{}.ipxe", self.server, self.mac);
-        let script = self
-            .http
-            .get(&url)
-            .call()
-            .ok()
-            .and_then(|mut r| r.body_mut().read_to_string().ok());
-        script.is_some_and(|s| !s.contains(&format!("{}=", cmdline::TOKEN)))
     }
 
     /// Reports the retired machine's disks wiped.

@@ -128,23 +128,34 @@ fn install(client: &Client, s: &Settings) -> Result<InstallReport> {
             disk.zeros_found
         );
     }
-    let digest = if manifest_trusted {
+    let read_back = if manifest_trusted {
         disk.verify(&manifest)
-            .context("checking the image as written")?;
-        manifest.meta.digest.clone()
+            .context("checking the image as written")
+            .map(|()| manifest.meta.digest.clone())
     } else {
         eprintln!(
             "fleetboot-agent: the manifest is not the one the appliance read; checking the whole \
              image's digest"
         );
-        let digest = disk.digest_of(&manifest)?;
-        if digest != a.image.digest {
-            bail!(
-                "the disk reads back with BLAKE3 {digest}, not the image's {}",
-                a.image.digest
-            );
+        disk.digest_of(&manifest).and_then(|digest| {
+            if digest != a.image.digest {
+                bail!(
+                    "the disk reads back with BLAKE3 {digest}, not the image's {}",
+                    a.image.digest
+                );
+            }
+            Ok(digest)
+        })
+    };
+    let digest = match read_back {
+        Ok(digest) => digest,
+        Err(e) => {
+            // What the disk holds is not the image: it must not boot either.
+            if let Err(clear) = disk.clear_boot_area(a.size) {
+                eprintln!("fleetboot-agent: {clear:#}");
+            }
+            return Err(e);
         }
-        digest
     };
     let seed = match &a.seed {
         None => None,

@@ -205,13 +205,19 @@ impl Disk {
     /// point leaves a disk no firmware boots (it goes on to its next boot entry), never a partly
     /// written one that looks whole. Call it after the chunks already on the disk were read.
     pub fn hold_boot_area(&mut self, image_size: u64) -> Result<()> {
+        self.clear_boot_area(image_size)?;
+        self.held = Some(vec![0u8; BOOT_AREA.min(image_size) as usize]);
+        Ok(())
+    }
+
+    /// Zeroes the disk's boot area (up to `image_size` bytes of it) and syncs: the disk boots
+    /// nothing. Also for an image that did not read back as written.
+    pub fn clear_boot_area(&mut self, image_size: u64) -> Result<()> {
         let len = BOOT_AREA.min(image_size) as usize;
         self.file
             .write_all_at(&vec![0u8; len], 0)
             .and_then(|()| self.file.sync_data())
-            .with_context(|| format!("cannot clear the boot area of {}", self.path.display()))?;
-        self.held = Some(vec![0u8; len]);
-        Ok(())
+            .with_context(|| format!("cannot clear the boot area of {}", self.path.display()))
     }
 
     /// Writes the held boot area, once everything else is written, and syncs.

@@ -58,7 +58,7 @@ pub enum BootError {
         image: ImageRef,
         error: Box<StoreError>,
     },
-    #[error("the install script of {mac} goes only to {leased} (its DHCP address); {peer} asked")]
+    #[error("the install script of {mac} goes only to {leased} (its DHCP address, or its running install's); {peer} asked")]
     WrongAddress {
         mac: Mac,
         leased: IpAddr,
@@ -185,10 +185,11 @@ impl AppState {
         };
         self.check_address(mac, peer, record.as_ref())?;
         let t = now();
-        // The same install, asked again from its address: the same token, nothing reset.
+        // The same install, asked again from its address: the same token, nothing reset — unless
+        // a reimage was asked for since it began: that one starts afresh.
         let running = record
             .as_ref()
-            .filter(|r| r.assigned.as_ref() == Some(&image));
+            .filter(|r| r.assigned.as_ref() == Some(&image) && !r.reimage);
         if let Some(token) = self.tokens.live(mac, t) {
             if running.is_some() && token.ip == peer {
                 return Ok(BootPlan::Agent {

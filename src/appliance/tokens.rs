@@ -40,6 +40,9 @@ struct Inner {
     /// Hosts whose token is for a trip that installs nothing (inspect, wipe): it never reads
     /// the store.
     trips: std::collections::HashSet<Mac>,
+    /// The token of each host's last install that reported done: a `done` sent again with it
+    /// (its first answer lost) is answered as the first was, and accepted for nothing else.
+    finished: HashMap<Mac, Token>,
 }
 
 impl Tokens {
@@ -63,6 +66,26 @@ impl Tokens {
             .unwrap_or_else(|p| p.into_inner())
             .trips
             .insert(mac);
+    }
+
+    /// Voids the token of `mac` because its install reported done; remembered only to answer
+    /// that `done` again ([`Tokens::finished`]).
+    pub fn finish(&self, mac: Mac) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = inner.by_mac.remove(&mac) {
+            inner.by_secret.remove(&old.secret);
+            inner.finished.insert(mac, old);
+        }
+        inner.trips.remove(&mac);
+    }
+
+    /// Whether `given`, from `peer`, is the token of `mac`'s last finished install.
+    pub fn finished(&self, mac: Mac, given: &str, peer: IpAddr) -> bool {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner
+            .finished
+            .get(&mac)
+            .is_some_and(|t| same_secret(&t.secret, given) && t.ip == canonical(peer))
     }
 
     /// Voids the token of `mac` (the install ended).

@@ -409,8 +409,7 @@ impl FleetState {
             let tx = db.unchecked_transaction()?;
             tx.execute(
                 "UPDATE hosts SET status = 'installed', installed = ?2, installed_digest = ?3,
-                    hint = ?2, hint_digest = ?3, progress_pct = 100,
-                    ip = COALESCE(token_ip, ip), token = NULL,
+                    hint = ?2, hint_digest = ?3, progress_pct = 100, token = NULL,
                     token_ip = NULL, token_expires = NULL, detail = ?4, report = ?5, last_seen = ?6
                  WHERE mac = ?1",
                 params![
@@ -827,11 +826,10 @@ fn prune_hosts(db: &Connection, max: u64) -> rusqlite::Result<()> {
                 ORDER BY last_seen LIMIT ?1)",
         )?
         .execute(params![excess])?;
-        // What was known of those machines goes with them: an inventory is up to the request
+        // What was learnt of those machines goes with them: an inventory is up to the request
         // limit in size, and a flood of made-up MACs must not grow the database without end.
+        // (Power records are kept: only hosts with a BMC in the configuration have one.)
         db.prepare_cached("DELETE FROM inventory WHERE mac NOT IN (SELECT mac FROM hosts)")?
-            .execute([])?;
-        db.prepare_cached("DELETE FROM power WHERE mac NOT IN (SELECT mac FROM hosts)")?
             .execute([])?;
     }
     Ok(())
@@ -980,6 +978,12 @@ mod tests {
         let inspected: Mac = "52:54:00:00:00:02".parse().unwrap();
         s.seen(inspected, None, None).unwrap();
         s.save_inventory(inspected, "{\"cpus\": 2}").unwrap();
+        // Seen longest ago, so the first to go (hosts seen in the same second tie).
+        s.db.execute(
+            "UPDATE hosts SET last_seen = 0 WHERE mac = ?1",
+            [inspected.to_string()],
+        )
+        .unwrap();
         for i in 0..500u32 {
             let mac = Mac([0x02, 0, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
             s.apply(&[Write::Seen {
@@ -1066,8 +1070,6 @@ mod tests {
         s.installed(mac, &report(web(1, "d1"))).unwrap();
         let h = s.host(mac).unwrap().unwrap();
         assert_eq!((h.status, h.reimage), (HostStatus::Installed, true));
-        // The install's address is where the host was last seen (no DHCP told it).
-        assert_eq!(h.ip.as_deref(), Some("10.0.0.5"));
 
         s.request_retire(&[mac], &["quick"]).unwrap();
         assert!(

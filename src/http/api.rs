@@ -388,7 +388,26 @@ pub async fn done(
 ) -> Result<StatusCode, AppError> {
     let token = bearer(&headers).map(str::to_string);
     blocking(move || {
-        let (mac, record) = agent(&st, &mac, token.as_deref(), peer, INSTALL)?;
+        let (mac, record) = match agent(&st, &mac, token.as_deref(), peer, INSTALL) {
+            Ok(found) => found,
+            Err(refused) => {
+                // The same `done` again, its first answer lost on the way: answered as before,
+                // so the agent reboots into what was recorded instead of stopping.
+                let mac = parse_mac(&mac)?;
+                let again = token
+                    .as_deref()
+                    .is_some_and(|t| st.tokens.finished(mac, t, peer))
+                    && st
+                        .fleet()
+                        .host(mac)?
+                        .is_some_and(|r| r.installed.as_ref() == Some(&report.image));
+                return if again {
+                    Ok(StatusCode::NO_CONTENT)
+                } else {
+                    Err(refused)
+                };
+            }
+        };
         if record.assigned.as_ref() != Some(&report.image) {
             return Err(AppError(
                 StatusCode::CONFLICT,
@@ -408,7 +427,7 @@ pub async fn done(
             return Err(AppError(StatusCode::CONFLICT, "digest mismatch".into()));
         }
         st.fleet().installed(mac, &report)?;
-        st.tokens.remove(mac);
+        st.tokens.finish(mac);
         st.metrics.installs_done.inc();
         tracing::info!(%mac, image = %report.image, fetched = report.bytes_fetched, reused = report.bytes_reused, "installed");
         Ok(StatusCode::NO_CONTENT)
